@@ -1,0 +1,153 @@
+"""Flower ClientApp: trains the local teacher and answers with soft labels on the transfer set.
+
+The handler is a thin adapter: read the task from the message, call the pure training and
+prediction functions, pack the reply. The teacher persists between rounds in
+``context.state`` (an ArrayRecord of its weights), which Flower keeps per node in simulation
+and in a real SuperNode alike.
+
+Node configuration keys: ``partition-id`` (which private partition this node holds),
+``num-partitions`` (must equal the run's number of clients) and, optionally, ``data-root``
+(where this node finds its data; overrides the server's setting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedkd.config import ClientTask
+from fedkd.distillation import OptimizerSettings, predict_logits, soften, train_supervised
+from fedkd.local_data import info_for, private_partition, public_inputs
+from fedkd.messages import (
+    CLIENT_ID,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    TASK_KEY,
+    TRANSFER_INDICES,
+    TRANSFER_KEY,
+    WEIGHTS_KEY,
+    soft_label_reply,
+)
+from fedkd.models import build_model, model_for_client
+from fedkd.seeding import TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+
+TEACHER_STATE = "teacher"
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    client_id: int
+    data_root: str | None
+
+
+def node_identity(context: Context, task: ClientTask) -> NodeIdentity:
+    """Which partition this node holds, checked against the task."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "node config lacks 'partition-id'; start the SuperNode with "
+            "--node-config 'partition-id=<k> num-partitions=<n>'."
+        )
+    num_partitions = int(node_config.get("num-partitions", task.num_clients))
+    if num_partitions != task.num_clients:
+        raise ValueError(
+            f"this federation has {num_partitions} nodes but the run expects num-clients="
+            f"{task.num_clients}; make them equal (flwr run: --federation-config "
+            f"'num-supernodes={task.num_clients}')."
+        )
+    data_root = node_config.get("data-root")
+    return NodeIdentity(int(node_config["partition-id"]), str(data_root) if data_root else None)
+
+
+def _settings(task: ClientTask) -> OptimizerSettings:
+    return OptimizerSettings(lr=task.lr, batch_size=task.batch_size)
+
+
+def _nonempty_partition(spec, client_id: int):  # type: ignore[no-untyped-def]
+    partition = private_partition(spec, client_id)
+    if len(partition) == 0:
+        # Dirichlet splits with small alpha and many clients can leave a client with nothing;
+        # an untrained teacher's guesses would only add noise to the aggregate.
+        raise ValueError(
+            f"client {client_id} holds no private examples (partition {spec.scheme}, "
+            f"alpha={spec.alpha}, {spec.num_clients} clients); it sits this round out."
+        )
+    return partition
+
+
+def _train_teacher(task: ClientTask, identity: NodeIdentity, context: Context) -> tuple[torch.nn.Module, int, float]:
+    spec = task.split_spec(data_root=identity.data_root)
+    info = info_for(spec)
+    teacher = build_model(
+        model_for_client(task.client_models, identity.client_id),
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        seed=derive_seed(task.seed, identity.client_id, TEACHER_INIT),
+    )
+    if TEACHER_STATE in context.state:
+        teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
+    partition = _nonempty_partition(spec, identity.client_id)
+    loss = train_supervised(
+        teacher,
+        partition.images,
+        partition.labels,
+        epochs=task.local_epochs,
+        settings=_settings(task),
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
+        max_shift=task.augment_shift,
+    )
+    context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
+    return teacher, len(partition), loss
+
+
+def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
+    teacher, num_examples, loss = _train_teacher(task, identity, context)
+    positions = message.content[TRANSFER_KEY][TRANSFER_INDICES].numpy()
+    transfer = public_inputs(task.split_spec(data_root=identity.data_root), positions)
+    probs = soften(predict_logits(teacher, transfer.images), task.temperature)
+    return soft_label_reply(
+        probs.numpy(), num_examples=num_examples, client_id=identity.client_id, train_loss=loss
+    )
+
+
+def _weights(message: Message, task: ClientTask, identity: NodeIdentity) -> RecordDict:
+    """FedAvg's local step: start from the global weights, train, send the weights back."""
+    spec = task.split_spec(data_root=identity.data_root)
+    info = info_for(spec)
+    model = build_model(task.student_model, input_shape=info.input_shape, num_classes=info.num_classes)
+    model.load_state_dict(message.content[WEIGHTS_KEY].to_torch_state_dict())
+    partition = _nonempty_partition(spec, identity.client_id)
+    loss = train_supervised(
+        model,
+        partition.images,
+        partition.labels,
+        epochs=task.local_epochs,
+        settings=_settings(task),
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
+        max_shift=task.augment_shift,
+    )
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: len(partition), CLIENT_ID: identity.client_id, "train-loss": loss}
+    )
+    return RecordDict({WEIGHTS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train locally; reply with soft labels (distillation) or weights (FedAvg baseline)."""
+    # Simulated clients share the machine's cores; intra-op threads would only contend.
+    torch.set_num_threads(1)
+    task = ClientTask.from_record(message.content[TASK_KEY])
+    identity = node_identity(context, task)
+    # Dropout draws from the global stream; seed it so a client's round is reproducible.
+    torch.manual_seed(derive_seed(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN))
+    if task.mode == "soft-labels":
+        return Message(_soft_labels(message, context, task, identity), reply_to=message)
+    if task.mode == "weights":
+        return Message(_weights(message, task, identity), reply_to=message)
+    raise ValueError(f"unknown task mode {task.mode!r}; expected 'soft-labels' or 'weights'.")

@@ -1,0 +1,299 @@
+"""Typed configuration of a run, and the two adapters that build it.
+
+Library code receives these dataclasses only. Flower's flat kebab-case run config is read by
+:func:`run_config_from_flower`; Hydra's nested config by :func:`run_config_from_mapping`.
+What a client needs for a round travels inside the message as a :class:`ClientTask`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedkd.models import check_model_name
+
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+STRATEGIES = ("ensemble_distillation", "fedavg")
+AGGREGATORS = ("weighted", "mean")
+ENGINES = ("inprocess", "ray")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
+    return value
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the private data is split among clients (flwr-datasets partitioners)."""
+
+    scheme: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_partition: int = 2
+
+    def __post_init__(self) -> None:
+        _choice("partition scheme", self.scheme, PARTITION_SCHEMES)
+        if self.alpha <= 0:
+            raise ValueError(
+                f"partition.alpha must be > 0 (smaller is more skewed), got {self.alpha}."
+            )
+        if self.classes_per_partition < 1:
+            raise ValueError(
+                f"partition.classes_per_partition must be ≥ 1, got {self.classes_per_partition}."
+            )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Which server strategy runs and how it aggregates soft labels."""
+
+    name: str = "ensemble_distillation"
+    aggregator: str = "weighted"
+    fraction_train: float = 1.0
+    min_replies: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("strategy", self.name, STRATEGIES)
+        _choice("aggregator", self.aggregator, AGGREGATORS)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must lie in (0, 1], got {self.fraction_train}.")
+        if self.min_replies < 1:
+            raise ValueError(f"min_replies must be ≥ 1, got {self.min_replies}.")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Everything that determines the public/private split; server and clients agree on it."""
+
+    dataset: str
+    data_root: str
+    num_clients: int
+    public_size: int
+    scheme: str
+    alpha: float
+    classes_per_partition: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run. Defaults give the quick embedded-data job."""
+
+    dataset: str = "digits"
+    data_root: str = ""
+    num_clients: int = 10
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    rounds: int = 3
+    public_size: int = 1000
+    public_labels: bool = False
+    local_epochs: int = 1
+    distill_epochs: int = 2
+    temperature: float = 2.0
+    kd_alpha: float = 1.0
+    client_models: tuple[str, ...] = ("cnn_small", "lenet5_bn")
+    student_model: str = "cnn_medium"
+    lr: float = 1e-3
+    batch_size: int = 32
+    augment_shift: float = 0.1
+    seed: int = 0
+    engine: str = "inprocess"
+
+    def __post_init__(self) -> None:
+        positive = {
+            "num_clients": self.num_clients,
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "distill_epochs": self.distill_epochs,
+            "batch_size": self.batch_size,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {value}.")
+        if self.public_size < 0:
+            raise ValueError(f"public_size must be ≥ 0, got {self.public_size}.")
+        if self.strategy.name != "fedavg" and self.public_size == 0:
+            raise ValueError(
+                f"strategy={self.strategy.name} distills on a public transfer set; "
+                "set public_size > 0."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must lie in [0, 1], got {self.kd_alpha}.")
+        if self.kd_alpha < 1.0 and not self.public_labels:
+            raise ValueError(
+                f"kd_alpha={self.kd_alpha} mixes in cross-entropy on public labels, "
+                "which the server may not use; set public_labels=true or kd_alpha=1."
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if not 0.0 <= self.augment_shift < 0.5:
+            raise ValueError(f"augment_shift must lie in [0, 0.5), got {self.augment_shift}.")
+        if not self.client_models:
+            raise ValueError("client_models is empty; give at least one architecture name.")
+        for name in (*self.client_models, self.student_model):
+            check_model_name(name)
+        _choice("engine", self.engine, ENGINES)
+
+    def split_spec(self) -> SplitSpec:
+        return SplitSpec(
+            dataset=self.dataset,
+            data_root=self.data_root,
+            num_clients=self.num_clients,
+            public_size=self.public_size,
+            scheme=self.partition.scheme,
+            alpha=self.partition.alpha,
+            classes_per_partition=self.partition.classes_per_partition,
+            seed=self.seed,
+        )
+
+
+def _coerce(cls: type, values: Mapping[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}.")
+    return cls(**values)
+
+
+def _models(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return tuple(value)
+
+
+def run_config_from_mapping(values: Mapping[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from a nested mapping (Hydra's resolved config)."""
+    values = dict(values)
+    values.pop("hydra", None)
+    if "partition" in values:
+        values["partition"] = _coerce(PartitionConfig, values["partition"])
+    if "strategy" in values:
+        values["strategy"] = _coerce(StrategyConfig, values["strategy"])
+    if "client_models" in values:
+        values["client_models"] = _models(values["client_models"])
+    if values.get("data_root") is None:
+        values["data_root"] = ""
+    return _coerce(RunConfig, values)
+
+
+_FLOWER_NESTED = {
+    "partition": ("partition", "scheme"),
+    "partition-alpha": ("partition", "alpha"),
+    "partition-classes": ("partition", "classes_per_partition"),
+    "strategy": ("strategy", "name"),
+    "aggregator": ("strategy", "aggregator"),
+    "fraction-train": ("strategy", "fraction_train"),
+    "min-replies": ("strategy", "min_replies"),
+}
+# Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
+FLOWER_OUTPUT_KEYS = ("output-dir",)
+
+
+def run_config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from Flower's flat kebab-case ``context.run_config``."""
+    nested: dict[str, Any] = {"partition": {}, "strategy": {}}
+    for key, value in run_config.items():
+        if key in FLOWER_OUTPUT_KEYS:
+            continue
+        if key in _FLOWER_NESTED:
+            group, name = _FLOWER_NESTED[key]
+            nested[group][name] = value
+        else:
+            nested[key.replace("-", "_")] = value
+    return run_config_from_mapping(nested)
+
+
+def run_config_to_flower(config: RunConfig) -> dict[str, Any]:
+    """Inverse of :func:`run_config_from_flower` (for ``flwr run --run-config``)."""
+    flat: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, dict):
+            continue
+        flat[key.replace("_", "-")] = ",".join(value) if isinstance(value, (list, tuple)) else value
+    for flower_key, (group, name) in _FLOWER_NESTED.items():
+        flat[flower_key] = getattr(getattr(config, group), name)
+    return flat
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What a client needs to do its part of a round; sent inside each train message.
+
+    Clients hold no run config of their own: the server is the single source of truth, so
+    the same ClientApp works under any simulation engine and in a real deployment.
+    """
+
+    mode: str  # "soft-labels": train the teacher, reply with soft labels; "weights": FedAvg
+    server_round: int
+    dataset: str
+    data_root: str
+    num_clients: int
+    partition_scheme: str
+    partition_alpha: float
+    partition_classes: int
+    public_size: int
+    seed: int
+    local_epochs: int
+    temperature: float
+    client_models: tuple[str, ...]
+    student_model: str
+    lr: float
+    batch_size: int
+    augment_shift: float
+
+    @classmethod
+    def from_run(cls, config: RunConfig, *, mode: str, server_round: int) -> ClientTask:
+        return cls(
+            mode=mode,
+            server_round=server_round,
+            dataset=config.dataset,
+            data_root=config.data_root,
+            num_clients=config.num_clients,
+            partition_scheme=config.partition.scheme,
+            partition_alpha=config.partition.alpha,
+            partition_classes=config.partition.classes_per_partition,
+            public_size=config.public_size,
+            seed=config.seed,
+            local_epochs=config.local_epochs,
+            temperature=config.temperature,
+            client_models=config.client_models,
+            student_model=config.student_model,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            augment_shift=config.augment_shift,
+        )
+
+    def split_spec(self, *, data_root: str | None = None) -> SplitSpec:
+        """The split this task refers to; a node may read the data from its own ``data_root``."""
+        return SplitSpec(
+            dataset=self.dataset,
+            data_root=self.data_root if data_root is None else data_root,
+            num_clients=self.num_clients,
+            public_size=self.public_size,
+            scheme=self.partition_scheme,
+            alpha=self.partition_alpha,
+            classes_per_partition=self.partition_classes,
+            seed=self.seed,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat values that fit a Flower ``ConfigRecord``."""
+        values = dataclasses.asdict(self)
+        values["client_models"] = ",".join(self.client_models)
+        return {key.replace("_", "-"): value for key, value in values.items()}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ClientTask:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {key.replace("-", "_"): value for key, value in record.items()}
+        missing = sorted(names - set(values))
+        if missing:
+            raise ValueError(f"Train message lacks task keys {missing}; is the server up to date?")
+        values = {key: value for key, value in values.items() if key in names}
+        values["client_models"] = _models(values["client_models"])
+        return cls(**values)

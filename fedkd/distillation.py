@@ -1,0 +1,191 @@
+"""Softening, the KD loss, and the train / predict / distill / evaluate loops.
+
+Everything here works on tensors and ``nn.Module``s and knows nothing about Flower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities at temperature ``T``: ``softmax(logits / T)`` along the last axis."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float = 1.0,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hinton et al. (2015) distillation loss, averaged over the batch.
+
+    ``α·T²·KL(p_T ‖ p_S) + (1 − α)·CE(y, student)`` where ``p_S = softmax(z_S / T)``.
+    The ``T²`` factor keeps the gradient scale of the soft term independent of ``T``.
+    Without ``labels`` the loss is the soft term alone, ``T²·KL``.
+    """
+    if student_logits.shape != teacher_probs.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher probabilities "
+            f"{tuple(teacher_probs.shape)} must have the same shape."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
+    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    soft = F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+    if labels is None:
+        return soft
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def random_translate(
+    images: torch.Tensor, *, max_shift: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Shift each image by up to ``max_shift`` of its width/height (zero padding).
+
+    A cheap augmentation that matters when a student learns from only a few thousand
+    transfer inputs.
+    """
+    if max_shift <= 0:
+        return images
+    batch = images.shape[0]
+    shifts = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (2 * max_shift)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    theta[:, :, 2] = shifts
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Pad with the image's own background value: inputs are normalized, so zero is not black.
+    background = images.amin(dim=(1, 2, 3), keepdim=True)
+    shifted = F.grid_sample(images - background, grid, align_corners=False, padding_mode="zeros")
+    return shifted + background
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Adam settings shared by local training and distillation."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+
+
+def _batches(num_examples: int, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(num_examples, generator=generator)
+    for start in range(0, num_examples, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train_supervised(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    settings: OptimizerSettings,
+    generator: torch.Generator,
+    max_shift: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """Cross-entropy training; returns the mean loss of the last epoch."""
+    optimizer = optimizer or torch.optim.Adam(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    model.train()
+    last_epoch_loss = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for batch in _batches(len(images), settings.batch_size, generator):
+            if len(batch) < 2:  # BatchNorm cannot normalise a single example
+                continue
+            inputs = random_translate(images[batch], max_shift=max_shift, generator=generator)
+            loss = F.cross_entropy(model(inputs), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        last_epoch_loss = total / max(count, 1)
+    return last_epoch_loss
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` in evaluation mode (running BatchNorm statistics)."""
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def distill(
+    student: nn.Module,
+    inputs: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    *,
+    epochs: int,
+    temperature: float,
+    settings: OptimizerSettings,
+    generator: torch.Generator,
+    alpha: float = 1.0,
+    labels: torch.Tensor | None = None,
+    max_shift: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """Fit ``student`` to ``teacher_probs`` on ``inputs`` with :func:`kd_loss`.
+
+    Returns the mean loss of the last epoch.
+    """
+    if len(inputs) != len(teacher_probs):
+        raise ValueError(
+            f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels."
+        )
+    optimizer = optimizer or torch.optim.Adam(
+        student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    student.train()
+    last_epoch_loss = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for batch in _batches(len(inputs), settings.batch_size, generator):
+            if len(batch) < 2:
+                continue
+            batch_inputs = random_translate(inputs[batch], max_shift=max_shift, generator=generator)
+            loss = kd_loss(
+                student(batch_inputs),
+                teacher_probs[batch],
+                temperature=temperature,
+                alpha=alpha,
+                labels=None if labels is None else labels[batch],
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        last_epoch_loss = total / max(count, 1)
+    return last_epoch_loss
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    loss: float
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000
+) -> Evaluation:
+    """Top-1 accuracy (0..1) and mean cross-entropy on ``(images, labels)``."""
+    logits = predict_logits(model, images, batch_size=batch_size)
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+    return Evaluation(accuracy=accuracy, loss=loss)

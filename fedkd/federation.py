@@ -1,0 +1,209 @@
+"""One federated run on a Flower Grid: build the strategy, run its rounds, record each one.
+
+The ServerApp (any Flower runtime) and ``fedkd-sim`` (any engine) both call
+:func:`run_federation`; the strategy's own ``start()`` owns the round loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedkd.config import ClientTask, RunConfig
+from fedkd.distillation import OptimizerSettings, evaluate
+from fedkd.local_data import evaluation_split, info_for, public_inputs, split_for
+from fedkd.metered_grid import MeteredGrid
+from fedkd.models import build_model
+from fedkd.results import RunFolder, progress_line
+from fedkd.seeding import STUDENT_INIT, derive_seed
+from fedkd.student import Student
+from strategies.aggregation import get_aggregator
+from strategies.ensemble_distillation import EnsembleDistillation
+
+logger = logging.getLogger(__name__)
+
+# Flower's FedAvg reports the weighted mean of every client metric; an id has no mean.
+_FEDAVG_DROPPED_METRICS = ("client-id",)
+
+
+class RecordedStrategy(Strategy):
+    """Wraps a strategy and keeps its latest aggregated train metrics for the round record."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.latest_train_metrics: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self.latest_train_metrics = {}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        self.latest_train_metrics = dict(metrics or {})
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
+    """The server strategy named by ``config.strategy.name``."""
+    spec = config.split_spec()
+    info = info_for(spec)
+    if config.strategy.name == "fedavg":
+        return FedAvg(
+            fraction_train=config.strategy.fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=config.strategy.min_replies,
+            min_available_nodes=config.num_clients,
+        )
+    transfer = public_inputs(spec)
+    return EnsembleDistillation(
+        student=Student(
+            student,
+            transfer.images,
+            temperature=config.temperature,
+            epochs=config.distill_epochs,
+            settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
+            seed=config.seed,
+            alpha=config.kd_alpha,
+            transfer_labels=transfer.labels if config.public_labels else None,
+            max_shift=config.augment_shift,
+        ),
+        transfer_indices=torch.arange(len(transfer)).numpy(),
+        num_classes=info.num_classes,
+        aggregator=get_aggregator(config.strategy.aggregator),
+        fraction_train=config.strategy.fraction_train,
+        min_replies=config.strategy.min_replies,
+        min_available_nodes=config.num_clients,
+        seed=config.seed,
+    )
+
+
+class RoundRecorder:
+    """Centralized evaluation callback: evaluates the student and writes one row per round."""
+
+    def __init__(
+        self,
+        *,
+        config: RunConfig,
+        student: torch.nn.Module,
+        grid: MeteredGrid,
+        strategy: RecordedStrategy,
+        folder: RunFolder | None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.student = student
+        self.grid = grid
+        self.strategy = strategy
+        self.folder = folder
+        self.on_round = on_round
+        self.test = evaluation_split(config.split_spec())
+        self.rows: list[dict[str, Any]] = []
+        self._round_started = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.student.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate(self.student, self.test.images, self.test.labels)
+        traffic = self.grid.take_traffic()
+        if server_round > 0:
+            self._record(server_round, result.accuracy, result.loss, traffic)
+        self._round_started = time.perf_counter()
+        return MetricRecord({"student-accuracy": result.accuracy, "student-loss": result.loss})
+
+    def _record(self, server_round: int, accuracy: float, loss: float, traffic) -> None:  # type: ignore[no-untyped-def]
+        train = self.strategy.latest_train_metrics
+        rejected = int(train.get("rejected", 0))
+        row: dict[str, Any] = {
+            "round": server_round,
+            "student_accuracy": accuracy,
+            "student_loss": loss,
+            "clients": int(train.get("clients", traffic.replies - traffic.error_replies - rejected)),
+            "failed": traffic.error_replies,
+            "rejected": rejected,
+            "bytes_up": traffic.bytes_up,
+            "bytes_down": traffic.bytes_down,
+            "messages": traffic.messages_down,
+            "wall_seconds": time.perf_counter() - self._round_started,
+        }
+        extra = {
+            key.replace("-", "_"): value
+            for key, value in train.items()
+            if key not in ("clients", "failed", "rejected", *_FEDAVG_DROPPED_METRICS)
+        }
+        row.update(extra)
+        self.rows.append(row)
+        if self.folder is not None:
+            self.folder.append_metrics(row)
+            self.folder.save_student(
+                self.student.state_dict(), architecture=self.config.student_model, server_round=server_round
+            )
+        if self.on_round is not None:
+            self.on_round(row)
+
+
+def print_progress(total_rounds: int) -> Callable[[dict[str, Any]], None]:
+    def report(row: dict[str, Any]) -> None:
+        print(progress_line(row, total_rounds=total_rounds), flush=True)
+
+    return report
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float = 3600.0,
+) -> list[dict[str, Any]]:
+    """Run ``config.rounds`` rounds on ``grid``; returns the per-round rows it recorded.
+
+    Bad configuration (too many clients, a transfer set larger than the data, unknown names)
+    fails here, before any client trains.
+    """
+    spec = config.split_spec()
+    info = info_for(spec)
+    split_for(spec)
+    folder = RunFolder(run_dir) if run_dir is not None else None
+    if folder is not None:
+        folder.write_config(config)
+        folder.start_metrics()
+    student = build_model(
+        config.student_model,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        seed=derive_seed(config.seed, STUDENT_INIT),
+    )
+    strategy = RecordedStrategy(build_strategy(config, student))
+    metered = MeteredGrid(grid)
+    recorder = RoundRecorder(
+        config=config, student=student, grid=metered, strategy=strategy, folder=folder, on_round=on_round
+    )
+    mode = "weights" if config.strategy.name == "fedavg" else "soft-labels"
+    task = ClientTask.from_run(config, mode=mode, server_round=0).to_record()
+    task.pop("server-round")  # each strategy stamps the round itself
+    strategy.start(
+        grid=metered,
+        initial_arrays=ArrayRecord(student.state_dict()),
+        num_rounds=config.rounds,
+        timeout=timeout,
+        train_config=ConfigRecord(task),
+        evaluate_fn=recorder,
+    )
+    return recorder.rows

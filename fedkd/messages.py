@@ -1,0 +1,70 @@
+"""What crosses the wire between ServerApp and ClientApp, and how many bytes it takes.
+
+Train message (server → client), soft-label mode::
+
+    "config":   ConfigRecord  — the ClientTask (see fedkd.config)
+    "transfer": ArrayRecord   — "indices": int32 indices of the public transfer inputs
+
+Reply (client → server)::
+
+    "soft-labels": ArrayRecord  — "probs": float32 (N, C), softmax(logits / T) per transfer input
+    "metrics":     MetricRecord — "num-examples", "client-id", "train-loss"
+
+In weight mode (FedAvg) the message carries "arrays" (the global model) both ways instead.
+Arrays travel as ``.npy`` bytes loaded with ``allow_pickle=False``: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+TASK_KEY = "config"
+TRANSFER_KEY = "transfer"
+TRANSFER_INDICES = "indices"
+SOFT_LABELS_KEY = "soft-labels"
+SOFT_LABELS_ARRAY = "probs"
+METRICS_KEY = "metrics"
+WEIGHTS_KEY = "arrays"
+NUM_EXAMPLES = "num-examples"
+CLIENT_ID = "client-id"
+
+
+def transfer_record(indices: np.ndarray) -> ArrayRecord:
+    """The transfer inputs a client must label, as indices into the public split."""
+    return ArrayRecord({TRANSFER_INDICES: Array(np.ascontiguousarray(indices, dtype=np.int32))})
+
+
+def soft_label_reply(probs: np.ndarray, *, num_examples: int, client_id: int, train_loss: float) -> RecordDict:
+    """The whole content of a client's soft-label reply."""
+    return RecordDict(
+        {
+            SOFT_LABELS_KEY: ArrayRecord({SOFT_LABELS_ARRAY: Array(np.ascontiguousarray(probs, dtype=np.float32))}),
+            METRICS_KEY: MetricRecord(
+                {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id, "train-loss": float(train_loss)}
+            ),
+        }
+    )
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_value_bytes(item) for item in value)
+    return 8  # int, float and bool travel as 64-bit scalars
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of payload in a message: serialized array buffers plus scalar values.
+
+    Protocol framing (record names, gRPC headers) is left out, so two strategies compare on
+    what they choose to send.
+    """
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        elif isinstance(record, (ConfigRecord, MetricRecord)):
+            total += sum(_value_bytes(value) for value in record.values())
+    return total

@@ -1,0 +1,230 @@
+"""Model registry: small networks with BatchNorm for 28×28 and 32×32 images.
+
+Every model takes ``in_channels``, ``num_classes`` and ``image_size`` so one registry serves
+MNIST-shaped and CIFAR-shaped data. Teachers keep BatchNorm on purpose: the data-free
+synthesizers invert its running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+ModelFactory = Callable[..., nn.Module]
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Two 5×5 conv blocks with BatchNorm, global average pooling, one linear layer (≈ 20 k params)."""
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(in_channels, 16, 5),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(16, 32, 5),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(32, 64, 3),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(inputs), 1))
+
+
+class LeNet5BN(nn.Module):
+    """LeNet-5 with BatchNorm after each convolution (the DAFL/DFAD MNIST teacher family)."""
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        super().__init__()
+        # LeNet-5 was designed for 32×32 inputs; padding 28×28 by 2 keeps its 5×5 feature map.
+        padding = max(0, (32 - image_size) // 2)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=padding, bias=False),
+            nn.BatchNorm2d(6),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * side * side, 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(inputs), 1))
+
+
+class MediumCNN(nn.Module):
+    """Four 3×3 conv blocks with BatchNorm and a 128-unit head (≈ 0.4 M params for 28×28)."""
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(in_channels, 32, 3),
+            _conv_bn_relu(32, 32, 3),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(32, 64, 3),
+            _conv_bn_relu(64, 64, 3),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.25),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(inputs))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(inputs)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(inputs))
+
+
+class ResNetCifar(nn.Module):
+    """CIFAR-style ResNet (He et al. 2016, §4.2): depth = 6n + 2, widths 16/32/64."""
+
+    def __init__(
+        self, *, depth: int = 8, in_channels: int = 3, num_classes: int = 10, image_size: int = 32
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"ResNet depth must be 6n+2 (8, 14, 20, …), got {depth}.")
+        blocks_per_stage = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        layers: list[nn.Module] = []
+        channels = 16
+        for stage, width in enumerate((16, 32, 64)):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(_BasicBlock(channels, width, stride))
+                channels = width
+        self.stages = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = self.pool(self.stages(self.stem(inputs)))
+        return self.classifier(torch.flatten(out, 1))
+
+
+class MLP(nn.Module):
+    """Two hidden layers with BatchNorm1d; a weak but fast baseline."""
+
+    def __init__(
+        self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: int = 256
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * image_size * image_size, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+
+MODEL_REGISTRY: dict[str, ModelFactory] = {
+    "cnn_small": SmallCNN,
+    "lenet5_bn": LeNet5BN,
+    "cnn_medium": MediumCNN,
+    "resnet8": lambda **kw: ResNetCifar(depth=8, **kw),
+    "resnet20": lambda **kw: ResNetCifar(depth=20, **kw),
+    "mlp": MLP,
+}
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return sorted(MODEL_REGISTRY)
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it is registered, else raise a ``ValueError`` naming the choices."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"Unknown model {name!r}; choose one of {available_models()}.")
+    return name
+
+
+def build_model(
+    name: str, *, input_shape: Sequence[int], num_classes: int, seed: int | None = None
+) -> nn.Module:
+    """Instantiate a registered model for inputs of shape ``(C, H, W)``.
+
+    Parameters
+    ----------
+    name : str
+        A registry name, see :func:`available_models`.
+    input_shape : Sequence[int]
+        ``(channels, height, width)``; height must equal width.
+    num_classes : int
+        Number of output logits.
+    seed : int, optional
+        Seeds the initial weights without touching the global RNG stream of the caller.
+    """
+    channels, height, width = input_shape
+    if height != width:
+        raise ValueError(f"Models expect square images, got {height}×{width}.")
+    factory = MODEL_REGISTRY[check_model_name(name)]
+    if seed is None:
+        return factory(in_channels=channels, num_classes=num_classes, image_size=height)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(in_channels=channels, num_classes=num_classes, image_size=height)
+
+
+def model_for_client(architectures: Sequence[str], client_id: int) -> str:
+    """Architecture of client ``client_id``: the list is assigned round-robin by client id."""
+    if not architectures:
+        raise ValueError("client_models is empty; give at least one architecture name.")
+    return architectures[client_id % len(architectures)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

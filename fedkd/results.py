@@ -1,0 +1,83 @@
+"""The run folder: resolved config, per-round metrics (JSON lines) and the student checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fedkd.config import RunConfig
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+STUDENT_FILE = "student.pt"
+
+
+class RunFolder:
+    """Writes a run's artefacts under ``path``; every write is complete when it returns."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    def write_config(self, config: RunConfig, *, extra: Mapping[str, Any] | None = None) -> None:
+        values = dataclasses.asdict(config)
+        values["client_models"] = list(config.client_models)
+        values.update(extra or {})
+        (self.path / CONFIG_FILE).write_text(yaml.safe_dump(values, sort_keys=False))
+
+    def start_metrics(self) -> None:
+        """Begin a fresh metrics file (a rerun into the same folder replaces it)."""
+        self.metrics_path.write_text("")
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        clean = {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in row.items()}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+
+    def save_student(self, state_dict: Mapping[str, torch.Tensor], *, architecture: str, server_round: int) -> Path:
+        path = self.path / STUDENT_FILE
+        partial = path.with_suffix(".pt.partial")
+        torch.save({"architecture": architecture, "round": server_round, "state_dict": dict(state_dict)}, partial)
+        partial.replace(path)  # a crash mid-write never leaves a truncated checkpoint behind
+        return path
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a ``metrics.jsonl`` file (or of the one inside a run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def progress_line(row: Mapping[str, Any], *, total_rounds: int) -> str:
+    """One readable line per round, whatever the number of clients."""
+    failures = ""
+    if row.get("failed") or row.get("rejected"):
+        failures = f"  failed {row.get('failed', 0)}  rejected {row.get('rejected', 0)}"
+    return (
+        f"round {row['round']:>{len(str(total_rounds))}}/{total_rounds}"
+        f"  acc {row['student_accuracy']:.4f}  loss {row['student_loss']:.4f}"
+        f"  clients {row['clients']}{failures}"
+        f"  up {format_bytes(row['bytes_up'])}  down {format_bytes(row['bytes_down'])}"
+        f"  {row['wall_seconds']:.1f} s"
+    )

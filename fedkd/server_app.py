@@ -1,0 +1,42 @@
+"""Flower ServerApp: reads the run config, then runs the federation on the Grid it is given.
+
+Under ``flwr run`` the run config comes from ``[tool.flwr.app.config]`` in pyproject.toml
+(overridable with ``--run-config``). Engines that do not pass a run config (the in-process
+engine, ``run_simulation``) build the app with :func:`make_server_app` instead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedkd.config import RunConfig, run_config_from_flower
+from fedkd.federation import print_progress, run_federation
+
+app = ServerApp()
+
+
+def default_run_dir() -> Path:
+    return Path("outputs") / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = run_config_from_flower(context.run_config)
+    run_dir = str(context.run_config.get("output-dir", "")) or default_run_dir()
+    print(f"fedkd: writing results to {Path(run_dir).resolve()}", flush=True)
+    run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds))
+
+
+def make_server_app(config: RunConfig, *, run_dir: str | Path) -> ServerApp:
+    """A ServerApp with the config bound in, for runtimes that drop the run config."""
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds))
+
+    return bound

@@ -1,0 +1,1 @@
+"""Synthesis of transfer inputs from teachers' BatchNorm statistics (data-free distillation)."""

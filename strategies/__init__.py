@@ -1,0 +1,1 @@
+"""Server strategies: one file per method, aggregation math in :mod:`strategies.aggregation`."""

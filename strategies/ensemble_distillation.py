@@ -1,0 +1,231 @@
+"""Ensemble distillation on a public transfer set (FedED / FedDF-style, soft labels only).
+
+Each round the server sends every sampled client the indices of the public transfer inputs;
+each client trains its own teacher (any architecture) on its private partition and answers
+with its soft labels ``softmax(z / T)`` on those inputs. The server validates the replies,
+aggregates them (default: weighted by partition size) and distills the aggregate into the
+global student with ``α·T²·KL(p_T ‖ p_S) + (1 − α)·CE``.
+
+What crosses the wire: down, the task config and N int32 indices; up, an ``N × C`` float32
+matrix and three scalars. No weights, gradients or raw data leave a client.
+
+References
+----------
+Sui et al., "FedED: Federated Learning via Ensemble Distillation for Medical Relation
+Extraction", EMNLP 2020. Lin et al., "Ensemble Distillation for Robust Model Fusion in
+Federated Learning", NeurIPS 2020. Hinton et al., "Distilling the Knowledge in a Neural
+Network", 2015.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedkd.messages import (
+    CLIENT_ID,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SOFT_LABELS_ARRAY,
+    SOFT_LABELS_KEY,
+    TASK_KEY,
+    TRANSFER_KEY,
+    transfer_record,
+)
+from fedkd.seeding import SAMPLE_CLIENTS, numpy_generator
+from fedkd.student import Student
+from strategies.aggregation import Aggregator
+from strategies.validation import InvalidReply, validate_soft_labels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SoftLabelReply:
+    """One accepted client reply."""
+
+    client_id: int
+    num_examples: int
+    probs: np.ndarray
+
+
+@dataclass(frozen=True)
+class ParsedReplies:
+    accepted: list[SoftLabelReply]
+    failed: list[str]
+    rejected: list[str]
+
+
+def parse_soft_label_replies(
+    replies: Iterable[Message], *, num_inputs: int, num_classes: int
+) -> ParsedReplies:
+    """Split replies into accepted soft labels (sorted by client id), failures and rejections.
+
+    Sorting makes the aggregate independent of the order in which replies arrived.
+    """
+    accepted: list[SoftLabelReply] = []
+    failed: list[str] = []
+    rejected: list[str] = []
+    for reply in replies:
+        source = f"node {reply.metadata.src_node_id}"
+        if reply.has_error():
+            failed.append(f"{source}: {reply.error.reason}")
+            continue
+        try:
+            metrics = reply.content[METRICS_KEY]
+            probs = reply.content[SOFT_LABELS_KEY][SOFT_LABELS_ARRAY].numpy()
+            probs = validate_soft_labels(probs, num_inputs=num_inputs, num_classes=num_classes)
+            num_examples = int(metrics[NUM_EXAMPLES])
+            if num_examples < 1:
+                raise InvalidReply(f"num-examples must be ≥ 1, got {num_examples}.")
+            accepted.append(SoftLabelReply(int(metrics[CLIENT_ID]), num_examples, probs))
+        except (KeyError, TypeError, ValueError) as error:
+            rejected.append(f"{source}: {error}")
+    accepted.sort(key=lambda reply: reply.client_id)
+    return ParsedReplies(accepted=accepted, failed=failed, rejected=rejected)
+
+
+def sample_node_ids(node_ids: Iterable[int], *, fraction: float, seed: int, server_round: int) -> list[int]:
+    """A seeded sample of ``ceil(fraction · n)`` nodes (at least one), in sorted order."""
+    ordered = sorted(node_ids)
+    if not ordered:
+        return []
+    size = max(1, int(np.ceil(fraction * len(ordered))))
+    if size >= len(ordered):
+        return ordered
+    rng = numpy_generator(seed, server_round, SAMPLE_CLIENTS)
+    return sorted(rng.choice(ordered, size=size, replace=False).tolist())
+
+
+def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
+    """Node ids once at least ``minimum`` are connected (a deployment's nodes join over time).
+
+    After ``timeout`` seconds the round goes ahead with whoever is connected.
+    """
+    deadline = time.monotonic() + timeout
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < minimum and time.monotonic() < deadline:
+        logger.info("waiting for nodes: %d of %d connected", len(node_ids), minimum)
+        time.sleep(1.0)
+        node_ids = list(grid.get_node_ids())
+    return node_ids
+
+
+class EnsembleDistillation(Strategy):
+    """Aggregate client soft labels on a public transfer set and distill them into a student.
+
+    Parameters
+    ----------
+    student : Student
+        The server-side student with its transfer inputs.
+    transfer_indices : np.ndarray
+        Indices (into the public split) of the transfer inputs, in the student's order.
+    num_classes : int
+        Width of a soft-label row.
+    aggregator : Aggregator
+        Pure function from ``(K, N, C)`` soft labels and ``(K,)`` weights to ``(N, C)``.
+    fraction_train : float
+        Share of connected clients asked each round.
+    min_replies : int
+        A round with fewer valid replies skips distillation and keeps the student as it was.
+    seed : int
+        Seeds client sampling.
+    """
+
+    def __init__(
+        self,
+        *,
+        student: Student,
+        transfer_indices: np.ndarray,
+        num_classes: int,
+        aggregator: Aggregator,
+        fraction_train: float = 1.0,
+        min_replies: int = 1,
+        min_available_nodes: int = 1,
+        wait_timeout: float = 600.0,
+        seed: int = 0,
+    ) -> None:
+        self.student = student
+        self.transfer_indices = np.asarray(transfer_indices)
+        self.num_classes = num_classes
+        self.aggregator = aggregator
+        self.fraction_train = fraction_train
+        self.min_replies = min_replies
+        self.min_available_nodes = min_available_nodes
+        self.wait_timeout = wait_timeout
+        self.seed = seed
+
+    def summary(self) -> None:
+        logger.info(
+            "EnsembleDistillation: %d transfer inputs, aggregator=%s, fraction_train=%.2f, "
+            "min_replies=%d",
+            len(self.transfer_indices),
+            getattr(self.aggregator, "__name__", self.aggregator),
+            self.fraction_train,
+            self.min_replies,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask each sampled client for soft labels on the transfer inputs (no weights sent)."""
+        task = ConfigRecord({**config, "server-round": server_round})
+        transfer = transfer_record(self.transfer_indices)
+        node_ids = sample_node_ids(
+            wait_for_nodes(grid, minimum=self.min_available_nodes, timeout=self.wait_timeout),
+            fraction=self.fraction_train, seed=self.seed, server_round=server_round
+        )
+        return [
+            Message(
+                RecordDict({TASK_KEY: task, TRANSFER_KEY: transfer}),
+                dst_node_id=node_id,
+                message_type=MessageType.TRAIN,
+            )
+            for node_id in node_ids
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, aggregate and distill; returns the student's weights and round metrics."""
+        parsed = parse_soft_label_replies(
+            replies, num_inputs=len(self.transfer_indices), num_classes=self.num_classes
+        )
+        for reason in parsed.failed:
+            logger.warning("round %d: client failed: %s", server_round, reason)
+        for reason in parsed.rejected:
+            logger.warning("round %d: reply rejected: %s", server_round, reason)
+        metrics = {
+            "clients": len(parsed.accepted),
+            "failed": len(parsed.failed),
+            "rejected": len(parsed.rejected),
+        }
+        if len(parsed.accepted) < self.min_replies:
+            logger.warning(
+                "round %d: %d valid replies, fewer than min_replies=%d; the student is unchanged.",
+                server_round,
+                len(parsed.accepted),
+                self.min_replies,
+            )
+            return None, MetricRecord(metrics)
+        soft_labels = np.stack([reply.probs for reply in parsed.accepted])
+        weights = np.array([reply.num_examples for reply in parsed.accepted], dtype=np.float64)
+        targets = self.aggregator(soft_labels, weights)
+        metrics["distill-loss"] = self.student.learn(targets, server_round=server_round)
+        return self.student.arrays(), MetricRecord(metrics)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The student is evaluated centrally on the test split; clients are not asked."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None

@@ -1,0 +1,34 @@
+"""Checks on what clients send back; a bad reply is rejected with a reason, never trusted."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+class InvalidReply(ValueError):
+    """A client reply that cannot be used; the message says why."""
+
+
+def validate_soft_labels(
+    probs: NDArray, *, num_inputs: int, num_classes: int, tolerance: float = 1e-3
+) -> NDArray[np.float32]:
+    """Return ``probs`` as float32 if it is an ``(num_inputs, num_classes)`` matrix of
+    probability vectors; raise :class:`InvalidReply` naming the first problem otherwise."""
+    if not isinstance(probs, np.ndarray):
+        raise InvalidReply(f"soft labels must be an array, got {type(probs).__name__}.")
+    if probs.shape != (num_inputs, num_classes):
+        raise InvalidReply(
+            f"soft labels have shape {probs.shape}, expected ({num_inputs}, {num_classes})."
+        )
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise InvalidReply(f"soft labels have dtype {probs.dtype}, expected a float type.")
+    if not np.isfinite(probs).all():
+        raise InvalidReply(f"soft labels hold {int((~np.isfinite(probs)).sum())} NaN/Inf values.")
+    if (probs < 0).any():
+        raise InvalidReply("soft labels hold negative probabilities.")
+    row_sums = probs.sum(axis=1, dtype=np.float64)
+    worst = float(np.abs(row_sums - 1.0).max(initial=0.0))
+    if worst > tolerance:
+        raise InvalidReply(f"soft-label rows must sum to 1; the worst row is off by {worst:.3g}.")
+    return probs.astype(np.float32, copy=False)

@@ -1,0 +1,119 @@
+import dataclasses
+
+import pytest
+
+from fedkd.config import (
+    ClientTask,
+    PartitionConfig,
+    RunConfig,
+    StrategyConfig,
+    run_config_from_flower,
+    run_config_from_mapping,
+    run_config_to_flower,
+)
+
+
+def test_defaults_are_valid_and_quick():
+    config = RunConfig()
+    assert config.dataset == "digits"
+    assert config.kd_alpha == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_clients": 0}, "num_clients"),
+        ({"rounds": 0}, "rounds"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"public_size": -1}, "public_size"),
+        ({"kd_alpha": 1.5}, "kd_alpha"),
+        ({"kd_alpha": 0.5}, "public_labels"),
+        ({"student_model": "vgg99"}, "Unknown model"),
+        ({"client_models": ("cnn_small", "nope")}, "Unknown model"),
+        ({"client_models": ()}, "client_models"),
+        ({"engine": "spark"}, "engine"),
+        ({"lr": 0.0}, "lr"),
+    ],
+)
+def test_invalid_run_config_names_value_and_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (PartitionConfig, {"alpha": 0.0}, "alpha must be > 0"),
+        (PartitionConfig, {"scheme": "shards"}, "Unknown partition scheme"),
+        (StrategyConfig, {"name": "fedsomething"}, "Unknown strategy"),
+        (StrategyConfig, {"aggregator": "max"}, "Unknown aggregator"),
+        (StrategyConfig, {"fraction_train": 0.0}, "fraction_train"),
+    ],
+)
+def test_invalid_nested_config(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_from_mapping_builds_nested_dataclasses():
+    config = run_config_from_mapping(
+        {
+            "dataset": "mnist",
+            "data_root": None,
+            "partition": {"scheme": "iid", "alpha": 0.5, "classes_per_partition": 2},
+            "strategy": {"name": "fedavg"},
+            "client_models": ["cnn_small"],
+        }
+    )
+    assert config.partition.scheme == "iid"
+    assert config.strategy.name == "fedavg"
+    assert config.client_models == ("cnn_small",)
+    assert config.data_root == ""
+
+
+def test_from_mapping_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="Unknown RunConfig keys"):
+        run_config_from_mapping({"num_client": 3})
+
+
+def test_flower_round_trip():
+    config = RunConfig(
+        num_clients=7,
+        partition=PartitionConfig(scheme="pathological", classes_per_partition=3),
+        strategy=StrategyConfig(name="fedavg", fraction_train=0.5),
+        client_models=("cnn_small", "mlp"),
+    )
+    flat = run_config_to_flower(config)
+    assert all("_" not in key for key in flat)
+    assert run_config_from_flower(flat) == config
+
+
+def test_flower_config_ignores_output_dir():
+    assert run_config_from_flower({"output-dir": "somewhere", "rounds": 2}).rounds == 2
+
+
+def test_client_task_round_trips_through_a_record():
+    task = ClientTask.from_run(RunConfig(), mode="soft-labels", server_round=4)
+    record = task.to_record()
+    assert all(isinstance(v, (int, float, str, bool)) for v in record.values())
+    assert ClientTask.from_record(record) == task
+
+
+def test_client_task_missing_keys_are_named():
+    record = ClientTask.from_run(RunConfig(), mode="soft-labels", server_round=1).to_record()
+    del record["temperature"]
+    with pytest.raises(ValueError, match="temperature"):
+        ClientTask.from_record(record)
+
+
+def test_split_spec_agrees_between_server_and_client():
+    config = RunConfig(num_clients=5, seed=3)
+    task = ClientTask.from_run(config, mode="soft-labels", server_round=1)
+    assert task.split_spec() == config.split_spec()
+    assert task.split_spec(data_root="/elsewhere").data_root == "/elsewhere"
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().rounds = 5  # type: ignore[misc]

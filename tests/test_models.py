@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from fedkd.models import available_models, build_model, count_parameters, model_for_client
+
+
+@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_every_model_maps_images_to_logits(name, shape):
+    model = build_model(name, input_shape=shape, num_classes=10)
+    model.eval()
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_teachers_have_batchnorm():
+    for name in ("cnn_small", "lenet5_bn", "cnn_medium", "resnet8"):
+        model = build_model(name, input_shape=(1, 28, 28), num_classes=10)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), name
+
+
+def test_seed_fixes_initial_weights_without_touching_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10, seed=5)
+    assert torch.equal(torch.rand(1), expected_next)
+    b = build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10, seed=5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="cnn_small"):
+        build_model("vgg99", input_shape=(1, 28, 28), num_classes=10)
+
+
+def test_architectures_are_assigned_round_robin():
+    assert [model_for_client(["a", "b"], k) for k in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_student_is_larger_than_the_logits_it_replaces():
+    # FedAvg's per-client upload must dwarf a 2000×10 float32 soft-label matrix.
+    student = build_model("cnn_medium", input_shape=(1, 28, 28), num_classes=10)
+    assert count_parameters(student) * 4 > 5 * 2000 * 10 * 4
