@@ -87,15 +87,15 @@ class RunConfig:
     num_clients: int = 10
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    rounds: int = 3
+    rounds: int = 5
     public_size: int = 1000
     public_labels: bool = False
-    local_epochs: int = 1
-    distill_epochs: int = 2
-    temperature: float = 2.0
+    local_epochs: int = 3
+    distill_epochs: int = 5
+    temperature: float = 1.0
     kd_alpha: float = 1.0
     client_models: tuple[str, ...] = ("cnn_small", "lenet5_bn")
-    student_model: str = "cnn_medium"
+    student_model: str = "cnn_fc"
     lr: float = 1e-3
     batch_size: int = 32
     augment_shift: float = 0.1
@@ -212,7 +212,7 @@ def run_config_to_flower(config: RunConfig) -> dict[str, Any]:
     """Inverse of :func:`run_config_from_flower` (for ``flwr run --run-config``)."""
     flat: dict[str, Any] = {}
     for key, value in dataclasses.asdict(config).items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) or key == "engine":  # flwr run brings its own runtime
             continue
         flat[key.replace("_", "-")] = ",".join(value) if isinstance(value, (list, tuple)) else value
     for flower_key, (group, name) in _FLOWER_NESTED.items():

@@ -72,6 +72,33 @@ class LeNet5BN(nn.Module):
         return self.classifier(torch.flatten(self.features(inputs), 1))
 
 
+class FCHeadCNN(nn.Module):
+    """Two 5×5 conv blocks and a 128-unit fully connected head (≈ 0.2 M params, ≈ 3 M MACs).
+
+    Cheap to run but with enough weights that sending it (FedAvg) costs far more than
+    sending soft labels — the default student.
+    """
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(in_channels, 16, 5),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(16, 32, 5),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * side * side, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(inputs))
+
+
 class MediumCNN(nn.Module):
     """Four 3×3 conv blocks with BatchNorm and a 128-unit head (≈ 0.4 M params for 28×28)."""
 
@@ -172,6 +199,7 @@ class MLP(nn.Module):
 MODEL_REGISTRY: dict[str, ModelFactory] = {
     "cnn_small": SmallCNN,
     "lenet5_bn": LeNet5BN,
+    "cnn_fc": FCHeadCNN,
     "cnn_medium": MediumCNN,
     "resnet8": lambda **kw: ResNetCifar(depth=8, **kw),
     "resnet20": lambda **kw: ResNetCifar(depth=20, **kw),

@@ -46,8 +46,6 @@ class Student:
         self.seed = seed
         self.alpha = alpha
         self.max_shift = max_shift
-        # Adam's moments carry over between rounds, as they would in centralized training.
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
 
     def learn(self, soft_labels: np.ndarray, *, server_round: int) -> float:
         """Distill the aggregated soft labels into the student; returns the last epoch's loss."""
@@ -62,7 +60,9 @@ class Student:
             alpha=self.alpha,
             labels=self.transfer_labels,
             max_shift=self.max_shift,
-            optimizer=self.optimizer,
+            # A fresh Adam each round: the targets change between rounds, and second moments
+            # estimated on round 1's near-uniform soft labels make later steps far too large.
+            optimizer=None,
         )
 
     def arrays(self) -> ArrayRecord:

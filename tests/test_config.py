@@ -87,6 +87,7 @@ def test_flower_round_trip():
     flat = run_config_to_flower(config)
     assert all("_" not in key for key in flat)
     assert run_config_from_flower(flat) == config
+    assert "engine" not in flat
 
 
 def test_flower_config_ignores_output_dir():
@@ -117,3 +118,21 @@ def test_split_spec_agrees_between_server_and_client():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().rounds = 5  # type: ignore[misc]
+
+
+def test_the_three_default_configs_agree():
+    """pyproject's Flower run config, the Hydra defaults and RunConfig() describe one run."""
+    import tomllib
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert run_config_from_flower(flower) == RunConfig()
+    with initialize_config_module(config_module="experiments.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=["data_root=''"])
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("verbose")
+    assert run_config_from_mapping(values) == RunConfig()

@@ -13,7 +13,7 @@ def test_every_model_maps_images_to_logits(name, shape):
 
 
 def test_teachers_have_batchnorm():
-    for name in ("cnn_small", "lenet5_bn", "cnn_medium", "resnet8"):
+    for name in ("cnn_small", "lenet5_bn", "cnn_fc", "cnn_medium", "resnet8"):
         model = build_model(name, input_shape=(1, 28, 28), num_classes=10)
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), name
 
@@ -40,5 +40,5 @@ def test_architectures_are_assigned_round_robin():
 
 def test_student_is_larger_than_the_logits_it_replaces():
     # FedAvg's per-client upload must dwarf a 2000×10 float32 soft-label matrix.
-    student = build_model("cnn_medium", input_shape=(1, 28, 28), num_classes=10)
+    student = build_model("cnn_fc", input_shape=(1, 28, 28), num_classes=10)
     assert count_parameters(student) * 4 > 5 * 2000 * 10 * 4

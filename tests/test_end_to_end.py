@@ -1,0 +1,154 @@
+"""Real runs through Flower's ClientApp, Strategy and Grid on small data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedkd.client_app import TEACHER_STATE
+from fedkd.client_app import app as client_app
+from fedkd.config import ClientTask, PartitionConfig, RunConfig, StrategyConfig
+from fedkd.distillation import predict_logits, soften
+from fedkd.federation import run_federation
+from fedkd.inprocess import InProcessGrid
+from fedkd.local_data import info_for, public_inputs
+from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TASK_KEY, TRANSFER_KEY, transfer_record
+from fedkd.models import build_model, model_for_client
+from fedkd.results import read_metrics
+from fedkd.sim import simulate
+
+TINY = RunConfig(
+    dataset="digits",
+    num_clients=3,
+    rounds=2,
+    public_size=300,
+    local_epochs=2,
+    distill_epochs=3,
+    partition=PartitionConfig(scheme="iid"),
+    client_models=("cnn_small", "lenet5_bn"),
+    student_model="cnn_small",
+)
+ROW_KEYS = {"round", "student_accuracy", "student_loss", "clients", "bytes_up", "bytes_down", "wall_seconds"}
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps every (message, reply) pair that crossed the grid."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exchanges: list[tuple[Message, Message]] = []
+
+    def _deliver(self, message):
+        reply = super()._deliver(message)
+        self.exchanges.append((message, reply))
+        return reply
+
+
+def _teacher_from_state(grid: InProcessGrid, node_id: int, config: RunConfig) -> torch.nn.Module:
+    context = grid.context(node_id)
+    info = info_for(config.split_spec())
+    client_id = int(context.node_config["partition-id"])
+    teacher = build_model(
+        model_for_client(config.client_models, client_id), input_shape=info.input_shape, num_classes=info.num_classes
+    )
+    teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
+    return teacher
+
+
+def test_inprocess_run_writes_run_folder_and_student_beats_chance(tmp_path):
+    rows = simulate(TINY, run_dir=tmp_path)
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[-1]["student_accuracy"] > 0.5  # chance is 0.1 on ten balanced digit classes
+    written = read_metrics(tmp_path)
+    assert [row["student_accuracy"] for row in written] == [row["student_accuracy"] for row in rows]
+    assert ROW_KEYS <= set(rows[0])
+    assert all(row["clients"] == 3 for row in rows)
+    assert (tmp_path / "config.yaml").read_text().startswith("dataset: digits")
+    checkpoint = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert checkpoint["round"] == 2 and checkpoint["architecture"] == "cnn_small"
+
+
+def test_replies_hold_exactly_the_soft_labels_of_the_requested_inputs_and_no_weights():
+    grid = RecordingGrid(client_app, num_nodes=TINY.num_clients)
+    rows = run_federation(grid, TINY, run_dir=None)
+    assert len(grid.exchanges) == TINY.num_clients * TINY.rounds
+    final_round = grid.exchanges[-TINY.num_clients :]
+    for message, reply in final_round:
+        assert set(reply.content.keys()) == {SOFT_LABELS_KEY, "metrics"}
+        soft_labels = reply.content[SOFT_LABELS_KEY]
+        assert list(soft_labels.keys()) == [SOFT_LABELS_ARRAY]
+        probs = soft_labels[SOFT_LABELS_ARRAY].numpy()
+        requested = message.content[TRANSFER_KEY]["indices"].numpy()
+        assert probs.shape == (len(requested), 10) and probs.dtype == np.float32
+        # the numbers are the client's own teacher's softened predictions on those inputs
+        teacher = _teacher_from_state(grid, message.metadata.dst_node_id, TINY)
+        inputs = public_inputs(TINY.split_spec(), requested).images
+        expected = soften(predict_logits(teacher, inputs), TINY.temperature).numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-6)
+    # payload up per client: the .npy matrix (128-byte header) plus three 8-byte scalars
+    assert rows[-1]["bytes_up"] == TINY.num_clients * (TINY.public_size * 10 * 4 + 128 + 3 * 8)
+
+
+def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
+    grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
+    task = ClientTask.from_run(TINY, mode="soft-labels", server_round=1).to_record()
+    wanted = np.array([7, 3, 250])
+    message = Message(
+        RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(wanted)}),
+        dst_node_id=2,
+        message_type=MessageType.TRAIN,
+    )
+    (reply,) = grid.send_and_receive([message])
+    probs = reply.content[SOFT_LABELS_KEY][SOFT_LABELS_ARRAY].numpy()
+    teacher = _teacher_from_state(grid, 2, TINY)
+    expected = soften(predict_logits(teacher, public_inputs(TINY.split_spec(), wanted).images), TINY.temperature)
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-6)
+
+
+def test_out_of_range_transfer_indices_come_back_as_an_error_reply():
+    grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
+    task = ClientTask.from_run(TINY, mode="soft-labels", server_round=1).to_record()
+    message = Message(
+        RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(np.array([0, 10_000]))}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    (reply,) = grid.send_and_receive([message])
+    assert reply.has_error() and "transfer positions" in reply.error.reason
+
+
+def test_teacher_persists_between_rounds_in_the_node_context():
+    grid = InProcessGrid(client_app, num_nodes=2)
+    config = dataclasses.replace(TINY, num_clients=2, rounds=1)
+    run_federation(grid, config, run_dir=None)
+    first = grid.context(1).state[TEACHER_STATE].to_torch_state_dict()
+    run_federation(grid, config, run_dir=None)
+    second = grid.context(1).state[TEACHER_STATE].to_torch_state_dict()
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+def test_same_seed_same_result():
+    first = run_federation(InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, rounds=1), run_dir=None)
+    second = run_federation(InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, rounds=1), run_dir=None)
+    assert first[0]["student_accuracy"] == second[0]["student_accuracy"]
+    assert first[0]["student_loss"] == second[0]["student_loss"]
+
+
+def test_fedavg_baseline_sends_weights_and_many_more_bytes():
+    fd = run_federation(InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, rounds=1), run_dir=None)
+    fedavg_config = dataclasses.replace(TINY, rounds=1, strategy=StrategyConfig(name="fedavg"), student_model="cnn_fc")
+    fedavg = run_federation(InProcessGrid(client_app, num_nodes=3), fedavg_config, run_dir=None)
+    assert fedavg[0]["clients"] == 3
+    assert fedavg[0]["bytes_up"] > 5 * fd[0]["bytes_up"]
+    assert fedavg[0]["student_accuracy"] > 0.3
+
+
+@pytest.mark.slow
+def test_ray_engine_runs_the_same_apps(tmp_path):
+    rows = simulate(dataclasses.replace(TINY, engine="ray"), run_dir=tmp_path)
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[-1]["student_accuracy"] > 0.5
