@@ -18,9 +18,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedkd.config import ClientTask
+from fedkd.config import ClientTask, SplitSpec
 from fedkd.distillation import OptimizerSettings, predict_logits, soften, train_supervised
-from fedkd.local_data import info_for, private_partition, public_inputs
+from fedkd.local_data import LabeledTensors, info_for, private_partition, public_inputs
 from fedkd.messages import (
     CLIENT_ID,
     METRICS_KEY,
@@ -64,11 +64,22 @@ def node_identity(context: Context, task: ClientTask) -> NodeIdentity:
     return NodeIdentity(int(node_config["partition-id"]), str(data_root) if data_root else None)
 
 
-def _settings(task: ClientTask) -> OptimizerSettings:
-    return OptimizerSettings(lr=task.lr, batch_size=task.batch_size)
+def _train_locally(model: torch.nn.Module, task: ClientTask, identity: NodeIdentity) -> tuple[int, float]:
+    """E local epochs on this client's private partition; returns (examples, last loss)."""
+    partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
+    loss = train_supervised(
+        model,
+        partition.images,
+        partition.labels,
+        epochs=task.local_epochs,
+        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
+        max_shift=task.augment_shift,
+    )
+    return len(partition), loss
 
 
-def _nonempty_partition(spec, client_id: int):  # type: ignore[no-untyped-def]
+def _nonempty_partition(spec: SplitSpec, client_id: int) -> LabeledTensors:
     partition = private_partition(spec, client_id)
     if len(partition) == 0:
         # Dirichlet splits with small alpha and many clients can leave a client with nothing;
@@ -91,18 +102,9 @@ def _train_teacher(task: ClientTask, identity: NodeIdentity, context: Context) -
     )
     if TEACHER_STATE in context.state:
         teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
-    partition = _nonempty_partition(spec, identity.client_id)
-    loss = train_supervised(
-        teacher,
-        partition.images,
-        partition.labels,
-        epochs=task.local_epochs,
-        settings=_settings(task),
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
-        max_shift=task.augment_shift,
-    )
+    num_examples, loss = _train_locally(teacher, task, identity)
     context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
-    return teacher, len(partition), loss
+    return teacher, num_examples, loss
 
 
 def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
@@ -121,19 +123,8 @@ def _weights(message: Message, task: ClientTask, identity: NodeIdentity) -> Reco
     info = info_for(spec)
     model = build_model(task.student_model, input_shape=info.input_shape, num_classes=info.num_classes)
     model.load_state_dict(message.content[WEIGHTS_KEY].to_torch_state_dict())
-    partition = _nonempty_partition(spec, identity.client_id)
-    loss = train_supervised(
-        model,
-        partition.images,
-        partition.labels,
-        epochs=task.local_epochs,
-        settings=_settings(task),
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
-        max_shift=task.augment_shift,
-    )
-    metrics = MetricRecord(
-        {NUM_EXAMPLES: len(partition), CLIENT_ID: identity.client_id, "train-loss": loss}
-    )
+    num_examples, loss = _train_locally(model, task, identity)
+    metrics = MetricRecord({NUM_EXAMPLES: num_examples, CLIENT_ID: identity.client_id, "train-loss": loss})
     return RecordDict({WEIGHTS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
 
 

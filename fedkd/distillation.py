@@ -5,6 +5,7 @@ Everything here works on tensors and ``nn.Module``s and knows nothing about Flow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,37 @@ def _batches(num_examples: int, batch_size: int, generator: torch.Generator):
         yield order[start : start + batch_size]
 
 
+def _fit(
+    model: nn.Module,
+    num_examples: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    settings: OptimizerSettings,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer | None,
+) -> float:
+    """Minimize ``batch_loss(indices)`` over shuffled mini-batches; mean loss of the last epoch."""
+    optimizer = optimizer or torch.optim.Adam(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    model.train()
+    last_epoch_loss = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for batch in _batches(num_examples, settings.batch_size, generator):
+            if len(batch) < 2:  # BatchNorm cannot normalise a single example
+                continue
+            loss = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        last_epoch_loss = total / max(count, 1)
+    return last_epoch_loss
+
+
 def train_supervised(
     model: nn.Module,
     images: torch.Tensor,
@@ -97,25 +129,15 @@ def train_supervised(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> float:
     """Cross-entropy training; returns the mean loss of the last epoch."""
-    optimizer = optimizer or torch.optim.Adam(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        inputs = random_translate(images[batch], max_shift=max_shift, generator=generator)
+        return F.cross_entropy(model(inputs), labels[batch])
+
+    return _fit(
+        model, len(images), batch_loss,
+        epochs=epochs, settings=settings, generator=generator, optimizer=optimizer,
     )
-    model.train()
-    last_epoch_loss = float("nan")
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for batch in _batches(len(images), settings.batch_size, generator):
-            if len(batch) < 2:  # BatchNorm cannot normalise a single example
-                continue
-            inputs = random_translate(images[batch], max_shift=max_shift, generator=generator)
-            loss = F.cross_entropy(model(inputs), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        last_epoch_loss = total / max(count, 1)
-    return last_epoch_loss
 
 
 @torch.no_grad()
@@ -147,31 +169,21 @@ def distill(
         raise ValueError(
             f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels."
         )
-    optimizer = optimizer or torch.optim.Adam(
-        student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        batch_inputs = random_translate(inputs[batch], max_shift=max_shift, generator=generator)
+        return kd_loss(
+            student(batch_inputs),
+            teacher_probs[batch],
+            temperature=temperature,
+            alpha=alpha,
+            labels=None if labels is None else labels[batch],
+        )
+
+    return _fit(
+        student, len(inputs), batch_loss,
+        epochs=epochs, settings=settings, generator=generator, optimizer=optimizer,
     )
-    student.train()
-    last_epoch_loss = float("nan")
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for batch in _batches(len(inputs), settings.batch_size, generator):
-            if len(batch) < 2:
-                continue
-            batch_inputs = random_translate(inputs[batch], max_shift=max_shift, generator=generator)
-            loss = kd_loss(
-                student(batch_inputs),
-                teacher_probs[batch],
-                temperature=temperature,
-                alpha=alpha,
-                labels=None if labels is None else labels[batch],
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        last_epoch_loss = total / max(count, 1)
-    return last_epoch_loss
 
 
 @dataclass(frozen=True)
