@@ -164,6 +164,14 @@ def print_progress(total_rounds: int) -> Callable[[dict[str, Any]], None]:
     return report
 
 
+def check_data(config: RunConfig) -> None:
+    """Load the dataset and split it, so bad names, paths or sizes fail before any training."""
+    spec = config.split_spec()
+    info_for(spec)
+    split_for(spec)
+    evaluation_split(spec)
+
+
 def run_federation(
     grid: Grid,
     config: RunConfig,
@@ -177,9 +185,8 @@ def run_federation(
     Bad configuration (too many clients, a transfer set larger than the data, unknown names)
     fails here, before any client trains.
     """
-    spec = config.split_spec()
-    info = info_for(spec)
-    split_for(spec)
+    check_data(config)
+    info = info_for(config.split_spec())
     folder = RunFolder(run_dir) if run_dir is not None else None
     if folder is not None:
         folder.write_config(config)

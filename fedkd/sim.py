@@ -71,9 +71,12 @@ def _hydra_main(cfg: DictConfig) -> float:
     verbose = bool(values.pop("verbose", False))
     for key in _LAUNCHER_KEYS:
         values.pop(key, None)
+    from fedkd.federation import check_data
+
     try:
         config = run_config_from_mapping(values)
-    except ValueError as error:
+        check_data(config)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"fedkd-sim: invalid configuration: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     run_dir = HydraConfig.get().runtime.output_dir
