@@ -19,20 +19,35 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd.config import ClientTask, SplitSpec
-from fedkd.distillation import OptimizerSettings, predict_logits, soften, train_supervised
-from fedkd.local_data import LabeledTensors, info_for, private_partition, public_inputs
+from fedkd.distillation import (
+    OptimizerSettings,
+    class_mean_logits,
+    distill,
+    evaluate,
+    predict_logits,
+    soften,
+    train_supervised,
+    train_with_class_targets,
+)
+from fedkd.local_data import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
 from fedkd.messages import (
+    CLASS_LOGITS_KEY,
     CLIENT_ID,
+    COUNTS,
+    LOGITS,
+    CONSENSUS_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
+    SOFT_LABELS_ARRAY,
     TASK_KEY,
     TRANSFER_INDICES,
     TRANSFER_KEY,
     WEIGHTS_KEY,
+    class_logits_record,
     soft_label_reply,
 )
 from fedkd.models import build_model, model_for_client
-from fedkd.seeding import TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+from fedkd.seeding import TEACHER_DIGEST, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
 
 TEACHER_STATE = "teacher"
 
@@ -91,9 +106,9 @@ def _nonempty_partition(spec: SplitSpec, client_id: int) -> LabeledTensors:
     return partition
 
 
-def _train_teacher(task: ClientTask, identity: NodeIdentity, context: Context) -> tuple[torch.nn.Module, int, float]:
-    spec = task.split_spec(data_root=identity.data_root)
-    info = info_for(spec)
+def _restore_teacher(task: ClientTask, identity: NodeIdentity, context: Context) -> torch.nn.Module:
+    """This client's teacher as it was at the end of its last round (fresh in round 1)."""
+    info = info_for(task.split_spec(data_root=identity.data_root))
     teacher = build_model(
         model_for_client(task.client_models, identity.client_id),
         input_shape=info.input_shape,
@@ -102,13 +117,32 @@ def _train_teacher(task: ClientTask, identity: NodeIdentity, context: Context) -
     )
     if TEACHER_STATE in context.state:
         teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
-    num_examples, loss = _train_locally(teacher, task, identity)
-    context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
-    return teacher, num_examples, loss
+    return teacher
+
+
+def _digest(teacher: torch.nn.Module, consensus: ArrayRecord, task: ClientTask, identity: NodeIdentity) -> None:
+    """Fit the teacher to the server's aggregated soft labels on their transfer inputs."""
+    positions = consensus[TRANSFER_INDICES].numpy()
+    targets = torch.from_numpy(consensus[SOFT_LABELS_ARRAY].numpy().copy())
+    inputs = public_inputs(task.split_spec(data_root=identity.data_root), positions).images
+    distill(
+        teacher,
+        inputs,
+        targets,
+        epochs=task.digest_epochs,
+        temperature=task.temperature,
+        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_DIGEST),
+        max_shift=task.augment_shift,
+    )
 
 
 def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
-    teacher, num_examples, loss = _train_teacher(task, identity, context)
+    teacher = _restore_teacher(task, identity, context)
+    if CONSENSUS_KEY in message.content:
+        _digest(teacher, message.content[CONSENSUS_KEY], task, identity)
+    num_examples, loss = _train_locally(teacher, task, identity)
+    context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
     positions = message.content[TRANSFER_KEY][TRANSFER_INDICES].numpy()
     transfer = public_inputs(task.split_spec(data_root=identity.data_root), positions)
     probs = soften(predict_logits(teacher, transfer.images), task.temperature)
@@ -128,6 +162,56 @@ def _weights(message: Message, task: ClientTask, identity: NodeIdentity) -> Reco
     return RecordDict({WEIGHTS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
 
 
+def _class_logits(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
+    """FD's local step: train toward the global per-class logits, reply with this client's own."""
+    teacher = _restore_teacher(task, identity, context)
+    spec = task.split_spec(data_root=identity.data_root)
+    num_classes = info_for(spec).num_classes
+    class_probs = None
+    if CLASS_LOGITS_KEY in message.content:
+        record = message.content[CLASS_LOGITS_KEY]
+        global_logits = torch.from_numpy(record[LOGITS].numpy().copy())
+        missing = torch.from_numpy(record[COUNTS].numpy() == 0)
+        class_probs = soften(torch.nan_to_num(global_logits), task.temperature)
+        class_probs[missing] = float("nan")
+    partition = _nonempty_partition(spec, identity.client_id)
+    loss = train_with_class_targets(
+        teacher,
+        partition.images,
+        partition.labels,
+        class_probs=class_probs,
+        weight=task.regularizer_weight,
+        temperature=task.temperature,
+        epochs=task.local_epochs,
+        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
+        max_shift=task.augment_shift,
+    )
+    context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
+    logits, counts = class_mean_logits(teacher, partition.images, partition.labels, num_classes=num_classes)
+    metrics = MetricRecord({NUM_EXAMPLES: len(partition), CLIENT_ID: identity.client_id, "train-loss": loss})
+    return RecordDict(
+        {CLASS_LOGITS_KEY: class_logits_record(logits.numpy(), counts.numpy()), METRICS_KEY: metrics}
+    )
+
+
+@app.evaluate()
+def evaluate_teacher(message: Message, context: Context) -> Message:
+    """Accuracy of this client's own model on the test split (for strategies without a student)."""
+    torch.set_num_threads(1)
+    task = ClientTask.from_record(message.content[TASK_KEY])
+    identity = node_identity(context, task)
+    if TEACHER_STATE not in context.state:
+        raise ValueError("this client has not trained a model yet; evaluate after a train round.")
+    teacher = _restore_teacher(task, identity, context)
+    test = evaluation_split(task.split_spec(data_root=identity.data_root))
+    result = evaluate(teacher, test.images, test.labels)
+    metrics = MetricRecord(
+        {"accuracy": result.accuracy, "loss": result.loss, NUM_EXAMPLES: len(test), CLIENT_ID: identity.client_id}
+    )
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train locally; reply with soft labels (distillation) or weights (FedAvg baseline)."""
@@ -141,4 +225,8 @@ def train(message: Message, context: Context) -> Message:
         return Message(_soft_labels(message, context, task, identity), reply_to=message)
     if task.mode == "weights":
         return Message(_weights(message, task, identity), reply_to=message)
-    raise ValueError(f"unknown task mode {task.mode!r}; expected 'soft-labels' or 'weights'.")
+    if task.mode == "class-logits":
+        return Message(_class_logits(message, context, task, identity), reply_to=message)
+    raise ValueError(
+        f"unknown task mode {task.mode!r}; expected 'soft-labels', 'weights' or 'class-logits'."
+    )

@@ -15,8 +15,9 @@ from typing import Any
 from fedkd.models import check_model_name
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
-STRATEGIES = ("ensemble_distillation", "fedavg")
-AGGREGATORS = ("weighted", "mean")
+STRATEGIES = ("ensemble_distillation", "fedmd", "dsfl", "fd", "feddf", "fedavg")
+# Strategies that distill on the public transfer set (all but FD and FedAvg).
+PUBLIC_SET_STRATEGIES = ("ensemble_distillation", "fedmd", "dsfl", "feddf")
 ENGINES = ("inprocess", "ray")
 
 
@@ -54,10 +55,21 @@ class StrategyConfig:
     aggregator: str = "weighted"
     fraction_train: float = 1.0
     min_replies: int = 1
+    digest_epochs: int = 1  # fedmd, dsfl: epochs a client spends fitting the consensus
+    sharpen_temperature: float = 0.1  # dsfl: entropy-reduction temperature (< 1 sharpens)
+    regularizer_weight: float = 1.0  # fd: weight of the distillation term in local training
 
     def __post_init__(self) -> None:
+        from strategies.aggregation import AGGREGATORS
+
         _choice("strategy", self.name, STRATEGIES)
-        _choice("aggregator", self.aggregator, AGGREGATORS)
+        _choice("aggregator", self.aggregator, tuple(sorted(AGGREGATORS)))
+        if self.digest_epochs < 0:
+            raise ValueError(f"digest_epochs must be ≥ 0, got {self.digest_epochs}.")
+        if self.sharpen_temperature <= 0:
+            raise ValueError(f"sharpen_temperature must be > 0, got {self.sharpen_temperature}.")
+        if self.regularizer_weight < 0:
+            raise ValueError(f"regularizer_weight must be ≥ 0, got {self.regularizer_weight}.")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction_train must lie in (0, 1], got {self.fraction_train}.")
         if self.min_replies < 1:
@@ -115,7 +127,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {value}.")
         if self.public_size < 0:
             raise ValueError(f"public_size must be ≥ 0, got {self.public_size}.")
-        if self.strategy.name != "fedavg" and self.public_size == 0:
+        if self.strategy.name in PUBLIC_SET_STRATEGIES and self.public_size == 0:
             raise ValueError(
                 f"strategy={self.strategy.name} distills on a public transfer set; "
                 "set public_size > 0."
@@ -189,6 +201,9 @@ _FLOWER_NESTED = {
     "aggregator": ("strategy", "aggregator"),
     "fraction-train": ("strategy", "fraction_train"),
     "min-replies": ("strategy", "min_replies"),
+    "digest-epochs": ("strategy", "digest_epochs"),
+    "sharpen-temperature": ("strategy", "sharpen_temperature"),
+    "regularizer-weight": ("strategy", "regularizer_weight"),
 }
 # Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
 FLOWER_OUTPUT_KEYS = ("output-dir",)
@@ -228,7 +243,10 @@ class ClientTask:
     the same ClientApp works under any simulation engine and in a real deployment.
     """
 
-    mode: str  # "soft-labels": train the teacher, reply with soft labels; "weights": FedAvg
+    # "soft-labels": train the teacher, reply with soft labels on the transfer inputs;
+    # "weights": train the received model, reply with its weights (FedAvg, FedDF);
+    # "class-logits": train with the global per-class logits, reply with own ones (FD).
+    mode: str
     server_round: int
     dataset: str
     data_root: str
@@ -245,6 +263,8 @@ class ClientTask:
     lr: float
     batch_size: int
     augment_shift: float
+    digest_epochs: int
+    regularizer_weight: float
 
     @classmethod
     def from_run(cls, config: RunConfig, *, mode: str, server_round: int) -> ClientTask:
@@ -266,6 +286,8 @@ class ClientTask:
             lr=config.lr,
             batch_size=config.batch_size,
             augment_shift=config.augment_shift,
+            digest_epochs=config.strategy.digest_epochs,
+            regularizer_weight=config.strategy.regularizer_weight,
         )
 
     def split_spec(self, *, data_root: str | None = None) -> SplitSpec:

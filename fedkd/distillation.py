@@ -201,3 +201,57 @@ def evaluate(
     loss = F.cross_entropy(logits, labels).item()
     accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
     return Evaluation(accuracy=accuracy, loss=loss)
+
+
+@torch.no_grad()
+def class_mean_logits(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class average logit vectors on ``(images, labels)`` and the count of each class.
+
+    Row ``c`` of the ``(C, C)`` result is the mean logit vector over the examples of class
+    ``c`` (zeros where the class is absent). This is what an FD client shares.
+    """
+    logits = predict_logits(model, images)
+    counts = torch.bincount(labels, minlength=num_classes)
+    sums = torch.zeros(num_classes, logits.shape[1], dtype=logits.dtype).index_add_(0, labels, logits)
+    return sums / counts.clamp(min=1).unsqueeze(1), counts
+
+
+def train_with_class_targets(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    class_probs: torch.Tensor | None,
+    weight: float,
+    temperature: float,
+    epochs: int,
+    settings: OptimizerSettings,
+    generator: torch.Generator,
+    max_shift: float = 0.0,
+) -> float:
+    """Cross-entropy plus ``weight`` × the KD loss toward the soft label of each example's class.
+
+    ``class_probs`` is ``(C, C)``: row ``c`` is the target distribution for examples of class
+    ``c``; rows of NaN mark classes without a target. ``None`` means plain cross-entropy.
+    """
+    if class_probs is None:
+        return train_supervised(
+            model, images, labels, epochs=epochs, settings=settings, generator=generator, max_shift=max_shift
+        )
+    has_target = ~torch.isnan(class_probs).any(dim=1)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        inputs = random_translate(images[batch], max_shift=max_shift, generator=generator)
+        logits = model(inputs)
+        batch_labels = labels[batch]
+        loss = F.cross_entropy(logits, batch_labels)
+        mask = has_target[batch_labels]
+        if weight > 0 and bool(mask.any()):
+            loss = loss + weight * kd_loss(
+                logits[mask], class_probs[batch_labels[mask]], temperature=temperature
+            )
+        return loss
+
+    return _fit(model, len(images), batch_loss, epochs=epochs, settings=settings, generator=generator, optimizer=None)

@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedkd.config import ClientTask, RunConfig
-from fedkd.distillation import OptimizerSettings, evaluate
+from fedkd.distillation import Evaluation, OptimizerSettings, evaluate
 from fedkd.local_data import evaluation_split, info_for, public_inputs, split_for
 from fedkd.metered_grid import MeteredGrid
 from fedkd.models import build_model
@@ -26,12 +27,16 @@ from fedkd.results import RunFolder, progress_line
 from fedkd.seeding import STUDENT_INIT, derive_seed
 from fedkd.student import Student
 from strategies.aggregation import get_aggregator
+from strategies.dsfl import DSFL
 from strategies.ensemble_distillation import EnsembleDistillation
+from strategies.fd import FederatedDistillation
+from strategies.feddf import FedDF
+from strategies.fedmd import FedMD
 
 logger = logging.getLogger(__name__)
 
 # Flower's FedAvg reports the weighted mean of every client metric; an id has no mean.
-_FEDAVG_DROPPED_METRICS = ("client-id",)
+_FEDAVG_DROPPED_METRICS = ("client-id", "num-examples")
 
 
 class RecordedStrategy(Strategy):
@@ -40,6 +45,7 @@ class RecordedStrategy(Strategy):
     def __init__(self, inner: Strategy) -> None:
         self.inner = inner
         self.latest_train_metrics: dict[str, Any] = {}
+        self.latest_evaluate_metrics: dict[str, Any] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -57,41 +63,81 @@ class RecordedStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
-        return self.inner.aggregate_evaluate(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        self.latest_evaluate_metrics = dict(metrics or {})
+        return metrics
+
+    @property
+    def evaluates_on_clients(self) -> bool:
+        """True for strategies without a global model (FD): the clients report accuracy."""
+        return bool(getattr(self.inner, "evaluates_on_clients", False))
+
+
+# What each strategy asks its clients to do in a train message (see fedkd.config.ClientTask).
+CLIENT_MODES = {
+    "ensemble_distillation": "soft-labels",
+    "fedmd": "soft-labels",
+    "dsfl": "soft-labels",
+    "fd": "class-logits",
+    "feddf": "weights",
+    "fedavg": "weights",
+}
+
+
+def _server_student(config: RunConfig, student: torch.nn.Module) -> Student:
+    transfer = public_inputs(config.split_spec())
+    return Student(
+        student,
+        transfer.images,
+        temperature=config.temperature,
+        epochs=config.distill_epochs,
+        settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
+        seed=config.seed,
+        alpha=config.kd_alpha,
+        transfer_labels=transfer.labels if config.public_labels else None,
+        max_shift=config.augment_shift,
+    )
 
 
 def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
     """The server strategy named by ``config.strategy.name``."""
-    spec = config.split_spec()
-    info = info_for(spec)
-    if config.strategy.name == "fedavg":
-        return FedAvg(
-            fraction_train=config.strategy.fraction_train,
-            fraction_evaluate=0.0,
-            min_train_nodes=config.strategy.min_replies,
-            min_available_nodes=config.num_clients,
+    info = info_for(config.split_spec())
+    name = config.strategy.name
+    sampling = {"fraction_train": config.strategy.fraction_train}
+    if name in ("fedavg", "feddf"):
+        fedavg_kwargs = dict(
+            sampling, min_train_nodes=config.strategy.min_replies, min_available_nodes=config.num_clients
         )
-    transfer = public_inputs(spec)
-    return EnsembleDistillation(
-        student=Student(
-            student,
-            transfer.images,
-            temperature=config.temperature,
-            epochs=config.distill_epochs,
-            settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
-            seed=config.seed,
-            alpha=config.kd_alpha,
-            transfer_labels=transfer.labels if config.public_labels else None,
-            max_shift=config.augment_shift,
-        ),
-        transfer_indices=torch.arange(len(transfer)).numpy(),
+        if name == "fedavg":
+            return FedAvg(fraction_evaluate=0.0, **fedavg_kwargs)
+        return FedDF(
+            student=_server_student(config, student),
+            make_model=lambda: build_model(
+                config.student_model, input_shape=info.input_shape, num_classes=info.num_classes
+            ),
+            **fedavg_kwargs,
+        )
+    common = dict(
+        sampling,
         num_classes=info.num_classes,
-        aggregator=get_aggregator(config.strategy.aggregator),
-        fraction_train=config.strategy.fraction_train,
         min_replies=config.strategy.min_replies,
         min_available_nodes=config.num_clients,
         seed=config.seed,
     )
+    if name == "fd":
+        return FederatedDistillation(**common)
+    server_student = _server_student(config, student)
+    distillation = dict(
+        common,
+        student=server_student,
+        transfer_indices=np.arange(len(server_student.transfer_inputs)),
+        aggregator=get_aggregator(config.strategy.aggregator),
+    )
+    if name == "fedmd":
+        return FedMD(**distillation)
+    if name == "dsfl":
+        return DSFL(sharpen_temperature=config.strategy.sharpen_temperature, **distillation)
+    return EnsembleDistillation(**distillation)
 
 
 class RoundRecorder:
@@ -118,8 +164,15 @@ class RoundRecorder:
         self._round_started = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        self.student.load_state_dict(arrays.to_torch_state_dict())
-        result = evaluate(self.student, self.test.images, self.test.labels)
+        if self.strategy.evaluates_on_clients:
+            reported = self.strategy.latest_evaluate_metrics
+            result = Evaluation(
+                accuracy=float(reported.get("accuracy", float("nan"))),
+                loss=float(reported.get("loss", float("nan"))),
+            )
+        else:
+            self.student.load_state_dict(arrays.to_torch_state_dict())
+            result = evaluate(self.student, self.test.images, self.test.labels)
         traffic = self.grid.take_traffic()
         if server_round > 0:
             self._record(server_round, result.accuracy, result.loss, traffic)
@@ -150,6 +203,7 @@ class RoundRecorder:
         self.rows.append(row)
         if self.folder is not None:
             self.folder.append_metrics(row)
+        if self.folder is not None and not self.strategy.evaluates_on_clients:
             self.folder.save_student(
                 self.student.state_dict(), architecture=self.config.student_model, server_round=server_round
             )
@@ -202,8 +256,7 @@ def run_federation(
     recorder = RoundRecorder(
         config=config, student=student, grid=metered, strategy=strategy, folder=folder, on_round=on_round
     )
-    mode = "weights" if config.strategy.name == "fedavg" else "soft-labels"
-    task = ClientTask.from_run(config, mode=mode, server_round=0).to_record()
+    task = ClientTask.from_run(config, mode=CLIENT_MODES[config.strategy.name], server_round=0).to_record()
     task.pop("server-round")  # each strategy stamps the round itself
     strategy.start(
         grid=metered,
@@ -211,6 +264,7 @@ def run_federation(
         num_rounds=config.rounds,
         timeout=timeout,
         train_config=ConfigRecord(task),
+        evaluate_config=ConfigRecord(task),
         evaluate_fn=recorder,
     )
     return recorder.rows

@@ -4,13 +4,15 @@ Train message (server → client), soft-label mode::
 
     "config":   ConfigRecord  — the ClientTask (see fedkd.config)
     "transfer": ArrayRecord   — "indices": int32 indices of the public transfer inputs
+    "consensus": ArrayRecord  — (FedMD, DS-FL) "indices" and "probs": last round's aggregate
 
 Reply (client → server)::
 
     "soft-labels": ArrayRecord  — "probs": float32 (N, C), softmax(logits / T) per transfer input
     "metrics":     MetricRecord — "num-examples", "client-id", "train-loss"
 
-In weight mode (FedAvg) the message carries "arrays" (the global model) both ways instead.
+FD sends "class-logits" (C×C float32 "logits", C int64 "counts") both ways instead of soft labels.
+In weight mode (FedAvg, FedDF) the message carries "arrays" (the global model) both ways instead.
 Arrays travel as ``.npy`` bytes loaded with ``allow_pickle=False``: no pickle anywhere.
 """
 
@@ -22,6 +24,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 TASK_KEY = "config"
 TRANSFER_KEY = "transfer"
 TRANSFER_INDICES = "indices"
+CONSENSUS_KEY = "consensus"
+CLASS_LOGITS_KEY = "class-logits"
+LOGITS = "logits"
+COUNTS = "counts"
 SOFT_LABELS_KEY = "soft-labels"
 SOFT_LABELS_ARRAY = "probs"
 METRICS_KEY = "metrics"
@@ -35,6 +41,16 @@ def transfer_record(indices: np.ndarray) -> ArrayRecord:
     return ArrayRecord({TRANSFER_INDICES: Array(np.ascontiguousarray(indices, dtype=np.int32))})
 
 
+def consensus_record(indices: np.ndarray, probs: np.ndarray) -> ArrayRecord:
+    """The aggregated soft labels sent back down (FedMD, DS-FL), with the inputs they label."""
+    return ArrayRecord(
+        {
+            TRANSFER_INDICES: Array(np.ascontiguousarray(indices, dtype=np.int32)),
+            SOFT_LABELS_ARRAY: Array(np.ascontiguousarray(probs, dtype=np.float32)),
+        }
+    )
+
+
 def soft_label_reply(probs: np.ndarray, *, num_examples: int, client_id: int, train_loss: float) -> RecordDict:
     """The whole content of a client's soft-label reply."""
     return RecordDict(
@@ -43,6 +59,16 @@ def soft_label_reply(probs: np.ndarray, *, num_examples: int, client_id: int, tr
             METRICS_KEY: MetricRecord(
                 {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id, "train-loss": float(train_loss)}
             ),
+        }
+    )
+
+
+def class_logits_record(logits: np.ndarray, counts: np.ndarray) -> ArrayRecord:
+    """Per-class mean logits (C×C) and class counts (C), FD's payload in both directions."""
+    return ArrayRecord(
+        {
+            LOGITS: Array(np.ascontiguousarray(logits, dtype=np.float32)),
+            COUNTS: Array(np.ascontiguousarray(counts, dtype=np.int64)),
         }
     )
 

@@ -27,4 +27,4 @@ def numpy_generator(seed: int, *parts: int) -> np.random.Generator:
 
 
 # Purposes, so that two draws in the same round and client never share a stream.
-TEACHER_INIT, TEACHER_TRAIN, STUDENT_INIT, DISTILL, SAMPLE_CLIENTS = range(5)
+TEACHER_INIT, TEACHER_TRAIN, STUDENT_INIT, DISTILL, SAMPLE_CLIENTS, TEACHER_DIGEST = range(6)

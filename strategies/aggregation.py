@@ -4,10 +4,22 @@ Every aggregator takes a stack of per-client soft-label matrices, shape ``(K, N,
 N transfer inputs, C classes, rows are probability vectors), and per-client weights of shape
 ``(K,)``, and returns one ``(N, C)`` matrix of probability vectors. None of them mutates its
 inputs or knows about Flower.
+
+The aggregators fall into three families:
+
+* averages with one weight per client: :func:`weighted_mean`, :func:`mean`;
+* averages whose weights also depend on the input, so that a client counts more where it is
+  sure: :func:`confidence_weighted`, :func:`entropy_weighted`;
+* robust, coordinate-wise statistics that bound the influence of a few bad clients:
+  :func:`median`, :func:`trimmed_mean`.
+
+:func:`sharpen` is a post-step on one ``(N, C)`` matrix; :func:`entropy_reduction` (DS-FL's
+entropy reduction aggregation, ``"era"``) is the weighted mean followed by it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,20 +27,54 @@ from numpy.typing import NDArray
 
 Aggregator = Callable[[NDArray[np.floating], NDArray[np.floating]], NDArray[np.float32]]
 
+# Smallest positive normal float64. Zero probabilities are clipped to it before taking logs:
+# log stays finite (about -708), and the clipped entries end up as far below the rest as float64
+# allows, so sharpening keeps them at (numerically) zero instead of inventing mass for them.
+_TINY = float(np.finfo(np.float64).tiny)
 
-def _check_stack(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> None:
+
+def _check_soft_labels(soft_labels: NDArray[np.floating]) -> None:
     if soft_labels.ndim != 3:
         raise ValueError(
             f"soft labels must be stacked as (clients, inputs, classes), got shape {soft_labels.shape}."
         )
     if soft_labels.shape[0] == 0:
         raise ValueError("no client soft labels to aggregate.")
+
+
+def _check_stack(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> None:
+    _check_soft_labels(soft_labels)
     if weights.shape != (soft_labels.shape[0],):
         raise ValueError(
             f"need one weight per client: {soft_labels.shape[0]} clients, weights shape {weights.shape}."
         )
     if np.any(weights < 0) or not np.isfinite(weights).all() or weights.sum() <= 0:
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}.")
+
+
+def _per_input_weighted_mean(
+    stack: NDArray[np.float64], input_weights: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Row n is ``sum_k input_weights[k, n] * stack[k, n] / sum_k input_weights[k, n]``.
+
+    The caller guarantees that no column of ``input_weights`` sums to zero.
+    """
+    totals = input_weights.sum(axis=0)
+    return np.einsum("kn,knc->nc", input_weights, stack) / totals[:, None]
+
+
+def _renormalize_rows(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Scale each non-negative row to sum to 1; a row of zeros becomes the uniform distribution.
+
+    A coordinate-wise median or trimmed mean sums to 0 only when, for every class, most clients
+    put (exactly) zero mass on it, i.e. the clients disagree so completely that no class has
+    robust support. Such a row carries no information about the label, and the uniform
+    distribution says exactly that (it is the maximum-entropy target, and distilling towards it
+    does not favour any class), where dividing by the zero sum would produce NaNs.
+    """
+    totals = rows.sum(axis=1, keepdims=True)
+    uniform = np.full_like(rows, 1.0 / rows.shape[1])
+    return np.divide(rows, totals, out=uniform, where=totals > 0)
 
 
 def weighted_mean(
@@ -44,11 +90,284 @@ def weighted_mean(
 
 
 def mean(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float32]:
-    """Unweighted average: every client counts the same, whatever its data size."""
+    """Unweighted average: every client counts the same, whatever its data size.
+
+    The weights are still validated, as by every aggregator, so that a bad weight vector is
+    reported whichever aggregator is configured.
+    """
+    _check_stack(soft_labels, weights)
     return weighted_mean(soft_labels, np.ones_like(weights, dtype=np.float64))
 
 
-AGGREGATORS: dict[str, Aggregator] = {"weighted": weighted_mean, "mean": mean}
+def confidence_weighted(
+    soft_labels: NDArray[np.floating], weights: NDArray[np.floating]
+) -> NDArray[np.float32]:
+    """Weighted mean in which client k's row for input n counts ``weights[k] * max_c p[k, n, c]``.
+
+    Confidence is measured per input, not per client: on non-IID data a client is sure on the
+    classes it has seen and unsure elsewhere, so its vote should count where it is sure.
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+    weights : ndarray, shape (K,)
+        Non-negative per-client weights (e.g. partition sizes), not all zero.
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Convex combinations of the clients' rows.
+
+    Notes
+    -----
+    The per-input weights never all vanish: a probability row's largest entry is at least
+    ``1 / C``, so the clients with a positive ``weights[k]`` keep a positive weight.
+    """
+    _check_stack(soft_labels, weights)
+    stack = soft_labels.astype(np.float64)
+    input_weights = weights.astype(np.float64)[:, None] * stack.max(axis=2)
+    return _per_input_weighted_mean(stack, input_weights).astype(np.float32)
+
+
+def entropy_weighted(
+    soft_labels: NDArray[np.floating], weights: NDArray[np.floating]
+) -> NDArray[np.float32]:
+    """Weighted mean in which client k's row for input n counts ``weights[k] * (1 - H(p_kn)/log C)``.
+
+    ``H(p) / log C`` is the entropy normalized to [0, 1]: a one-hot row gets its full
+    ``weights[k]``, a uniform row gets nothing. Unlike :func:`confidence_weighted`, this looks
+    at the whole row, so a client torn between two classes counts less than one that is sure.
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+    weights : ndarray, shape (K,)
+        Non-negative per-client weights (e.g. partition sizes), not all zero.
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Convex combinations of the clients' rows.
+
+    Notes
+    -----
+    Where every client with a positive weight is uniform on an input, all its per-input weights
+    are 0; that input falls back to the plain :func:`weighted_mean` (which is then uniform too).
+    With a single class every row is ``[1]`` and the result is the weighted mean.
+    """
+    _check_stack(soft_labels, weights)
+    stack = soft_labels.astype(np.float64)
+    client_weights = weights.astype(np.float64)[:, None]
+    num_classes = stack.shape[2]
+    if num_classes == 1:
+        # log C = 0 leaves the normalized entropy undefined; with one class there is nothing to weigh.
+        return weighted_mean(soft_labels, weights)
+    # 0 · log 0 = 0; taking log of 1 where p = 0 gives exactly that term without a warning.
+    entropy = -np.sum(stack * np.log(np.where(stack > 0, stack, 1.0)), axis=2)
+    # Clipped at 0 because rows that sum to 1 only up to rounding (the reply validator allows
+    # 1e-3) can have an entropy a hair above log C, and a negative weight would break convexity.
+    certainty = np.clip(1.0 - entropy / math.log(num_classes), 0.0, None)
+    input_weights = client_weights * certainty
+    uninformative = input_weights.sum(axis=0) <= 0
+    input_weights[:, uninformative] = client_weights
+    return _per_input_weighted_mean(stack, input_weights).astype(np.float32)
+
+
+def coordinatewise_median(soft_labels: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Median over clients of every (input, class) entry, before renormalization.
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+
+    Returns
+    -------
+    ndarray of float64, shape (N, C)
+        Entry-wise medians; rows need not sum to 1. With an even K the median is the mean of
+        the two middle values.
+    """
+    _check_soft_labels(soft_labels)
+    return np.median(soft_labels.astype(np.float64), axis=0)
+
+
+def coordinatewise_trimmed_mean(
+    soft_labels: NDArray[np.floating], *, trim_fraction: float
+) -> NDArray[np.float64]:
+    """Trimmed mean over clients of every (input, class) entry, before renormalization.
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+    trim_fraction : float
+        In [0, 0.5). For every entry, the ``floor(trim_fraction * K)`` smallest and as many
+        largest client values are dropped and the rest averaged (the semantics of
+        :func:`scipy.stats.trim_mean`, which Flower's ``FedTrimmedAvg`` copies).
+
+    Returns
+    -------
+    ndarray of float64, shape (N, C)
+        Entry-wise trimmed means; rows need not sum to 1.
+
+    Raises
+    ------
+    ValueError
+        If ``trim_fraction`` is outside [0, 0.5).
+    """
+    _check_soft_labels(soft_labels)
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(
+            f"trim_fraction must be in [0, 0.5), got {trim_fraction}; at 0.5 or more nothing "
+            "would be left to average (use the median for the most trimming)."
+        )
+    # Imported here because scipy.stats takes about a second to import and only this
+    # aggregator needs it; every run imports this module.
+    from scipy.stats import trim_mean
+
+    return np.asarray(trim_mean(soft_labels.astype(np.float64), trim_fraction, axis=0))
+
+
+def median(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Coordinate-wise median over clients, each row renormalized to sum to 1.
+
+    The weights are checked but otherwise ignored: a robust aggregator treats clients equally,
+    since a client could claim a large data size to buy influence. A row whose medians are all
+    zero becomes uniform (see :func:`coordinatewise_median` for the statistic itself).
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+    weights : ndarray, shape (K,)
+        Per-client weights; validated like everywhere else, not used.
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Probability rows; fewer than half of the clients cannot move an entry outside the
+        range of the others' values (before renormalization).
+    """
+    _check_stack(soft_labels, weights)
+    return _renormalize_rows(coordinatewise_median(soft_labels)).astype(np.float32)
+
+
+def trimmed_mean(
+    soft_labels: NDArray[np.floating],
+    weights: NDArray[np.floating],
+    *,
+    trim_fraction: float = 0.1,
+) -> NDArray[np.float32]:
+    """Coordinate-wise trimmed mean over clients, each row renormalized to sum to 1.
+
+    Like :func:`median`, the weights are checked but ignored, and a row of zeros becomes
+    uniform.
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+    weights : ndarray, shape (K,)
+        Per-client weights; validated like everywhere else, not used.
+    trim_fraction : float, default 0.1
+        In [0, 0.5): ``floor(trim_fraction * K)`` values are dropped at each end of every
+        entry. The default trims nothing with fewer than 10 clients (it is then the
+        unweighted :func:`mean`); use e.g. 0.2 to drop one value per end out of 5.
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Probability rows.
+
+    Raises
+    ------
+    ValueError
+        If ``trim_fraction`` is outside [0, 0.5).
+    """
+    _check_stack(soft_labels, weights)
+    trimmed = coordinatewise_trimmed_mean(soft_labels, trim_fraction=trim_fraction)
+    return _renormalize_rows(trimmed).astype(np.float32)
+
+
+def sharpen(probs: NDArray[np.floating], *, temperature: float) -> NDArray[np.float32]:
+    """Raise each row to the power ``1 / temperature`` and renormalize: ``softmax(log(p) / T)``.
+
+    This is the entropy reduction step of DS-FL (Itahara et al., 2021): sharpening the
+    aggregated soft labels (T < 1) undoes the flattening that averaging non-IID clients causes.
+    T = 1 leaves rows unchanged (up to renormalization), T > 1 softens them.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (N, C)
+        Probability rows; zeros are allowed.
+    temperature : float
+        Positive and finite. DS-FL uses 0.1.
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Probability rows with the same argmax; for T < 1 none has more entropy than its input.
+
+    Raises
+    ------
+    ValueError
+        If ``probs`` is not 2-D or ``temperature`` is not a positive finite number.
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"sharpen takes one (inputs, classes) matrix, got shape {probs.shape}.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be a positive finite number, got {temperature}; "
+            "use T < 1 to sharpen (DS-FL uses 0.1), T = 1 to leave rows as they are."
+        )
+    logits = np.log(np.clip(probs.astype(np.float64), _TINY, None))
+    # Shifting by the row maximum before dividing by T keeps every exponent ≤ 0 even for tiny T,
+    # so nothing overflows to inf (which would turn into NaN on renormalization).
+    scaled = np.exp((logits - logits.max(axis=1, keepdims=True)) / temperature)
+    return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def entropy_reduction(
+    soft_labels: NDArray[np.floating],
+    weights: NDArray[np.floating],
+    *,
+    temperature: float = 0.1,
+) -> NDArray[np.float32]:
+    """DS-FL's entropy reduction aggregation (ERA): :func:`weighted_mean`, then :func:`sharpen`.
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+    weights : ndarray, shape (K,)
+        Non-negative per-client weights (e.g. partition sizes), not all zero.
+    temperature : float, default 0.1
+        Sharpening temperature; DS-FL's value is the default.
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Sharpened probability rows.
+    """
+    # The mean is sharpened from float64, not from weighted_mean's float32 output, so that the
+    # power 1/T does not amplify float32 rounding.
+    _check_stack(soft_labels, weights)
+    normalized = weights.astype(np.float64) / weights.sum(dtype=np.float64)
+    averaged = np.tensordot(normalized, soft_labels.astype(np.float64), axes=1)
+    return sharpen(averaged, temperature=temperature)
+
+
+AGGREGATORS: dict[str, Aggregator] = {
+    "weighted": weighted_mean,
+    "mean": mean,
+    "confidence_weighted": confidence_weighted,
+    "entropy_weighted": entropy_weighted,
+    "median": median,
+    "trimmed_mean": trimmed_mean,
+    "era": entropy_reduction,
+}
 
 
 def get_aggregator(name: str) -> Aggregator:

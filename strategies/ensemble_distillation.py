@@ -31,12 +31,14 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.messages import (
     CLIENT_ID,
+    CONSENSUS_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     SOFT_LABELS_ARRAY,
     SOFT_LABELS_KEY,
     TASK_KEY,
     TRANSFER_KEY,
+    consensus_record,
     transfer_record,
 )
 from fedkd.seeding import SAMPLE_CLIENTS, numpy_generator
@@ -121,6 +123,9 @@ def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
 class EnsembleDistillation(Strategy):
     """Aggregate client soft labels on a public transfer set and distill them into a student.
 
+    Subclasses that set ``shares_consensus`` also send the last aggregate back down, for the
+    clients to digest before their next local training (FedMD, DS-FL).
+
     Parameters
     ----------
     student : Student
@@ -161,11 +166,15 @@ class EnsembleDistillation(Strategy):
         self.min_available_nodes = min_available_nodes
         self.wait_timeout = wait_timeout
         self.seed = seed
+        self.consensus: np.ndarray | None = None
+
+    shares_consensus = False
 
     def summary(self) -> None:
         logger.info(
-            "EnsembleDistillation: %d transfer inputs, aggregator=%s, fraction_train=%.2f, "
+            "%s: %d transfer inputs, aggregator=%s, fraction_train=%.2f, "
             "min_replies=%d",
+            type(self).__name__,
             len(self.transfer_indices),
             getattr(self.aggregator, "__name__", self.aggregator),
             self.fraction_train,
@@ -177,14 +186,16 @@ class EnsembleDistillation(Strategy):
     ) -> Iterable[Message]:
         """Ask each sampled client for soft labels on the transfer inputs (no weights sent)."""
         task = ConfigRecord({**config, "server-round": server_round})
-        transfer = transfer_record(self.transfer_indices)
+        content = {TASK_KEY: task, TRANSFER_KEY: transfer_record(self.transfer_indices)}
+        if self.shares_consensus and self.consensus is not None:
+            content[CONSENSUS_KEY] = consensus_record(self.transfer_indices, self.consensus)
         node_ids = sample_node_ids(
             wait_for_nodes(grid, minimum=self.min_available_nodes, timeout=self.wait_timeout),
             fraction=self.fraction_train, seed=self.seed, server_round=server_round
         )
         return [
             Message(
-                RecordDict({TASK_KEY: task, TRANSFER_KEY: transfer}),
+                RecordDict(content),
                 dst_node_id=node_id,
                 message_type=MessageType.TRAIN,
             )
@@ -218,6 +229,8 @@ class EnsembleDistillation(Strategy):
         soft_labels = np.stack([reply.probs for reply in parsed.accepted])
         weights = np.array([reply.num_examples for reply in parsed.accepted], dtype=np.float64)
         targets = self.aggregator(soft_labels, weights)
+        if self.shares_consensus:
+            self.consensus = targets
         metrics["distill-loss"] = self.student.learn(targets, server_round=server_round)
         return self.student.arrays(), MetricRecord(metrics)
 

@@ -1,7 +1,25 @@
+import functools
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from strategies.aggregation import get_aggregator, mean, weighted_mean
+from strategies.aggregation import (
+    AGGREGATORS,
+    confidence_weighted,
+    coordinatewise_median,
+    coordinatewise_trimmed_mean,
+    entropy_reduction,
+    entropy_weighted,
+    get_aggregator,
+    mean,
+    median,
+    sharpen,
+    trimmed_mean,
+    weighted_mean,
+)
 
 
 def _stack():
@@ -65,3 +83,370 @@ def test_bad_input_is_rejected(stack, weights, match):
 def test_unknown_aggregator_names_the_choices():
     with pytest.raises(ValueError, match="weighted"):
         get_aggregator("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input-dependent weights, robust statistics and sharpening.
+# ---------------------------------------------------------------------------------------------
+
+# One fast profile for every property test: the whole file must stay well under 10 s.
+_PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
+
+
+def _three_clients():
+    # K=3 clients, N=2 inputs, C=2 classes; weights (1, 2, 1).
+    stack = np.array(
+        [
+            [[1.0, 0.0], [0.5, 0.5]],
+            [[0.75, 0.25], [0.2, 0.8]],
+            [[0.0, 1.0], [0.4, 0.6]],
+        ],
+        dtype=np.float32,
+    )
+    return stack, np.array([1.0, 2.0, 1.0])
+
+
+def _binary_entropy_bits(p):
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) if 0 < p < 1 else 0.0
+
+
+def test_three_clients_weighted_mean_by_hand():
+    # input 0: (1·1 + 2·0.75 + 1·0) / 4 = 2.5 / 4 = 0.625
+    # input 1: (1·0.5 + 2·0.2 + 1·0.4) / 4 = 1.3 / 4 = 0.325
+    result = AGGREGATORS["weighted"](*_three_clients())
+    np.testing.assert_allclose(result, [[0.625, 0.375], [0.325, 0.675]], rtol=1e-6)
+
+
+def test_confidence_weighted_by_hand():
+    # input 0: confidences (1, 0.75, 1) -> weights (1·1, 2·0.75, 1·1) = (1, 1.5, 1), sum 3.5
+    #          class 0: (1·1 + 1.5·0.75 + 1·0) / 3.5 = 2.125 / 3.5 = 17/28
+    # input 1: confidences (0.5, 0.8, 0.6) -> weights (0.5, 1.6, 0.6), sum 2.7
+    #          class 0: (0.5·0.5 + 1.6·0.2 + 0.6·0.4) / 2.7 = (0.25 + 0.32 + 0.24) / 2.7 = 0.3
+    result = confidence_weighted(*_three_clients())
+    np.testing.assert_allclose(result, [[17 / 28, 11 / 28], [0.3, 0.7]], rtol=1e-6)
+    assert result.dtype == np.float32
+
+
+def test_entropy_weighted_by_hand():
+    # With C = 2, H(p) / log C is the binary entropy in bits, h(p).
+    # input 0: one-hot rows have h = 0, so clients 0 and 2 keep their weight 1;
+    #          client 1: h(0.75) = 0.75·log2(4/3) + 0.25·2 ≈ 0.8113 -> weight 2·(1 − 0.8113)
+    w1 = 2 * (1 - _binary_entropy_bits(0.75))
+    class0_input0 = (1 * 1.0 + w1 * 0.75 + 1 * 0.0) / (1 + w1 + 1)
+    # input 1: client 0 is uniform, h = 1 -> weight 0;
+    #          client 1: 2·(1 − h(0.2)) ≈ 2·0.2781, client 2: 1·(1 − h(0.4)) ≈ 0.0290
+    v1, v2 = 2 * (1 - _binary_entropy_bits(0.2)), 1 * (1 - _binary_entropy_bits(0.4))
+    class0_input1 = (v1 * 0.2 + v2 * 0.4) / (v1 + v2)
+    result = entropy_weighted(*_three_clients())
+    expected = [[class0_input0, 1 - class0_input0], [class0_input1, 1 - class0_input1]]
+    np.testing.assert_allclose(result, expected, rtol=1e-6)
+    # the hand numbers: (1 + 0.3774·0.75) / 2.3774 ≈ 0.5397,
+    #                   (0.5561·0.2 + 0.0290·0.4) / 0.5852 ≈ 0.2099
+    np.testing.assert_allclose(expected, [[0.5397, 0.4603], [0.2099, 0.7901]], atol=1e-4)
+
+
+def test_entropy_weighted_falls_back_to_weighted_mean_where_every_client_is_uniform():
+    # input 0: every client uniform -> all per-input weights 0 -> weighted mean, i.e. uniform.
+    # input 1: only the weight-0 client is certain, the others are uniform -> all weights 0
+    #          again -> weighted mean over the weighted clients = (0.5, 0.5).
+    stack = np.array(
+        [
+            [[0.5, 0.5], [1.0, 0.0]],
+            [[0.5, 0.5], [0.5, 0.5]],
+            [[0.5, 0.5], [0.5, 0.5]],
+        ]
+    )
+    weights = np.array([0.0, 1.0, 3.0])
+    np.testing.assert_allclose(entropy_weighted(stack, weights), [[0.5, 0.5], [0.5, 0.5]], rtol=1e-6)
+
+
+def test_median_by_hand():
+    # input 0: class 0 values (1, 0.75, 0) -> 0.75; class 1 (0, 0.25, 1) -> 0.25
+    # input 1: class 0 values (0.5, 0.2, 0.4) -> 0.4; class 1 (0.5, 0.8, 0.6) -> 0.6
+    # (with C = 2 and odd K the medians already sum to 1); the weights (1, 2, 1) play no part.
+    stack, weights = _three_clients()
+    result = median(stack, weights)
+    np.testing.assert_allclose(result, [[0.75, 0.25], [0.4, 0.6]], rtol=1e-6)
+    np.testing.assert_array_equal(result, median(stack, np.array([1.0, 100.0, 1.0])))
+
+
+def test_median_renormalizes_rows():
+    # C=3: class 0 (0.6, 0.5, 0.2) -> 0.5; class 1 (0.4, 0.1, 0.3) -> 0.3; class 2 (0, 0.4, 0.5) -> 0.4
+    # medians sum to 1.2 -> (0.5, 0.3, 0.4) / 1.2 = (5/12, 3/12, 4/12)
+    stack = np.array([[[0.6, 0.4, 0.0]], [[0.5, 0.1, 0.4]], [[0.2, 0.3, 0.5]]])
+    np.testing.assert_allclose(coordinatewise_median(stack), [[0.5, 0.3, 0.4]], rtol=1e-12)
+    np.testing.assert_allclose(median(stack, np.ones(3)), [[5 / 12, 3 / 12, 4 / 12]], rtol=1e-6)
+
+
+def test_median_of_total_disagreement_is_uniform():
+    # three clients, one-hot on three different classes: every coordinate's median is 0.
+    stack = np.eye(3)[:, None, :]
+    np.testing.assert_allclose(median(stack, np.ones(3)), [[1 / 3, 1 / 3, 1 / 3]], rtol=1e-6)
+
+
+def test_trimmed_mean_by_hand():
+    stack, weights = _three_clients()
+    # default trim_fraction 0.1: floor(0.1·3) = 0 values trimmed -> unweighted mean
+    # input 0: (1 + 0.75 + 0) / 3 = 1.75/3; input 1: (0.5 + 0.2 + 0.4) / 3 = 1.1/3
+    np.testing.assert_allclose(
+        trimmed_mean(stack, weights), [[1.75 / 3, 1.25 / 3], [1.1 / 3, 1.9 / 3]], rtol=1e-6
+    )
+    # trim_fraction 0.34: floor(0.34·3) = 1 trimmed at each end -> the middle value, i.e. the median
+    np.testing.assert_allclose(
+        trimmed_mean(stack, weights, trim_fraction=0.34), [[0.75, 0.25], [0.4, 0.6]], rtol=1e-6
+    )
+
+
+def test_trimmed_mean_drops_floor_of_fraction_times_k_per_end():
+    # K=5, one coordinate with values (0, 0.1, 0.2, 0.3, 1.0); C=2 so class 1 is 1 − class 0.
+    # trim 0.2 -> floor(1.0) = 1 per end -> (0.1 + 0.2 + 0.3) / 3 = 0.2
+    # trim 0.39 -> floor(1.95) = 1 per end -> still 0.2; trim 0.4 -> 2 per end -> 0.2 (median)
+    # trim 0.19 -> floor(0.95) = 0 -> plain mean 1.6 / 5 = 0.32
+    values = np.array([0.0, 0.1, 0.2, 0.3, 1.0])
+    stack = np.stack([values, 1 - values], axis=-1)[:, None, :]
+    for fraction, expected in [(0.2, 0.2), (0.39, 0.2), (0.4, 0.2), (0.19, 0.32)]:
+        result = coordinatewise_trimmed_mean(stack, trim_fraction=fraction)
+        np.testing.assert_allclose(result[0, 0], expected, rtol=1e-12, err_msg=f"{fraction=}")
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 0.5, 0.7, float("nan")])
+def test_trim_fraction_out_of_range_is_rejected(fraction):
+    stack, weights = _three_clients()
+    with pytest.raises(ValueError, match="trim_fraction"):
+        trimmed_mean(stack, weights, trim_fraction=fraction)
+
+
+def test_sharpen_by_hand():
+    probs = np.array([[0.5, 0.5], [0.2, 0.8], [1.0, 0.0], [0.75, 0.25]])
+    # T = 0.5 squares: (0.25, 0.25) -> (0.5, 0.5); (0.04, 0.64) / 0.68 = (1/17, 16/17);
+    # (1, 0) stays (1, 0) although log 0 is clipped; (0.5625, 0.0625) / 0.625 = (0.9, 0.1)
+    np.testing.assert_allclose(
+        sharpen(probs, temperature=0.5),
+        [[0.5, 0.5], [1 / 17, 16 / 17], [1.0, 0.0], [0.9, 0.1]],
+        rtol=1e-6,
+    )
+    # T = 0.1: (0.75, 0.25)^10 ∝ (3^10, 1) = (59049, 1)
+    np.testing.assert_allclose(
+        sharpen(probs[3:], temperature=0.1), [[59049 / 59050, 1 / 59050]], rtol=1e-6
+    )
+    # T = 1 leaves probability rows unchanged
+    np.testing.assert_allclose(sharpen(probs, temperature=1.0), probs, atol=1e-7)
+    assert sharpen(probs, temperature=0.5).dtype == np.float32
+
+
+def test_sharpen_survives_tiny_temperatures():
+    result = sharpen(np.array([[0.3, 0.3, 0.4], [0.0, 0.5, 0.5]]), temperature=1e-300)
+    np.testing.assert_allclose(result, [[0.0, 0.0, 1.0], [0.0, 0.5, 0.5]], atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1, float("inf"), float("nan")])
+def test_sharpen_rejects_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        sharpen(np.array([[0.5, 0.5]]), temperature=temperature)
+
+
+def test_sharpen_rejects_a_stack():
+    with pytest.raises(ValueError, match="one \\(inputs, classes\\) matrix"):
+        sharpen(np.full((2, 2, 2), 0.5), temperature=0.1)
+
+
+def test_era_by_hand():
+    # weighted mean (see above): (0.625, 0.375) and (0.325, 0.675); T = 0.1 raises to the 10th:
+    # input 0: ratio 0.375/0.625 = 0.6 -> class 0 = 1 / (1 + 0.6^10)
+    # input 1: ratio 0.325/0.675 = 13/27 -> class 0 = r / (1 + r), r = (13/27)^10
+    r = (13 / 27) ** 10
+    expected = [[1 / (1 + 0.6**10), 0.6**10 / (1 + 0.6**10)], [r / (1 + r), 1 / (1 + r)]]
+    np.testing.assert_allclose(AGGREGATORS["era"](*_three_clients()), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        entropy_reduction(*_three_clients(), temperature=1.0),
+        [[0.625, 0.375], [0.325, 0.675]],
+        rtol=1e-6,
+    )
+
+
+# --- the contract every registered aggregator keeps -------------------------------------------
+
+ALL_NAMES = sorted(AGGREGATORS)
+
+
+def _random_stack(seed, *, clients=5, inputs=7, classes=4, alpha=0.5):
+    rng = np.random.default_rng(seed)
+    stack = rng.dirichlet(np.full(classes, alpha), size=(clients, inputs)).astype(np.float32)
+    return stack, rng.uniform(1, 100, size=clients)
+
+
+def _assert_probability_rows(result, shape):
+    assert result.shape == shape
+    assert result.dtype == np.float32
+    assert np.isfinite(result).all()
+    assert (result >= 0).all()
+    np.testing.assert_allclose(result.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_contract_probability_rows(name):
+    stack, weights = _random_stack(1)
+    _assert_probability_rows(get_aggregator(name)(stack, weights), (7, 4))
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_contract_client_order_does_not_matter(name):
+    stack, weights = _random_stack(2)
+    order = np.array([3, 0, 4, 2, 1])
+    aggregate = get_aggregator(name)
+    np.testing.assert_allclose(
+        aggregate(stack, weights), aggregate(stack[order], weights[order]), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_contract_inputs_not_mutated_and_deterministic(name):
+    stack, weights = _random_stack(3)
+    stack_copy, weights_copy = stack.copy(), weights.copy()
+    aggregate = get_aggregator(name)
+    first = aggregate(stack, weights)
+    np.testing.assert_array_equal(stack, stack_copy)
+    np.testing.assert_array_equal(weights, weights_copy)
+    np.testing.assert_array_equal(first, aggregate(stack, weights))
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_contract_single_class_and_single_client(name):
+    aggregate = get_aggregator(name)
+    np.testing.assert_allclose(aggregate(np.ones((3, 2, 1)), np.ones(3)), np.ones((2, 1)))
+    stack, weights = _random_stack(4, clients=1)
+    _assert_probability_rows(aggregate(stack, weights), (7, 4))
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize(
+    "stack, weights, match",
+    [
+        (np.zeros((0, 2, 2)), np.zeros(0), "no client"),
+        (np.zeros((2, 2)), np.ones(2), "stacked"),
+        (np.zeros((2, 2, 2)), np.ones(3), "one weight per client"),
+        (np.zeros((2, 2, 2)), np.array([1.0, -1.0]), "non-negative"),
+        (np.zeros((2, 2, 2)), np.zeros(2), "not all zero"),
+    ],
+)
+def test_contract_bad_input_is_rejected(name, stack, weights, match):
+    with pytest.raises(ValueError, match=match):
+        get_aggregator(name)(stack, weights)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_contract_registered_under_a_meaningful_name(name):
+    # strategies log the aggregator's __name__; a lambda or bare partial would say nothing.
+    assert getattr(AGGREGATORS[name], "__name__", "<lambda>") != "<lambda>"
+
+
+# --- properties --------------------------------------------------------------------------------
+
+
+@st.composite
+def _stacks(draw):
+    """A Dirichlet stack with 1-7 clients, some of them with weight 0 (never all)."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    clients, inputs = draw(st.integers(1, 7)), draw(st.integers(1, 4))
+    classes = draw(st.integers(1, 6))
+    alpha = draw(st.sampled_from([0.01, 0.3, 1.0, 10.0]))  # 0.01 gives (near) one-hot rows and zeros
+    rng = np.random.default_rng(seed)
+    stack = rng.dirichlet(np.full(classes, alpha), size=(clients, inputs)).astype(np.float32)
+    weights = rng.uniform(0, 10, size=clients) * (rng.random(clients) < 0.7)
+    weights[rng.integers(clients)] += 1.0
+    return stack, weights
+
+
+@_PROPERTY
+@given(_stacks())
+def test_property_every_aggregator_returns_probability_rows(drawn):
+    stack, weights = drawn
+    for name, aggregate in AGGREGATORS.items():
+        result = aggregate(stack, weights)
+        assert result.shape == stack.shape[1:], name
+        assert (result >= 0).all() and np.isfinite(result).all(), name
+        np.testing.assert_allclose(result.sum(axis=1), 1.0, atol=1e-5, err_msg=name)
+
+
+@_PROPERTY
+@given(seed=st.integers(0, 2**32 - 1), position=st.integers(0, 4), one_hot=st.booleans())
+def test_property_one_outlier_of_five_stays_within_the_honest_range(seed, position, one_hot):
+    # Median of 5 values with at most one outlier is the 2nd-4th smallest honest value, and the
+    # 0.2-trimmed mean averages the middle three values, which lie between the honest extremes.
+    rng = np.random.default_rng(seed)
+    inputs, classes = 3, 4
+    honest = rng.dirichlet(np.ones(classes), size=(4, inputs))
+    if one_hot:
+        outlier = np.eye(classes)[rng.integers(classes, size=inputs)]
+    else:
+        outlier = rng.dirichlet(np.full(classes, 0.05), size=inputs)
+    stack = np.insert(honest, position, outlier, axis=0)
+    low, high = honest.min(axis=0), honest.max(axis=0)
+    for statistic in (
+        coordinatewise_median(stack),
+        coordinatewise_trimmed_mean(stack, trim_fraction=0.2),
+    ):
+        assert (statistic >= low - 1e-12).all() and (statistic <= high + 1e-12).all()
+
+
+def _entropy(rows):
+    rows = rows / rows.sum(axis=1, keepdims=True)
+    return -np.sum(rows * np.log(np.where(rows > 0, rows, 1.0)), axis=1)
+
+
+@_PROPERTY
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    classes=st.integers(2, 8),
+    alpha=st.sampled_from([0.05, 1.0, 20.0]),
+    temperature=st.floats(0.01, 0.999),
+)
+def test_property_sharpen_keeps_argmax_and_never_adds_entropy(seed, classes, alpha, temperature):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(classes, alpha), size=6).astype(np.float32)
+    sharpened = sharpen(probs, temperature=temperature)
+    np.testing.assert_array_equal(sharpened.argmax(axis=1), probs.argmax(axis=1))
+    before, after = _entropy(probs.astype(np.float64)), _entropy(sharpened.astype(np.float64))
+    assert (after <= before + 1e-6).all()
+
+
+# --- robustness to one malicious client ---------------------------------------------------------
+
+
+def _four_honest_one_liar():
+    """K=5, N=4, C=3: honest clients favour class n % 3 on input n (p between 0.45 and 0.51);
+    client 2 sends a one-hot on the class after it and claims a huge data size."""
+    inputs, classes = 4, 3
+    truth = np.arange(inputs) % classes
+    wrong, other = (truth + 1) % classes, (truth + 2) % classes
+    honest = np.zeros((4, inputs, classes))
+    for j in range(4):
+        honest[j, np.arange(inputs), truth] = 0.45 + 0.02 * j
+        honest[j, np.arange(inputs), wrong] = 0.30 - 0.01 * j
+        honest[j, np.arange(inputs), other] = 0.25 - 0.01 * j
+    liar = np.eye(classes)[wrong]
+    stack = np.insert(honest, 2, liar, axis=0)
+    return stack, np.array([10.0, 10.0, 1000.0, 10.0, 10.0]), truth
+
+
+@pytest.mark.parametrize(
+    "aggregate",
+    [median, functools.partial(trimmed_mean, trim_fraction=0.2)],
+    ids=["median", "trimmed_mean(0.2)"],
+)
+def test_robust_aggregators_keep_the_honest_argmax(aggregate):
+    stack, weights, truth = _four_honest_one_liar()
+    np.testing.assert_array_equal(aggregate(stack, weights).argmax(axis=1), truth)
+
+
+def test_mean_is_swayed_by_one_liar():
+    # class truth: mean of (0.45, 0.47, 0.49, 0.51, 0) = 0.384; class wrong: (1.14 + 1) / 5 = 0.428
+    stack, weights, truth = _four_honest_one_liar()
+    assert (mean(stack, weights).argmax(axis=1) != truth).all()
+    assert (weighted_mean(stack, weights).argmax(axis=1) != truth).all()
+
+
+def test_default_trimmed_mean_trims_nothing_below_ten_clients():
+    # floor(0.1 · 5) = 0: with the default, five clients get the plain unweighted mean.
+    stack, weights, _ = _four_honest_one_liar()
+    np.testing.assert_allclose(trimmed_mean(stack, weights), mean(stack, weights), rtol=1e-6)

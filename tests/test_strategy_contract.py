@@ -1,0 +1,163 @@
+"""One contract every server strategy honours, checked on fabricated Flower replies.
+
+Empty replies and error replies never crash a round; the order in which replies arrive does
+not change the result; the same seed gives the same result; replies are not mutated.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.distillation import OptimizerSettings
+from fedkd.messages import CLIENT_ID, METRICS_KEY, NUM_EXAMPLES, WEIGHTS_KEY, class_logits_record, soft_label_reply
+from fedkd.models import build_model
+from fedkd.student import Student
+from strategies.aggregation import get_aggregator
+from strategies.dsfl import DSFL
+from strategies.ensemble_distillation import EnsembleDistillation
+from strategies.fd import FederatedDistillation
+from strategies.feddf import FedDF
+from strategies.fedmd import FedMD
+
+NUM_INPUTS, NUM_CLASSES, SHAPE = 12, 10, (1, 28, 28)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages outside a Flower runtime need the sender's identity set."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    return build_model("lenet5_bn", input_shape=SHAPE, num_classes=NUM_CLASSES, seed=seed)
+
+
+def _student() -> Student:
+    inputs = torch.randn(NUM_INPUTS, *SHAPE, generator=torch.Generator().manual_seed(0))
+    return Student(_model(), inputs, temperature=1.0, epochs=1, settings=OptimizerSettings(batch_size=4), seed=0)
+
+
+def _soft_label_content(client_id: int) -> RecordDict:
+    rng = np.random.default_rng(client_id)
+    probs = rng.dirichlet(np.ones(NUM_CLASSES), size=NUM_INPUTS).astype(np.float32)
+    return soft_label_reply(probs, num_examples=10 + client_id, client_id=client_id, train_loss=0.5)
+
+
+def _class_logit_content(client_id: int) -> RecordDict:
+    rng = np.random.default_rng(client_id)
+    metrics = MetricRecord({NUM_EXAMPLES: 10, CLIENT_ID: client_id, "train-loss": 0.5})
+    record = class_logits_record(
+        rng.normal(size=(NUM_CLASSES, NUM_CLASSES)), rng.integers(0, 5, size=NUM_CLASSES)
+    )
+    return RecordDict({"class-logits": record, METRICS_KEY: metrics})
+
+
+def _weights_content(client_id: int) -> RecordDict:
+    metrics = MetricRecord({NUM_EXAMPLES: 10 + client_id, CLIENT_ID: client_id, "train-loss": 0.5})
+    return RecordDict({WEIGHTS_KEY: ArrayRecord(_model(seed=client_id).state_dict()), METRICS_KEY: metrics})
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], Strategy]
+    content: Callable[[int], RecordDict]
+
+
+_distillation = dict(transfer_indices=np.arange(NUM_INPUTS), num_classes=NUM_CLASSES, seed=0)
+CASES = {
+    "ensemble_distillation": Case(
+        lambda: EnsembleDistillation(student=_student(), aggregator=get_aggregator("weighted"), **_distillation),
+        _soft_label_content,
+    ),
+    "fedmd": Case(
+        lambda: FedMD(student=_student(), aggregator=get_aggregator("mean"), **_distillation), _soft_label_content
+    ),
+    "dsfl": Case(
+        lambda: DSFL(student=_student(), aggregator=get_aggregator("weighted"), **_distillation), _soft_label_content
+    ),
+    "fd": Case(lambda: FederatedDistillation(num_classes=NUM_CLASSES), _class_logit_content),
+    "feddf": Case(
+        lambda: FedDF(student=_student(), make_model=_model, min_train_nodes=1, min_available_nodes=1),
+        _weights_content,
+    ),
+    "fedavg": Case(lambda: FedAvg(min_train_nodes=1, min_available_nodes=1), _weights_content),
+}
+
+
+def _reply(content: RecordDict | None, node_id: int) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    instruction.metadata.__dict__["_message_id"] = f"m{node_id}"
+    if content is None:
+        return Message(Error(code=2, reason="client crashed"), reply_to=instruction)
+    return Message(content, reply_to=instruction)
+
+
+def _replies(case: Case, client_ids: list[int]) -> list[Message]:
+    return [_reply(case.content(client_id), node_id=client_id + 1) for client_id in client_ids]
+
+
+def _outcome(strategy: Strategy, result: tuple) -> list[np.ndarray]:
+    """The comparable result of a round: returned arrays, or the strategy's aggregate state."""
+    arrays, _ = result
+    if arrays is not None:
+        return [array.numpy() for array in arrays.values()]
+    return [np.nan_to_num(strategy.global_logits)]  # FD keeps its aggregate, returns no arrays
+
+
+def _snapshot(replies: list[Message]) -> list[bytes]:
+    return [
+        b"".join(array.data for record in reply.content.values() if isinstance(record, ArrayRecord) for array in record.values())
+        for reply in replies
+    ]
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> Case:
+    return CASES[request.param]
+
+
+def test_no_replies_leave_the_round_without_a_result(case):
+    arrays, _ = case.build().aggregate_train(1, [])
+    assert arrays is None
+
+
+def test_error_replies_are_skipped(case):
+    strategy = case.build()
+    arrays, _ = strategy.aggregate_train(1, [_reply(None, 1), _reply(None, 2)])
+    assert arrays is None
+    mixed = _replies(case, [0, 1]) + [_reply(None, 9)]
+    assert _outcome(strategy, strategy.aggregate_train(1, mixed))
+
+
+def test_client_order_does_not_change_the_result(case):
+    replies = _replies(case, [0, 1, 2, 3])
+    shuffled = replies[:]
+    random.Random(3).shuffle(shuffled)
+    first, second = case.build(), case.build()
+    for a, b in zip(_outcome(first, first.aggregate_train(1, replies)), _outcome(second, second.aggregate_train(1, shuffled))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_result(case):
+    first, second = case.build(), case.build()
+    for a, b in zip(
+        _outcome(first, first.aggregate_train(1, _replies(case, [0, 1, 2]))),
+        _outcome(second, second.aggregate_train(1, _replies(case, [0, 1, 2]))),
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_replies_are_not_mutated(case):
+    replies = _replies(case, [0, 1, 2])
+    before = _snapshot(replies)
+    case.build().aggregate_train(1, replies)
+    assert _snapshot(replies) == before
