@@ -152,3 +152,22 @@ def test_ray_engine_runs_the_same_apps(tmp_path):
     rows = simulate(dataclasses.replace(TINY, engine="ray"), run_dir=tmp_path)
     assert [row["round"] for row in rows] == [1, 2]
     assert rows[-1]["student_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("name", ["fedmd", "dsfl", "fd", "feddf"])
+def test_every_strategy_trains_through_flower_and_reports_its_traffic(name):
+    config = dataclasses.replace(TINY, strategy=StrategyConfig(name=name), public_size=0 if name == "fd" else 300)
+    rows = run_federation(InProcessGrid(client_app, num_nodes=3), config, run_dir=None)
+    assert [row["round"] for row in rows] == [1, 2]
+    assert all(row["clients"] == 3 and row["failed"] == 0 for row in rows)
+    assert rows[-1]["student_accuracy"] > 0.2  # chance is 0.1
+    soft_labels_up = 3 * (300 * 10 * 4 + 128 + 3 * 8)
+    if name in ("fedmd", "dsfl"):
+        assert rows[0]["bytes_up"] == soft_labels_up
+        # from round 2 the consensus (300 × 10 float32) travels down too
+        assert rows[1]["bytes_down"] - rows[0]["bytes_down"] >= 3 * 300 * 10 * 4
+    if name == "fd":
+        assert rows[0]["bytes_up"] < 3 * 2000  # ten 10-float rows and ten counts per client, no public set
+    if name == "feddf":
+        weights = sum(p.numel() for p in build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10).state_dict().values())
+        assert rows[0]["bytes_up"] > 3 * weights * 4
