@@ -32,6 +32,7 @@ from strategies.ensemble_distillation import EnsembleDistillation
 from strategies.fd import FederatedDistillation
 from strategies.feddf import FedDF
 from strategies.fedmd import FedMD
+from strategies.sampling import ClientSampling
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,10 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
     """The server strategy named by ``config.strategy.name``."""
     info = info_for(config.split_spec())
     name = config.strategy.name
-    sampling = {"fraction_train": config.strategy.fraction_train}
     if name in ("fedavg", "feddf"):
         fedavg_kwargs = dict(
-            sampling, min_train_nodes=config.strategy.min_replies, min_available_nodes=config.num_clients
+            fraction_train=config.strategy.fraction_train,
+            min_train_nodes=config.strategy.min_replies, min_available_nodes=config.num_clients
         )
         if name == "fedavg":
             return FedAvg(fraction_evaluate=0.0, **fedavg_kwargs)
@@ -118,11 +119,11 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
             **fedavg_kwargs,
         )
     common = dict(
-        sampling,
         num_classes=info.num_classes,
+        sampling=ClientSampling(
+            fraction=config.strategy.fraction_train, min_available_nodes=config.num_clients, seed=config.seed
+        ),
         min_replies=config.strategy.min_replies,
-        min_available_nodes=config.num_clients,
-        seed=config.seed,
     )
     if name == "fd":
         return FederatedDistillation(**common)

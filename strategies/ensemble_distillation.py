@@ -20,7 +20,6 @@ Network", 2015.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -41,9 +40,9 @@ from fedkd.messages import (
     consensus_record,
     transfer_record,
 )
-from fedkd.seeding import SAMPLE_CLIENTS, numpy_generator
 from fedkd.student import Student
 from strategies.aggregation import Aggregator
+from strategies.sampling import ClientSampling
 from strategies.validation import InvalidReply, validate_soft_labels
 
 logger = logging.getLogger(__name__)
@@ -94,32 +93,6 @@ def parse_soft_label_replies(
     return ParsedReplies(accepted=accepted, failed=failed, rejected=rejected)
 
 
-def sample_node_ids(node_ids: Iterable[int], *, fraction: float, seed: int, server_round: int) -> list[int]:
-    """A seeded sample of ``ceil(fraction · n)`` nodes (at least one), in sorted order."""
-    ordered = sorted(node_ids)
-    if not ordered:
-        return []
-    size = max(1, int(np.ceil(fraction * len(ordered))))
-    if size >= len(ordered):
-        return ordered
-    rng = numpy_generator(seed, server_round, SAMPLE_CLIENTS)
-    return sorted(rng.choice(ordered, size=size, replace=False).tolist())
-
-
-def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
-    """Node ids once at least ``minimum`` are connected (a deployment's nodes join over time).
-
-    After ``timeout`` seconds the round goes ahead with whoever is connected.
-    """
-    deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < minimum and time.monotonic() < deadline:
-        logger.info("waiting for nodes: %d of %d connected", len(node_ids), minimum)
-        time.sleep(1.0)
-        node_ids = list(grid.get_node_ids())
-    return node_ids
-
-
 class EnsembleDistillation(Strategy):
     """Aggregate client soft labels on a public transfer set and distill them into a student.
 
@@ -136,12 +109,10 @@ class EnsembleDistillation(Strategy):
         Width of a soft-label row.
     aggregator : Aggregator
         Pure function from ``(K, N, C)`` soft labels and ``(K,)`` weights to ``(N, C)``.
-    fraction_train : float
-        Share of connected clients asked each round.
+    sampling : ClientSampling
+        Which connected clients are asked each round.
     min_replies : int
         A round with fewer valid replies skips distillation and keeps the student as it was.
-    seed : int
-        Seeds client sampling.
     """
 
     def __init__(
@@ -151,21 +122,15 @@ class EnsembleDistillation(Strategy):
         transfer_indices: np.ndarray,
         num_classes: int,
         aggregator: Aggregator,
-        fraction_train: float = 1.0,
+        sampling: ClientSampling = ClientSampling(),
         min_replies: int = 1,
-        min_available_nodes: int = 1,
-        wait_timeout: float = 600.0,
-        seed: int = 0,
     ) -> None:
         self.student = student
         self.transfer_indices = np.asarray(transfer_indices)
         self.num_classes = num_classes
         self.aggregator = aggregator
-        self.fraction_train = fraction_train
+        self.sampling = sampling
         self.min_replies = min_replies
-        self.min_available_nodes = min_available_nodes
-        self.wait_timeout = wait_timeout
-        self.seed = seed
         self.consensus: np.ndarray | None = None
 
     shares_consensus = False
@@ -177,7 +142,7 @@ class EnsembleDistillation(Strategy):
             type(self).__name__,
             len(self.transfer_indices),
             getattr(self.aggregator, "__name__", self.aggregator),
-            self.fraction_train,
+            self.sampling.fraction,
             self.min_replies,
         )
 
@@ -189,10 +154,7 @@ class EnsembleDistillation(Strategy):
         content = {TASK_KEY: task, TRANSFER_KEY: transfer_record(self.transfer_indices)}
         if self.shares_consensus and self.consensus is not None:
             content[CONSENSUS_KEY] = consensus_record(self.transfer_indices, self.consensus)
-        node_ids = sample_node_ids(
-            wait_for_nodes(grid, minimum=self.min_available_nodes, timeout=self.wait_timeout),
-            fraction=self.fraction_train, seed=self.seed, server_round=server_round
-        )
+        node_ids = self.sampling.select(grid, server_round=server_round)
         return [
             Message(
                 RecordDict(content),

@@ -42,7 +42,7 @@ from fedkd.messages import (
     TASK_KEY,
     class_logits_record,
 )
-from strategies.ensemble_distillation import sample_node_ids, wait_for_nodes
+from strategies.sampling import ClientSampling
 
 logger = logging.getLogger(__name__)
 
@@ -110,24 +110,18 @@ class FederatedDistillation(Strategy):
         self,
         *,
         num_classes: int,
-        fraction_train: float = 1.0,
+        sampling: ClientSampling = ClientSampling(),
         min_replies: int = 1,
-        min_available_nodes: int = 1,
-        wait_timeout: float = 600.0,
-        seed: int = 0,
     ) -> None:
         self.num_classes = num_classes
-        self.fraction_train = fraction_train
+        self.sampling = sampling
         self.min_replies = min_replies
-        self.min_available_nodes = min_available_nodes
-        self.wait_timeout = wait_timeout
-        self.seed = seed
         self.global_logits: np.ndarray | None = None
         self.global_counts: np.ndarray | None = None
         self._last_sampled: list[int] = []
 
     def summary(self) -> None:
-        logger.info("FederatedDistillation: %d classes, fraction_train=%.2f", self.num_classes, self.fraction_train)
+        logger.info("FederatedDistillation: %d classes, fraction_train=%.2f", self.num_classes, self.sampling.fraction)
 
     def _messages(self, node_ids: list[int], content: RecordDict, message_type: str) -> list[Message]:
         return [Message(content, dst_node_id=node_id, message_type=message_type) for node_id in node_ids]
@@ -138,12 +132,7 @@ class FederatedDistillation(Strategy):
         content = RecordDict({TASK_KEY: ConfigRecord({**config, "server-round": server_round})})
         if self.global_logits is not None:
             content[CLASS_LOGITS_KEY] = class_logits_record(self.global_logits, self.global_counts)
-        self._last_sampled = sample_node_ids(
-            wait_for_nodes(grid, minimum=self.min_available_nodes, timeout=self.wait_timeout),
-            fraction=self.fraction_train,
-            seed=self.seed,
-            server_round=server_round,
-        )
+        self._last_sampled = self.sampling.select(grid, server_round=server_round)
         return self._messages(self._last_sampled, content, MessageType.TRAIN)
 
     def aggregate_train(

@@ -72,7 +72,7 @@ class Case:
     content: Callable[[int], RecordDict]
 
 
-_distillation = dict(transfer_indices=np.arange(NUM_INPUTS), num_classes=NUM_CLASSES, seed=0)
+_distillation = dict(transfer_indices=np.arange(NUM_INPUTS), num_classes=NUM_CLASSES)
 CASES = {
     "ensemble_distillation": Case(
         lambda: EnsembleDistillation(student=_student(), aggregator=get_aggregator("weighted"), **_distillation),
