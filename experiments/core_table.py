@@ -58,7 +58,13 @@ def main() -> None:
     runs = sorted(path.parent for path in root.glob("*/metrics.jsonl"))
     if not runs:
         raise SystemExit(f"no run folders with metrics.jsonl under {root}")
-    print(markdown([describe(run) for run in runs]))
+    order = list(METHOD_NAMES.values())
+
+    def position(entry: dict) -> tuple:
+        method = order.index(entry["method"]) if entry["method"] in order else len(order)
+        return (entry["dataset"] != "mnist", entry["dataset"], method)
+
+    print(markdown(sorted((describe(run) for run in runs), key=position)))
 
 
 if __name__ == "__main__":
