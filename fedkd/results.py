@@ -19,6 +19,13 @@ METRICS_FILE = "metrics.jsonl"
 STUDENT_FILE = "student.pt"
 
 
+def _config_values(config: RunConfig, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    values = dataclasses.asdict(config)
+    values["client_models"] = list(config.client_models)
+    values.update(extra or {})
+    return values
+
+
 class RunFolder:
     """Writes a run's artefacts under ``path``; every write is complete when it returns."""
 
@@ -31,10 +38,22 @@ class RunFolder:
         return self.path / METRICS_FILE
 
     def write_config(self, config: RunConfig, *, extra: Mapping[str, Any] | None = None) -> None:
-        values = dataclasses.asdict(config)
-        values["client_models"] = list(config.client_models)
-        values.update(extra or {})
-        (self.path / CONFIG_FILE).write_text(yaml.safe_dump(values, sort_keys=False))
+        (self.path / CONFIG_FILE).write_text(yaml.safe_dump(_config_values(config, extra), sort_keys=False))
+
+    def finished_rows(self, config: RunConfig) -> list[dict[str, Any]] | None:
+        """The rows of a finished run of exactly ``config`` in this folder, else ``None``.
+
+        Lets an interrupted sweep be relaunched without redoing the runs it had finished.
+        """
+        config_path = self.path / CONFIG_FILE
+        if not (config_path.exists() and self.metrics_path.exists()):
+            return None
+        if yaml.safe_load(config_path.read_text()) != _config_values(config, None):
+            return None
+        rows = read_metrics(self.metrics_path)
+        if [row.get("round") for row in rows] != list(range(1, config.rounds + 1)):
+            return None
+        return rows
 
     def start_metrics(self) -> None:
         """Begin a fresh metrics file (a rerun into the same folder replaces it)."""

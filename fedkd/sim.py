@@ -22,12 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedkd.config import RunConfig, run_config_from_mapping
-from fedkd.results import format_bytes
+from fedkd.results import RunFolder, format_bytes
 
 logger = logging.getLogger("fedkd")
 
 # Keys of the Hydra config that steer this entry point rather than the run.
-_LAUNCHER_KEYS = ("verbose",)
+_LAUNCHER_KEYS = ("verbose", "rerun")
 
 
 def simulate(config: RunConfig, *, run_dir: str | Path, verbose: bool = False) -> list[dict[str, Any]]:
@@ -69,6 +69,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     values = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(values, dict)
     verbose = bool(values.pop("verbose", False))
+    rerun = bool(values.pop("rerun", False))
     for key in _LAUNCHER_KEYS:
         values.pop(key, None)
     from fedkd.federation import check_data
@@ -81,7 +82,10 @@ def _hydra_main(cfg: DictConfig) -> float:
         raise SystemExit(2) from None
     run_dir = HydraConfig.get().runtime.output_dir
     started = time.perf_counter()
-    rows = simulate(config, run_dir=run_dir, verbose=verbose)
+    finished = None if rerun else RunFolder(run_dir).finished_rows(config)
+    if finished is not None:
+        print(f"fedkd: {run_dir} already holds this finished run; kept it (rerun=true redoes it).", flush=True)
+    rows = finished if finished is not None else simulate(config, run_dir=run_dir, verbose=verbose)
     if not rows:
         print("fedkd-sim: no round finished.", file=sys.stderr)
         raise SystemExit(1)

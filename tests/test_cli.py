@@ -48,6 +48,10 @@ def test_run_and_multirun_write_one_run_folder_per_job(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     assert "round 1/1" in single.stdout and "final student_accuracy" in single.stdout
     assert len(read_metrics(tmp_path / "single")) == 1
+    again = fedkd_sim(*QUICK, f"hydra.run.dir={tmp_path / 'single'}")
+    assert again.returncode == 0 and "already holds this finished run" in again.stdout
+    forced = fedkd_sim(*QUICK, "rerun=true", f"hydra.run.dir={tmp_path / 'single'}")
+    assert forced.returncode == 0 and "round 1/1" in forced.stdout
 
     sweep = fedkd_sim("-m", *QUICK, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert sweep.returncode == 0, sweep.stderr[-2000:]

@@ -135,4 +135,5 @@ def test_the_three_default_configs_agree():
         cfg = compose(config_name="config", overrides=["data_root=''"])
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("verbose")
+    values.pop("rerun")
     assert run_config_from_mapping(values) == RunConfig()

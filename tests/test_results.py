@@ -1,0 +1,40 @@
+import dataclasses
+
+from fedkd.config import RunConfig
+from fedkd.results import RunFolder, format_bytes, progress_line, read_metrics
+
+
+def _finished_folder(tmp_path, config):
+    folder = RunFolder(tmp_path)
+    folder.write_config(config)
+    folder.start_metrics()
+    for round_number in range(1, config.rounds + 1):
+        folder.append_metrics({"round": round_number, "student_accuracy": 0.5, "loss": float("nan")})
+    return folder
+
+
+def test_metrics_round_trip_and_nan_becomes_null(tmp_path):
+    config = RunConfig(rounds=2)
+    _finished_folder(tmp_path, config)
+    rows = read_metrics(tmp_path)
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[0]["loss"] is None
+
+
+def test_finished_rows_only_for_the_same_config_and_all_rounds(tmp_path):
+    config = RunConfig(rounds=2)
+    folder = _finished_folder(tmp_path, config)
+    assert [row["round"] for row in folder.finished_rows(config)] == [1, 2]
+    assert folder.finished_rows(dataclasses.replace(config, seed=1)) is None
+    assert folder.finished_rows(dataclasses.replace(config, rounds=3)) is None
+    assert RunFolder(tmp_path / "empty").finished_rows(config) is None
+
+
+def test_progress_line_is_one_short_line():
+    row = {
+        "round": 3, "student_accuracy": 0.9, "student_loss": 0.3, "clients": 1000,
+        "bytes_up": 80_152_000, "bytes_down": 8_300_000, "wall_seconds": 12.0, "failed": 2, "rejected": 0,
+    }
+    line = progress_line(row, total_rounds=10)
+    assert "\n" not in line and "clients 1000" in line and "failed 2" in line
+    assert format_bytes(80_152_000) == "80.2 MB"
