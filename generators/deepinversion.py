@@ -1,0 +1,393 @@
+"""DeepInversion (Yin et al., CVPR 2020): optimize pixels until a teacher sees its training data.
+
+A batch of noise is optimized with Adam so that (i) the teacher classifies it as the requested
+classes, (ii) every BatchNorm layer sees the per-channel mean and variance it recorded during
+training, and (iii) it looks like an image (total variation and l2 priors). Adaptive
+DeepInversion adds a term that seeks inputs on which a student still disagrees with the teacher.
+
+The synthesizer has the two methods of the CMI / Fast-Datafree synthesizers: :meth:`synthesize`
+turns class ids into inputs, :meth:`sample` hands out a class-balanced batch for distillation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from generators.hooks import (
+    DEFAULT_FIRST_BN_MULTIPLIER,
+    BatchNormStatistics,
+    RunningStatistics,
+    StatisticsTargets,
+    bn_statistics,
+    check_statistics,
+    layer_weights,
+)
+from generators.losses import competition_loss, l2_prior, total_variation
+
+# Normalization of MNIST (mean and std of pixel / 255), the default pixel range to clip to.
+MNIST_MEAN: tuple[float, ...] = (0.1307,)
+MNIST_STD: tuple[float, ...] = (0.3081,)
+
+
+def _is_count(value: object, *, minimum: int) -> bool:
+    # bool is an Integral too, but `iterations=True` is a mistake, not a count.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Hyper-parameters of :class:`DeepInversion`; the defaults suit 28×28 normalized MNIST.
+
+    Parameters
+    ----------
+    iterations : int
+        Adam steps per batch.
+    lr : float
+        Adam learning rate on the (normalized) pixels.
+    batch_size : int
+        Inputs optimized together; BatchNorm statistics are matched per batch, so very small
+        batches match them poorly.
+    bn_weight : float
+        Weight of the BatchNorm feature-matching loss.
+    first_bn_multiplier : float
+        Extra weight of the first BatchNorm layer inside the feature loss.
+    tv_weight : float
+        Weight of the l2 total variation prior (:func:`~generators.losses.total_variation`).
+    l2_weight : float
+        Weight of the l2 norm prior (:func:`~generators.losses.l2_prior`).
+    ce_weight : float
+        Weight of the cross-entropy between the teacher's output and the requested classes.
+    adi_weight : float
+        Weight of Adaptive DeepInversion's competition term; 0 turns it off.
+    adi_temperature : float
+        Temperature of the teacher/student distributions in the competition term (3 in
+        DeepInversion's code).
+    jitter : int
+        Each step rolls the batch by up to this many pixels along each axis, so that the
+        result does not depend on exact pixel positions.
+    flip : bool
+        Also flip the batch horizontally with probability ½ each step. Off by default:
+        mirrored digits and letters are not the same class.
+    pixel_mean, pixel_std : tuple of float, optional
+        The normalization of the teacher's inputs, one value per channel or one for all.
+        Pixels are kept in the range that normalized ``[0, 1]`` images can take. ``None``
+        for both turns clipping off.
+    """
+
+    iterations: int = 200
+    lr: float = 0.1
+    batch_size: int = 64
+    bn_weight: float = 1.0
+    first_bn_multiplier: float = DEFAULT_FIRST_BN_MULTIPLIER
+    tv_weight: float = 0.05
+    l2_weight: float = 0.0
+    ce_weight: float = 1.0
+    adi_weight: float = 0.0
+    adi_temperature: float = 3.0
+    jitter: int = 2
+    flip: bool = False
+    pixel_mean: tuple[float, ...] | None = MNIST_MEAN
+    pixel_std: tuple[float, ...] | None = MNIST_STD
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size"):
+            value = getattr(self, name)
+            if not _is_count(value, minimum=1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not _is_count(self.jitter, minimum=0):
+            raise ValueError(f"jitter must be a whole number of pixels >= 0, got {self.jitter!r}.")
+        for name in ("lr", "adi_temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        for name in (
+            "bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "ce_weight", "adi_weight"
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"{name} must be a finite number >= 0, got {value!r}; "
+                    "use 0 to turn the term off."
+                )
+        if (self.pixel_mean is None) != (self.pixel_std is None):
+            raise ValueError(
+                "pixel_mean and pixel_std must be given together (to clip pixels) or both be None."
+            )
+        if self.pixel_mean is not None and self.pixel_std is not None:
+            if len(self.pixel_mean) != len(self.pixel_std) or not self.pixel_mean:
+                raise ValueError(
+                    f"pixel_mean {self.pixel_mean} and pixel_std {self.pixel_std} must have the "
+                    "same, non-zero length (one value per channel)."
+                )
+            if any(not s > 0 for s in self.pixel_std):
+                raise ValueError(f"pixel_std must be > 0 in every channel, got {self.pixel_std}.")
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+@contextmanager
+def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Eval mode and no parameter gradients inside the block; each flag restored afterwards.
+
+    Flags are saved per submodule and per parameter, so a model that was, say, in training
+    mode with one frozen layer comes back exactly so.
+    """
+    modes = [(sub, sub.training) for module in modules for sub in module.modules()]
+    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+    try:
+        for module in modules:
+            # Eval mode: BatchNorm normalizes with its running statistics and does not update
+            # them, and dropout is off, so the synthesis neither sees nor changes batch noise.
+            module.eval()
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
+
+
+class DeepInversion:
+    """Synthesize inputs from a teacher's BatchNorm statistics.
+
+    Parameters
+    ----------
+    teacher : nn.Module
+        Classifier with BatchNorm layers. Its parameters, buffers, training mode and
+        ``requires_grad`` flags are the same after every call as before.
+    input_shape : Sequence[int]
+        ``(C, H, W)`` of one input.
+    num_classes : int
+        Number of teacher outputs; :meth:`sample` draws targets from ``range(num_classes)``.
+    config : InversionConfig
+        Loss weights and optimizer settings.
+    statistics : StatisticsTargets, optional
+        BatchNorm statistics to match, e.g. :class:`~generators.hooks.SuppliedStatistics`
+        released by a client. By default the teacher's running statistics, read anew at each
+        :meth:`synthesize` so that a teacher trained further in between is followed.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        config: InversionConfig = InversionConfig(),
+        statistics: StatisticsTargets | None = None,
+    ) -> None:
+        shape = tuple(input_shape)
+        if len(shape) != 3 or not all(_is_count(side, minimum=1) for side in shape):
+            raise ValueError(
+                f"input_shape must be three positive integers (C, H, W), got {input_shape!r}."
+            )
+        if not _is_count(num_classes, minimum=2):
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        if config.pixel_mean is not None and len(config.pixel_mean) not in (1, shape[0]):
+            raise ValueError(
+                f"config.pixel_mean has {len(config.pixel_mean)} values for {shape[0]}-channel "
+                "inputs; give one value per channel or a single value for all."
+            )
+        if config.bn_weight > 0:
+            # Fail here, not in the middle of a federated round.
+            check_statistics(
+                RunningStatistics.from_model(teacher) if statistics is None else statistics, teacher
+            )
+        self.teacher = teacher
+        self.input_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.num_classes = num_classes
+        self.config = config
+        self.statistics = statistics
+        self._loss_history: list[float] = []
+
+    @property
+    def loss_history(self) -> list[float]:
+        """Total loss at every iteration of the latest :meth:`synthesize` call (a copy)."""
+        return list(self._loss_history)
+
+    def _pixel_bounds(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        config = self.config
+        if config.pixel_mean is None or config.pixel_std is None:
+            return None
+        mean = torch.tensor(config.pixel_mean, device=device, dtype=dtype).view(1, -1, 1, 1)
+        std = torch.tensor(config.pixel_std, device=device, dtype=dtype).view(1, -1, 1, 1)
+        return (0.0 - mean) / std, (1.0 - mean) / std
+
+    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        jitter = self.config.jitter
+        if jitter > 0:
+            shifts = torch.randint(
+                -jitter, jitter + 1, (2,), generator=generator, device=generator.device
+            )
+            images = torch.roll(images, shifts=tuple(shifts.tolist()), dims=(2, 3))
+        if self.config.flip:
+            coin = torch.rand((), generator=generator, device=generator.device)
+            if bool(coin < 0.5):
+                images = torch.flip(images, dims=(3,))
+        return images
+
+    def _check_targets(self, targets: torch.Tensor) -> None:
+        if targets.dim() != 1 or targets.numel() == 0:
+            raise ValueError(
+                "targets must be a non-empty 1-D tensor of class ids, "
+                f"got shape {tuple(targets.shape)}."
+            )
+        if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"targets must hold integer class ids, got dtype {targets.dtype}.")
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"targets must lie in [0, {self.num_classes - 1}], got values in [{low}, {high}]."
+            )
+
+    def synthesize(
+        self,
+        *,
+        targets: torch.Tensor,
+        generator: torch.Generator,
+        student: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Optimize one batch of inputs, one per entry of ``targets``.
+
+        Parameters
+        ----------
+        targets : Tensor
+            ``(B,)`` class ids the teacher should predict.
+        generator : torch.Generator
+            Source of the initial noise, jitter and flips; same state, same result.
+        student : nn.Module, optional
+            Needed when ``config.adi_weight > 0``: the competition term seeks inputs on which
+            it disagrees with the teacher. Its state is restored like the teacher's.
+
+        Returns
+        -------
+        Tensor
+            ``(B, C, H, W)`` on the teacher's device: a detached copy of the iterate with the
+            lowest total loss.
+        """
+        config = self.config
+        self._check_targets(targets)
+        if config.adi_weight > 0 and student is None:
+            raise ValueError(
+                f"adi_weight={config.adi_weight} needs a student to compete with; pass "
+                "student=... or set adi_weight=0."
+            )
+        device, dtype = _module_device(self.teacher), _module_dtype(self.teacher)
+        targets = targets.to(device=device, dtype=torch.long)
+        bounds = self._pixel_bounds(device, dtype)
+
+        # Noise is drawn on the generator's device and then moved, so one seed gives the same
+        # start on CPU and GPU.
+        noise = torch.randn(
+            (len(targets), *self.input_shape), generator=generator, device=generator.device
+        )
+        pixels = noise.to(device=device, dtype=dtype)
+        if bounds is not None:
+            pixels = torch.clamp(pixels, *bounds)
+        pixels.requires_grad_(True)
+        optimizer = torch.optim.Adam([pixels], lr=config.lr)
+
+        competing = student is not None and config.adi_weight > 0
+        frozen = [self.teacher, student] if competing else [self.teacher]
+        self._loss_history = []
+        best_loss, best = math.inf, pixels.detach().clone()
+        with _frozen(frozen), torch.enable_grad(), self._statistics_hooks() as stats:
+            weights = (
+                None
+                if stats is None
+                else layer_weights(stats.num_layers, first_multiplier=config.first_bn_multiplier)
+            )
+            for _ in range(config.iterations):
+                optimizer.zero_grad(set_to_none=True)
+                augmented = self._augment(pixels, generator)
+                logits = self.teacher(augmented)
+                loss = config.ce_weight * F.cross_entropy(logits, targets)
+                if stats is not None:
+                    loss = loss + config.bn_weight * stats.feature_loss(weights)
+                if config.adi_weight > 0:
+                    loss = loss + config.adi_weight * competition_loss(
+                        logits, student(augmented), temperature=config.adi_temperature
+                    )
+                # The priors see the un-augmented pixels: a roll would add a seam to the TV term.
+                if config.tv_weight > 0:
+                    loss = loss + config.tv_weight * total_variation(pixels)
+                if config.l2_weight > 0:
+                    loss = loss + config.l2_weight * l2_prior(pixels)
+
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise RuntimeError(
+                        f"DeepInversion loss became {value} at iteration "
+                        f"{len(self._loss_history)}; "
+                        "lower config.lr or the loss weights."
+                    )
+                self._loss_history.append(value)
+                # The loss belongs to the pixels before this step, so that is the iterate to keep.
+                if value < best_loss:
+                    best_loss, best = value, pixels.detach().clone()
+                loss.backward()
+                optimizer.step()
+                if bounds is not None:
+                    with torch.no_grad():
+                        pixels.clamp_(*bounds)
+        return best
+
+    @contextmanager
+    def _statistics_hooks(self) -> Iterator[BatchNormStatistics | None]:
+        if self.config.bn_weight == 0:
+            yield None
+            return
+        with bn_statistics(self.teacher, targets=self.statistics) as stats:
+            yield stats
+
+    def sample(
+        self,
+        num: int,
+        *,
+        generator: torch.Generator,
+        student: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` synthesized inputs with class-balanced random targets.
+
+        Targets cycle through the classes (so counts differ by at most one) in an order
+        shuffled by ``generator``; they are synthesized in batches of ``config.batch_size``.
+
+        Returns
+        -------
+        tuple[Tensor, Tensor]
+            Inputs ``(num, C, H, W)`` and their int64 targets ``(num,)``, on the teacher's device.
+        """
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ValueError(f"num must be an integer >= 1, got {num!r}.")
+        order = torch.randperm(num, generator=generator, device=generator.device).cpu()
+        targets = torch.arange(num)[order] % self.num_classes
+        batches = [
+            self.synthesize(targets=chunk, generator=generator, student=student)
+            for chunk in targets.split(self.config.batch_size)
+        ]
+        return torch.cat(batches), targets.to(batches[0].device)
