@@ -12,10 +12,11 @@ Node configuration keys: ``partition-id`` (which private partition this node hol
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd.config import ClientTask, SplitSpec
@@ -29,6 +30,7 @@ from fedkd.distillation import (
     train_supervised,
     train_with_class_targets,
 )
+from fedkd.data import to_tensor, to_uint8
 from fedkd.local_data import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
 from fedkd.messages import (
     CLASS_LOGITS_KEY,
@@ -40,16 +42,22 @@ from fedkd.messages import (
     NUM_EXAMPLES,
     SOFT_LABELS_ARRAY,
     TASK_KEY,
+    TRANSFER_IMAGES,
     TRANSFER_INDICES,
     TRANSFER_KEY,
     WEIGHTS_KEY,
     class_logits_record,
     soft_label_reply,
+    synthetic_reply,
 )
 from fedkd.models import build_model, model_for_client
-from fedkd.seeding import TEACHER_DIGEST, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+from fedkd.seeding import SYNTHESIS, TEACHER_DIGEST, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+from generators.registry import build_synthesizer
 
 TEACHER_STATE = "teacher"
+# Which round the stored teacher was trained in, with that training's examples and loss: with
+# synthetic transfer a client hears twice per round (synthesize, then label) but trains once.
+TEACHER_ROUND_STATE = "teacher-round"
 
 app = ClientApp()
 
@@ -137,15 +145,44 @@ def _digest(teacher: torch.nn.Module, consensus: ArrayRecord, task: ClientTask, 
     )
 
 
-def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
+def _teacher_for_round(
+    message: Message, context: Context, task: ClientTask, identity: NodeIdentity, *, remember: bool
+) -> tuple[torch.nn.Module, int, float]:
+    """This round's teacher, trained now unless the synthesize query already trained it.
+
+    ``remember`` (the query) leaves a note that the round's training is done; the train message
+    that follows uses the note up, so a later run in the same context trains afresh.
+    Returns the teacher, the number of private examples and the last training loss.
+    """
     teacher = _restore_teacher(task, identity, context)
+    done = context.state.get(TEACHER_ROUND_STATE)
+    if not remember and TEACHER_ROUND_STATE in context.state:
+        del context.state[TEACHER_ROUND_STATE]
+    if isinstance(done, ConfigRecord) and int(done["round"]) == task.server_round:
+        return teacher, int(done["num-examples"]), float(done["train-loss"])
     if CONSENSUS_KEY in message.content:
         _digest(teacher, message.content[CONSENSUS_KEY], task, identity)
     num_examples, loss = _train_locally(teacher, task, identity)
     context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
-    positions = message.content[TRANSFER_KEY][TRANSFER_INDICES].numpy()
-    transfer = public_inputs(task.split_spec(data_root=identity.data_root), positions)
-    probs = soften(predict_logits(teacher, transfer.images), task.temperature)
+    if remember:
+        context.state[TEACHER_ROUND_STATE] = ConfigRecord(
+            {"round": task.server_round, "num-examples": num_examples, "train-loss": float(loss)}
+        )
+    return teacher, num_examples, loss
+
+
+def _transfer_inputs(message: Message, task: ClientTask, identity: NodeIdentity) -> torch.Tensor:
+    """The inputs to label: sent by value (synthetic pool) or as indices into the public set."""
+    record = message.content[TRANSFER_KEY]
+    spec = task.split_spec(data_root=identity.data_root)
+    if TRANSFER_IMAGES in record:
+        return to_tensor(record[TRANSFER_IMAGES].numpy(), info_for(spec))
+    return public_inputs(spec, record[TRANSFER_INDICES].numpy()).images
+
+
+def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
+    teacher, num_examples, loss = _teacher_for_round(message, context, task, identity, remember=False)
+    probs = soften(predict_logits(teacher, _transfer_inputs(message, task, identity)), task.temperature)
     return soft_label_reply(
         probs.numpy(), num_examples=num_examples, client_id=identity.client_id, train_loss=loss
     )
@@ -193,6 +230,43 @@ def _class_logits(message: Message, context: Context, task: ClientTask, identity
     return RecordDict(
         {CLASS_LOGITS_KEY: class_logits_record(logits.numpy(), counts.numpy()), METRICS_KEY: metrics}
     )
+
+
+def _class_counts(task: ClientTask, identity: NodeIdentity, num_classes: int) -> torch.Tensor:
+    partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
+    return torch.bincount(partition.labels, minlength=num_classes).to(torch.float64)
+
+
+@app.query("synthesize")
+def synthesize(message: Message, context: Context) -> Message:
+    """Invert this round's teacher into synthetic inputs (data-free transfer); no real data leaves."""
+    torch.set_num_threads(1)
+    task = ClientTask.from_record(message.content[TASK_KEY])
+    identity = node_identity(context, task)
+    torch.manual_seed(derive_seed(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN))
+    teacher, _, _ = _teacher_for_round(message, context, task, identity, remember=True)
+    info = info_for(task.split_spec(data_root=identity.data_root))
+    started = time.perf_counter()
+    synthesizer = build_synthesizer(
+        task.synthesis_method,
+        teacher,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        steps=task.synthesis_steps,
+        pixel_mean=info.mean,
+        pixel_std=info.std,
+        # Synthesize the classes this teacher learned, in the proportions it saw them; the
+        # proportions stay on the client (the reply carries unlabelled images only).
+        class_prior=_class_counts(task, identity, info.num_classes).tolist(),
+    )
+    images, _ = synthesizer.sample(
+        task.synthesis_per_client,
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, SYNTHESIS),
+    )
+    reply = synthetic_reply(
+        to_uint8(images, info), client_id=identity.client_id, seconds=time.perf_counter() - started
+    )
+    return Message(reply, reply_to=message)
 
 
 @app.evaluate()

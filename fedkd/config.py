@@ -19,6 +19,13 @@ STRATEGIES = ("ensemble_distillation", "fedmd", "dsfl", "fd", "feddf", "fedavg")
 # Strategies that distill on the public transfer set (all but FD and FedAvg).
 PUBLIC_SET_STRATEGIES = ("ensemble_distillation", "fedmd", "dsfl", "feddf")
 ENGINES = ("inprocess", "ray")
+# Where the transfer inputs come from: a public split, or synthesized from the teachers.
+TRANSFER_SOURCES = ("public", "synthetic")
+SYNTHESIS_METHODS = ("generator", "deepinversion")
+# Strategies whose clients only label the inputs they are sent, so a synthetic pool can replace
+# the public set. FedMD and DS-FL send last round's consensus back down by public index, FedDF
+# averages weights around the public set, and FD has no transfer set.
+SYNTHETIC_TRANSFER_STRATEGIES = ("ensemble_distillation",)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -77,6 +84,23 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class SynthesisConfig:
+    """How clients synthesize transfer inputs from their teachers (``transfer=synthetic``)."""
+
+    method: str = "generator"  # generator (amortized, fast) | deepinversion (per-batch pixels)
+    per_client: int = 200  # synthetic inputs each sampled client contributes per round
+    steps: int = 200  # generator training steps, or DeepInversion iterations per batch
+    keep_pools: bool = True  # the student distills on every round's pool so far (server memory)
+
+    def __post_init__(self) -> None:
+        _choice("synthesis method", self.method, SYNTHESIS_METHODS)
+        if self.per_client < 1:
+            raise ValueError(f"synthesis.per_client must be ≥ 1, got {self.per_client}.")
+        if self.steps < 1:
+            raise ValueError(f"synthesis.steps must be ≥ 1, got {self.steps}.")
+
+
+@dataclass(frozen=True)
 class SplitSpec:
     """Everything that determines the public/private split; server and clients agree on it."""
 
@@ -99,6 +123,8 @@ class RunConfig:
     num_clients: int = 10
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    transfer: str = "public"
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     rounds: int = 5
     public_size: int = 1000
     public_labels: bool = False
@@ -127,7 +153,23 @@ class RunConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {value}.")
         if self.public_size < 0:
             raise ValueError(f"public_size must be ≥ 0, got {self.public_size}.")
-        if self.strategy.name in PUBLIC_SET_STRATEGIES and self.public_size == 0:
+        _choice("transfer", self.transfer, TRANSFER_SOURCES)
+        if self.transfer == "synthetic" and self.strategy.name not in SYNTHETIC_TRANSFER_STRATEGIES:
+            raise ValueError(
+                f"transfer=synthetic works with strategy=ensemble_distillation, not "
+                f"{self.strategy.name}; use it (any aggregator, e.g. strategy.aggregator=era for "
+                "DS-FL's entropy reduction) or transfer=public."
+            )
+        if self.transfer == "synthetic" and self.public_labels:
+            raise ValueError(
+                "public_labels=true needs a public set, but transfer=synthetic has none; "
+                "set public_labels=false."
+            )
+        if (
+            self.strategy.name in PUBLIC_SET_STRATEGIES
+            and self.transfer == "public"
+            and self.public_size == 0
+        ):
             raise ValueError(
                 f"strategy={self.strategy.name} distills on a public transfer set; "
                 "set public_size > 0."
@@ -151,12 +193,17 @@ class RunConfig:
             check_model_name(name)
         _choice("engine", self.engine, ENGINES)
 
+    @property
+    def effective_public_size(self) -> int:
+        """Size of the public split; 0 with synthetic transfer, where no public set exists."""
+        return 0 if self.transfer == "synthetic" else self.public_size
+
     def split_spec(self) -> SplitSpec:
         return SplitSpec(
             dataset=self.dataset,
             data_root=self.data_root,
             num_clients=self.num_clients,
-            public_size=self.public_size,
+            public_size=self.effective_public_size,
             scheme=self.partition.scheme,
             alpha=self.partition.alpha,
             classes_per_partition=self.partition.classes_per_partition,
@@ -186,6 +233,8 @@ def run_config_from_mapping(values: Mapping[str, Any]) -> RunConfig:
         values["partition"] = _coerce(PartitionConfig, values["partition"])
     if "strategy" in values:
         values["strategy"] = _coerce(StrategyConfig, values["strategy"])
+    if "synthesis" in values:
+        values["synthesis"] = _coerce(SynthesisConfig, values["synthesis"])
     if "client_models" in values:
         values["client_models"] = _models(values["client_models"])
     if values.get("data_root") is None:
@@ -204,6 +253,10 @@ _FLOWER_NESTED = {
     "digest-epochs": ("strategy", "digest_epochs"),
     "sharpen-temperature": ("strategy", "sharpen_temperature"),
     "regularizer-weight": ("strategy", "regularizer_weight"),
+    "synthesis-method": ("synthesis", "method"),
+    "synthesis-per-client": ("synthesis", "per_client"),
+    "synthesis-steps": ("synthesis", "steps"),
+    "synthesis-keep-pools": ("synthesis", "keep_pools"),
 }
 # Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
 FLOWER_OUTPUT_KEYS = ("output-dir",)
@@ -211,7 +264,7 @@ FLOWER_OUTPUT_KEYS = ("output-dir",)
 
 def run_config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
     """Build a :class:`RunConfig` from Flower's flat kebab-case ``context.run_config``."""
-    nested: dict[str, Any] = {"partition": {}, "strategy": {}}
+    nested: dict[str, Any] = {"partition": {}, "strategy": {}, "synthesis": {}}
     for key, value in run_config.items():
         if key in FLOWER_OUTPUT_KEYS:
             continue
@@ -265,6 +318,9 @@ class ClientTask:
     augment_shift: float
     digest_epochs: int
     regularizer_weight: float
+    synthesis_method: str
+    synthesis_per_client: int
+    synthesis_steps: int
 
     @classmethod
     def from_run(cls, config: RunConfig, *, mode: str, server_round: int) -> ClientTask:
@@ -277,7 +333,7 @@ class ClientTask:
             partition_scheme=config.partition.scheme,
             partition_alpha=config.partition.alpha,
             partition_classes=config.partition.classes_per_partition,
-            public_size=config.public_size,
+            public_size=config.effective_public_size,
             seed=config.seed,
             local_epochs=config.local_epochs,
             temperature=config.temperature,
@@ -288,6 +344,9 @@ class ClientTask:
             augment_shift=config.augment_shift,
             digest_epochs=config.strategy.digest_epochs,
             regularizer_weight=config.strategy.regularizer_weight,
+            synthesis_method=config.synthesis.method,
+            synthesis_per_client=config.synthesis.per_client,
+            synthesis_steps=config.synthesis.steps,
         )
 
     def split_spec(self, *, data_root: str | None = None) -> SplitSpec:

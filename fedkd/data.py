@@ -915,3 +915,23 @@ def to_tensor(images: np.ndarray, info: DatasetInfo) -> torch.Tensor:
     mean = torch.tensor(info.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(info.std, dtype=torch.float32).view(-1, 1, 1)
     return tensor.sub_(mean).div_(std)
+
+
+def to_uint8(tensor: "torch.Tensor", info: DatasetInfo) -> np.ndarray:
+    """Inverse of :func:`to_tensor`: normalized inputs to ``uint8`` pixels, rounded and clipped.
+
+    Synthetic inputs cross the wire in this form, exactly like real images: four times fewer
+    bytes than ``float32``, and whoever receives them normalizes them as it would real data.
+    """
+    import torch
+
+    shape = tuple(info.input_shape)
+    if tensor.dim() != 4 or tuple(tensor.shape[1:]) != shape:
+        raise ValueError(
+            f"expected normalized inputs of shape (N, {', '.join(map(str, shape))}) for dataset "
+            f"{info.name!r}, got {tuple(tensor.shape)}."
+        )
+    mean = torch.tensor(info.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float32).view(-1, 1, 1)
+    pixels = tensor.detach().to("cpu", torch.float32) * std + mean
+    return (pixels.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedkd.config import ClientTask, RunConfig
 from fedkd.distillation import Evaluation, OptimizerSettings, evaluate
-from fedkd.local_data import evaluation_split, info_for, public_inputs, split_for
+from fedkd.local_data import LabeledTensors, evaluation_split, info_for, public_inputs, split_for
 from fedkd.metered_grid import MeteredGrid
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
@@ -33,6 +33,7 @@ from strategies.fd import FederatedDistillation
 from strategies.feddf import FedDF
 from strategies.fedmd import FedMD
 from strategies.sampling import ClientSampling
+from strategies.synthetic_transfer import SyntheticTransfer
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,14 @@ CLIENT_MODES = {
 
 
 def _server_student(config: RunConfig, student: torch.nn.Module) -> Student:
-    transfer = public_inputs(config.split_spec())
+    if config.transfer == "synthetic":
+        # No public set exists; the strategy hands the student each round's synthetic pool.
+        info = info_for(config.split_spec())
+        transfer = LabeledTensors(
+            torch.empty((0, *info.input_shape)), torch.empty((0,), dtype=torch.int64)
+        )
+    else:
+        transfer = public_inputs(config.split_spec())
     return Student(
         student,
         transfer.images,
@@ -134,6 +142,13 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
         transfer_indices=np.arange(len(server_student.transfer_inputs)),
         aggregator=get_aggregator(config.strategy.aggregator),
     )
+    if config.transfer == "synthetic":
+        return EnsembleDistillation(
+            synthetic=SyntheticTransfer(
+                info=info, per_client=config.synthesis.per_client, keep_pools=config.synthesis.keep_pools
+            ),
+            **distillation,
+        )
     if name == "fedmd":
         return FedMD(**distillation)
     if name == "dsfl":

@@ -11,6 +11,15 @@ Reply (client → server)::
     "soft-labels": ArrayRecord  — "probs": float32 (N, C), softmax(logits / T) per transfer input
     "metrics":     MetricRecord — "num-examples", "client-id", "train-loss"
 
+Synthetic transfer (``transfer=synthetic``) adds a query message each round before the train
+message: the server sends "config" (message type ``query.synthesize``) and each client replies::
+
+    "synthetic": ArrayRecord  — "images": uint8 (n, C, H, W) inputs inverted from its teacher
+    "metrics":   MetricRecord — "client-id", "synthesis-seconds"
+
+The train message's "transfer" record then carries "images" (the pooled uint8 inputs) instead
+of "indices"; the reply is unchanged.
+
 FD sends "class-logits" (C×C float32 "logits", C int64 "counts") both ways instead of soft labels.
 In weight mode (FedAvg, FedDF) the message carries "arrays" (the global model) both ways instead.
 Arrays travel as ``.npy`` bytes loaded with ``allow_pickle=False``: no pickle anywhere.
@@ -24,6 +33,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 TASK_KEY = "config"
 TRANSFER_KEY = "transfer"
 TRANSFER_INDICES = "indices"
+TRANSFER_IMAGES = "images"
+SYNTHETIC_KEY = "synthetic"
+SYNTHESIZE_MESSAGE = "query.synthesize"
 CONSENSUS_KEY = "consensus"
 CLASS_LOGITS_KEY = "class-logits"
 LOGITS = "logits"
@@ -39,6 +51,21 @@ CLIENT_ID = "client-id"
 def transfer_record(indices: np.ndarray) -> ArrayRecord:
     """The transfer inputs a client must label, as indices into the public split."""
     return ArrayRecord({TRANSFER_INDICES: Array(np.ascontiguousarray(indices, dtype=np.int32))})
+
+
+def synthetic_transfer_record(images: np.ndarray) -> ArrayRecord:
+    """Transfer inputs sent by value: the pooled synthetic images, uint8 ``(N, C, H, W)``."""
+    return ArrayRecord({TRANSFER_IMAGES: Array(np.ascontiguousarray(images, dtype=np.uint8))})
+
+
+def synthetic_reply(images: np.ndarray, *, client_id: int, seconds: float) -> RecordDict:
+    """A client's answer to the synthesize query."""
+    return RecordDict(
+        {
+            SYNTHETIC_KEY: ArrayRecord({TRANSFER_IMAGES: Array(np.ascontiguousarray(images, dtype=np.uint8))}),
+            METRICS_KEY: MetricRecord({CLIENT_ID: client_id, "synthesis-seconds": float(seconds)}),
+        }
+    )
 
 
 def consensus_record(indices: np.ndarray, probs: np.ndarray) -> ArrayRecord:

@@ -27,4 +27,4 @@ def numpy_generator(seed: int, *parts: int) -> np.random.Generator:
 
 
 # Purposes, so that two draws in the same round and client never share a stream.
-TEACHER_INIT, TEACHER_TRAIN, STUDENT_INIT, DISTILL, SAMPLE_CLIENTS, TEACHER_DIGEST = range(6)
+TEACHER_INIT, TEACHER_TRAIN, STUDENT_INIT, DISTILL, SAMPLE_CLIENTS, TEACHER_DIGEST, SYNTHESIS = range(7)

@@ -12,7 +12,6 @@ turns class ids into inputs, :meth:`sample` hands out a class-balanced batch for
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,17 +29,22 @@ from generators.hooks import (
     check_statistics,
     layer_weights,
 )
+from generators.common import (
+    MNIST_MEAN,
+    MNIST_STD,
+    balanced_targets,
+    check_input_shape,
+    check_class_prior,
+    check_pixel_normalization,
+    check_targets,
+    frozen,
+    is_count,
+    module_device,
+    module_dtype,
+    pixel_bounds,
+    roll_jitter,
+)
 from generators.losses import competition_loss, l2_prior, total_variation
-
-# Normalization of MNIST (mean and std of pixel / 255), the default pixel range to clip to.
-MNIST_MEAN: tuple[float, ...] = (0.1307,)
-MNIST_STD: tuple[float, ...] = (0.3081,)
-
-
-def _is_count(value: object, *, minimum: int) -> bool:
-    # bool is an Integral too, but `iterations=True` is a mistake, not a count.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-
 
 @dataclass(frozen=True)
 class InversionConfig:
@@ -100,9 +104,9 @@ class InversionConfig:
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size"):
             value = getattr(self, name)
-            if not _is_count(value, minimum=1):
+            if not is_count(value, minimum=1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if not _is_count(self.jitter, minimum=0):
+        if not is_count(self.jitter, minimum=0):
             raise ValueError(f"jitter must be a whole number of pixels >= 0, got {self.jitter!r}.")
         for name in ("lr", "adi_temperature"):
             value = getattr(self, name)
@@ -117,57 +121,7 @@ class InversionConfig:
                     f"{name} must be a finite number >= 0, got {value!r}; "
                     "use 0 to turn the term off."
                 )
-        if (self.pixel_mean is None) != (self.pixel_std is None):
-            raise ValueError(
-                "pixel_mean and pixel_std must be given together (to clip pixels) or both be None."
-            )
-        if self.pixel_mean is not None and self.pixel_std is not None:
-            if len(self.pixel_mean) != len(self.pixel_std) or not self.pixel_mean:
-                raise ValueError(
-                    f"pixel_mean {self.pixel_mean} and pixel_std {self.pixel_std} must have the "
-                    "same, non-zero length (one value per channel)."
-                )
-            if any(not s > 0 for s in self.pixel_std):
-                raise ValueError(f"pixel_std must be > 0 in every channel, got {self.pixel_std}.")
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for tensor in module.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()
-
-
-@contextmanager
-def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Eval mode and no parameter gradients inside the block; each flag restored afterwards.
-
-    Flags are saved per submodule and per parameter, so a model that was, say, in training
-    mode with one frozen layer comes back exactly so.
-    """
-    modes = [(sub, sub.training) for module in modules for sub in module.modules()]
-    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
-    try:
-        for module in modules:
-            # Eval mode: BatchNorm normalizes with its running statistics and does not update
-            # them, and dropout is off, so the synthesis neither sees nor changes batch noise.
-            module.eval()
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for sub, training in modes:
-            sub.training = training
-        for parameter, requires_grad in flags:
-            parameter.requires_grad_(requires_grad)
+        check_pixel_normalization(self.pixel_mean, self.pixel_std)
 
 
 class DeepInversion:
@@ -188,6 +142,9 @@ class DeepInversion:
         BatchNorm statistics to match, e.g. :class:`~generators.hooks.SuppliedStatistics`
         released by a client. By default the teacher's running statistics, read anew at each
         :meth:`synthesize` so that a teacher trained further in between is followed.
+    class_prior : Sequence[float], optional
+        Relative weight of each class for :meth:`sample`, e.g. the class counts of the
+        teacher's training data. Uniform by default.
     """
 
     def __init__(
@@ -198,29 +155,22 @@ class DeepInversion:
         num_classes: int,
         config: InversionConfig = InversionConfig(),
         statistics: StatisticsTargets | None = None,
+        class_prior: Sequence[float] | None = None,
     ) -> None:
-        shape = tuple(input_shape)
-        if len(shape) != 3 or not all(_is_count(side, minimum=1) for side in shape):
-            raise ValueError(
-                f"input_shape must be three positive integers (C, H, W), got {input_shape!r}."
-            )
-        if not _is_count(num_classes, minimum=2):
+        shape = check_input_shape(input_shape, config.pixel_mean)
+        if not is_count(num_classes, minimum=2):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-        if config.pixel_mean is not None and len(config.pixel_mean) not in (1, shape[0]):
-            raise ValueError(
-                f"config.pixel_mean has {len(config.pixel_mean)} values for {shape[0]}-channel "
-                "inputs; give one value per channel or a single value for all."
-            )
         if config.bn_weight > 0:
             # Fail here, not in the middle of a federated round.
             check_statistics(
                 RunningStatistics.from_model(teacher) if statistics is None else statistics, teacher
             )
         self.teacher = teacher
-        self.input_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.input_shape = shape
         self.num_classes = num_classes
         self.config = config
         self.statistics = statistics
+        self.class_prior = check_class_prior(class_prior, num_classes)
         self._loss_history: list[float] = []
 
     @property
@@ -228,42 +178,13 @@ class DeepInversion:
         """Total loss at every iteration of the latest :meth:`synthesize` call (a copy)."""
         return list(self._loss_history)
 
-    def _pixel_bounds(
-        self, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        config = self.config
-        if config.pixel_mean is None or config.pixel_std is None:
-            return None
-        mean = torch.tensor(config.pixel_mean, device=device, dtype=dtype).view(1, -1, 1, 1)
-        std = torch.tensor(config.pixel_std, device=device, dtype=dtype).view(1, -1, 1, 1)
-        return (0.0 - mean) / std, (1.0 - mean) / std
-
     def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        jitter = self.config.jitter
-        if jitter > 0:
-            shifts = torch.randint(
-                -jitter, jitter + 1, (2,), generator=generator, device=generator.device
-            )
-            images = torch.roll(images, shifts=tuple(shifts.tolist()), dims=(2, 3))
+        images = roll_jitter(images, self.config.jitter, generator)
         if self.config.flip:
             coin = torch.rand((), generator=generator, device=generator.device)
             if bool(coin < 0.5):
                 images = torch.flip(images, dims=(3,))
         return images
-
-    def _check_targets(self, targets: torch.Tensor) -> None:
-        if targets.dim() != 1 or targets.numel() == 0:
-            raise ValueError(
-                "targets must be a non-empty 1-D tensor of class ids, "
-                f"got shape {tuple(targets.shape)}."
-            )
-        if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise ValueError(f"targets must hold integer class ids, got dtype {targets.dtype}.")
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(
-                f"targets must lie in [0, {self.num_classes - 1}], got values in [{low}, {high}]."
-            )
 
     def synthesize(
         self,
@@ -291,15 +212,15 @@ class DeepInversion:
             lowest total loss.
         """
         config = self.config
-        self._check_targets(targets)
+        check_targets(targets, self.num_classes)
         if config.adi_weight > 0 and student is None:
             raise ValueError(
                 f"adi_weight={config.adi_weight} needs a student to compete with; pass "
                 "student=... or set adi_weight=0."
             )
-        device, dtype = _module_device(self.teacher), _module_dtype(self.teacher)
+        device, dtype = module_device(self.teacher), module_dtype(self.teacher)
         targets = targets.to(device=device, dtype=torch.long)
-        bounds = self._pixel_bounds(device, dtype)
+        bounds = pixel_bounds(config.pixel_mean, config.pixel_std, device=device, dtype=dtype)
 
         # Noise is drawn on the generator's device and then moved, so one seed gives the same
         # start on CPU and GPU.
@@ -313,10 +234,10 @@ class DeepInversion:
         optimizer = torch.optim.Adam([pixels], lr=config.lr)
 
         competing = student is not None and config.adi_weight > 0
-        frozen = [self.teacher, student] if competing else [self.teacher]
+        frozen_modules = [self.teacher, student] if competing else [self.teacher]
         self._loss_history = []
         best_loss, best = math.inf, pixels.detach().clone()
-        with _frozen(frozen), torch.enable_grad(), self._statistics_hooks() as stats:
+        with frozen(frozen_modules), torch.enable_grad(), self._statistics_hooks() as stats:
             weights = (
                 None
                 if stats is None
@@ -382,10 +303,7 @@ class DeepInversion:
         tuple[Tensor, Tensor]
             Inputs ``(num, C, H, W)`` and their int64 targets ``(num,)``, on the teacher's device.
         """
-        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-            raise ValueError(f"num must be an integer >= 1, got {num!r}.")
-        order = torch.randperm(num, generator=generator, device=generator.device).cpu()
-        targets = torch.arange(num)[order] % self.num_classes
+        targets = balanced_targets(num, self.num_classes, generator, self.class_prior)
         batches = [
             self.synthesize(targets=chunk, generator=generator, student=student)
             for chunk in targets.split(self.config.batch_size)

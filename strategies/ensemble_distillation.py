@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -38,11 +39,13 @@ from fedkd.messages import (
     TASK_KEY,
     TRANSFER_KEY,
     consensus_record,
+    synthetic_transfer_record,
     transfer_record,
 )
 from fedkd.student import Student
 from strategies.aggregation import Aggregator
 from strategies.sampling import ClientSampling
+from strategies.synthetic_transfer import SyntheticTransfer
 from strategies.validation import InvalidReply, validate_soft_labels
 
 logger = logging.getLogger(__name__)
@@ -113,6 +116,10 @@ class EnsembleDistillation(Strategy):
         Which connected clients are asked each round.
     min_replies : int
         A round with fewer valid replies skips distillation and keeps the student as it was.
+    synthetic : SyntheticTransfer, optional
+        Data-free mode: each round the transfer set is pooled from synthetic inputs the clients
+        invert from their teachers (see :mod:`strategies.synthetic_transfer`), instead of the
+        public inputs named by ``transfer_indices``.
     """
 
     def __init__(
@@ -124,9 +131,16 @@ class EnsembleDistillation(Strategy):
         aggregator: Aggregator,
         sampling: ClientSampling = ClientSampling(),
         min_replies: int = 1,
+        synthetic: SyntheticTransfer | None = None,
     ) -> None:
         self.student = student
         self.transfer_indices = np.asarray(transfer_indices)
+        self.synthetic = synthetic
+        self._num_inputs = len(self.transfer_indices)
+        self._synthesis_rejected = 0
+        # Synthetic mode: this round's decoded pool, and earlier pools with their soft labels.
+        self._round_inputs: torch.Tensor | None = None
+        self._bank: list[tuple[torch.Tensor, np.ndarray]] = []
         self.num_classes = num_classes
         self.aggregator = aggregator
         self.sampling = sampling
@@ -136,11 +150,16 @@ class EnsembleDistillation(Strategy):
     shares_consensus = False
 
     def summary(self) -> None:
+        transfer = (
+            f"{len(self.transfer_indices)} public transfer inputs"
+            if self.synthetic is None
+            else f"synthetic transfer, {self.synthetic.per_client} inputs per client"
+        )
         logger.info(
-            "%s: %d transfer inputs, aggregator=%s, fraction_train=%.2f, "
+            "%s: %s, aggregator=%s, fraction_train=%.2f, "
             "min_replies=%d",
             type(self).__name__,
-            len(self.transfer_indices),
+            transfer,
             getattr(self.aggregator, "__name__", self.aggregator),
             self.sampling.fraction,
             self.min_replies,
@@ -149,12 +168,30 @@ class EnsembleDistillation(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask each sampled client for soft labels on the transfer inputs (no weights sent)."""
+        """Ask each sampled client for soft labels on the transfer inputs (no weights sent).
+
+        With synthetic transfer, first query the same clients for synthetic inputs and pool them.
+        """
         task = ConfigRecord({**config, "server-round": server_round})
-        content = {TASK_KEY: task, TRANSFER_KEY: transfer_record(self.transfer_indices)}
+        node_ids = self.sampling.select(grid, server_round=server_round)
+        content = {TASK_KEY: task}
+        if self.synthetic is None:
+            content[TRANSFER_KEY] = transfer_record(self.transfer_indices)
+        else:
+            pool = self.synthetic.gather(grid, node_ids, task)
+            for reason in pool.failed:
+                logger.warning("round %d: synthesis failed: %s", server_round, reason)
+            for reason in pool.rejected:
+                logger.warning("round %d: synthetic inputs rejected: %s", server_round, reason)
+            self._synthesis_rejected = len(pool.rejected)
+            self._num_inputs = len(pool.images)
+            if self._num_inputs == 0:
+                logger.warning("round %d: no client sent synthetic inputs; nothing to label.", server_round)
+                return []
+            self._round_inputs = self.synthetic.decode(pool.images)
+            content[TRANSFER_KEY] = synthetic_transfer_record(pool.images)
         if self.shares_consensus and self.consensus is not None:
             content[CONSENSUS_KEY] = consensus_record(self.transfer_indices, self.consensus)
-        node_ids = self.sampling.select(grid, server_round=server_round)
         return [
             Message(
                 RecordDict(content),
@@ -168,9 +205,7 @@ class EnsembleDistillation(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, aggregate and distill; returns the student's weights and round metrics."""
-        parsed = parse_soft_label_replies(
-            replies, num_inputs=len(self.transfer_indices), num_classes=self.num_classes
-        )
+        parsed = parse_soft_label_replies(replies, num_inputs=self._num_inputs, num_classes=self.num_classes)
         for reason in parsed.failed:
             logger.warning("round %d: client failed: %s", server_round, reason)
         for reason in parsed.rejected:
@@ -178,8 +213,10 @@ class EnsembleDistillation(Strategy):
         metrics = {
             "clients": len(parsed.accepted),
             "failed": len(parsed.failed),
-            "rejected": len(parsed.rejected),
+            "rejected": len(parsed.rejected) + self._synthesis_rejected,
         }
+        if self.synthetic is not None:
+            metrics["synthetic-inputs"] = self._num_inputs
         if len(parsed.accepted) < self.min_replies:
             logger.warning(
                 "round %d: %d valid replies, fewer than min_replies=%d; the student is unchanged.",
@@ -193,8 +230,21 @@ class EnsembleDistillation(Strategy):
         targets = self.aggregator(soft_labels, weights)
         if self.shares_consensus:
             self.consensus = targets
+        if self.synthetic is not None:
+            targets = self._synthetic_transfer_set(targets)
+            metrics["distill-inputs"] = len(targets)
         metrics["distill-loss"] = self.student.learn(targets, server_round=server_round)
         return self.student.arrays(), MetricRecord(metrics)
+
+    def _synthetic_transfer_set(self, targets: np.ndarray) -> np.ndarray:
+        """Point the student at this round's pool, or at every pool so far (``keep_pools``)."""
+        assert self.synthetic is not None and self._round_inputs is not None
+        if not self.synthetic.keep_pools:
+            self.student.transfer_inputs = self._round_inputs
+            return targets
+        self._bank.append((self._round_inputs, targets))
+        self.student.transfer_inputs = torch.cat([inputs for inputs, _ in self._bank])
+        return np.concatenate([labels for _, labels in self._bank])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

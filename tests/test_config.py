@@ -7,6 +7,7 @@ from fedkd.config import (
     PartitionConfig,
     RunConfig,
     StrategyConfig,
+    SynthesisConfig,
     run_config_from_flower,
     run_config_from_mapping,
     run_config_to_flower,
@@ -34,6 +35,9 @@ def test_defaults_are_valid_and_quick():
         ({"client_models": ()}, "client_models"),
         ({"engine": "spark"}, "engine"),
         ({"lr": 0.0}, "lr"),
+        ({"transfer": "web"}, "Unknown transfer"),
+        ({"transfer": "synthetic", "strategy": StrategyConfig(name="fedmd")}, "ensemble_distillation"),
+        ({"transfer": "synthetic", "public_labels": True}, "public_labels=false"),
     ],
 )
 def test_invalid_run_config_names_value_and_fix(kwargs, match):
@@ -49,6 +53,9 @@ def test_invalid_run_config_names_value_and_fix(kwargs, match):
         (StrategyConfig, {"name": "fedsomething"}, "Unknown strategy"),
         (StrategyConfig, {"aggregator": "max"}, "Unknown aggregator"),
         (StrategyConfig, {"fraction_train": 0.0}, "fraction_train"),
+        (SynthesisConfig, {"method": "gan"}, "Unknown synthesis method"),
+        (SynthesisConfig, {"per_client": 0}, "per_client"),
+        (SynthesisConfig, {"steps": 0}, "steps"),
     ],
 )
 def test_invalid_nested_config(cls, kwargs, match):
@@ -137,3 +144,19 @@ def test_the_three_default_configs_agree():
     values.pop("verbose")
     values.pop("rerun")
     assert run_config_from_mapping(values) == RunConfig()
+
+
+def test_synthetic_transfer_has_no_public_set_and_ignores_public_size():
+    config = RunConfig(transfer="synthetic", public_size=1000)
+    assert config.split_spec().public_size == 0
+    task = ClientTask.from_run(config, mode="soft-labels", server_round=1)
+    assert task.split_spec() == config.split_spec()
+
+
+def test_synthesis_settings_travel_through_flower_and_hydra_configs():
+    flat = {"transfer": "synthetic", "synthesis-method": "deepinversion", "synthesis-per-client": 7, "synthesis-steps": 9}
+    config = run_config_from_flower(flat)
+    assert config.synthesis == SynthesisConfig(method="deepinversion", per_client=7, steps=9)
+    assert run_config_from_flower(run_config_to_flower(config)) == config
+    nested = run_config_from_mapping({"transfer": "synthetic", "synthesis": {"per_client": 3}})
+    assert nested.synthesis.per_client == 3

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedkd import data
 
@@ -388,3 +389,19 @@ def test_to_tensor_normalizes(digits: data.Dataset) -> None:
 def test_to_tensor_rejects_wrong_shape(digits: data.Dataset) -> None:
     with pytest.raises(ValueError, match="shape"):
         data.to_tensor(np.zeros((2, 3, 32, 32), np.uint8), digits.info)
+
+
+def test_to_uint8_inverts_to_tensor_exactly(digits: data.Dataset) -> None:
+    images = digits.train.images[:16]
+    tensor = data.to_tensor(images, digits.info)
+    np.testing.assert_array_equal(data.to_uint8(tensor, digits.info), images)
+
+
+def test_to_uint8_clips_out_of_range_inputs(digits: data.Dataset) -> None:
+    tensor = torch.full((2, *digits.info.input_shape), 1e6)
+    tensor[1] = -1e6
+    pixels = data.to_uint8(tensor, digits.info)
+    assert pixels.dtype == np.uint8
+    assert (pixels[0] == 255).all() and (pixels[1] == 0).all()
+    with pytest.raises(ValueError, match="shape"):
+        data.to_uint8(torch.zeros(2, 3, 5, 5), digits.info)

@@ -1,0 +1,177 @@
+"""Pooling the clients' synthetic inputs (pure, no Flower run) and the data-free mode end to end."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.client_app import app as client_app
+from fedkd.config import PartitionConfig, RunConfig, SynthesisConfig
+from fedkd import local_data
+from fedkd.federation import run_federation
+from fedkd.inprocess import InProcessGrid
+from fedkd.messages import (
+    CLIENT_ID,
+    METRICS_KEY,
+    SYNTHESIZE_MESSAGE,
+    SYNTHETIC_KEY,
+    TRANSFER_IMAGES,
+    TRANSFER_KEY,
+    synthetic_reply,
+)
+from strategies.synthetic_transfer import pool_synthetic_replies, validate_synthetic_images
+from strategies.validation import InvalidReply
+
+SHAPE = (1, 4, 4)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages outside a Flower runtime need the sender's identity set."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _reply(images, client_id, node_id=None):
+    query = Message(RecordDict(), dst_node_id=node_id or client_id + 1, message_type=SYNTHESIZE_MESSAGE)
+    # A reply's source is the node the query went to.
+    query.metadata.__dict__["_message_id"] = f"q{client_id}"
+    return Message(synthetic_reply(images, client_id=client_id, seconds=0.1), reply_to=query)
+
+
+def _images(n, value):
+    return np.full((n, *SHAPE), value, dtype=np.uint8)
+
+
+def test_pool_concatenates_in_client_order_whatever_the_arrival_order():
+    replies = [_reply(_images(2, 20), 2), _reply(_images(1, 0), 0), _reply(_images(3, 10), 1)]
+    pool = pool_synthetic_replies(replies, input_shape=SHAPE, max_per_client=3)
+    again = pool_synthetic_replies(replies[::-1], input_shape=SHAPE, max_per_client=3)
+    assert pool.contributors == [0, 1, 2]
+    assert [int(image[0, 0, 0]) for image in pool.images] == [0, 10, 10, 10, 20, 20]
+    np.testing.assert_array_equal(pool.images, again.images)
+    assert pool.failed == [] and pool.rejected == []
+
+
+def test_pool_counts_failures_and_rejects_malformed_images_without_losing_the_rest():
+    bad_dtype = _reply(_images(2, 0), 1)
+    bad_dtype.content[SYNTHETIC_KEY] = ArrayRecord({TRANSFER_IMAGES: Array(np.zeros((2, *SHAPE), np.float32))})
+    too_many = _reply(_images(5, 1), 2)
+    wrong_shape = _reply(np.zeros((2, 1, 5, 5), dtype=np.uint8), 3)
+    query = Message(RecordDict(), dst_node_id=9, message_type=SYNTHESIZE_MESSAGE)
+    query.metadata.__dict__["_message_id"] = "q9"
+    failed = Message(Error(code=0, reason="boom"), reply_to=query)
+    good = _reply(_images(2, 7), 0)
+    pool = pool_synthetic_replies(
+        [bad_dtype, too_many, wrong_shape, failed, good], input_shape=SHAPE, max_per_client=3
+    )
+    assert pool.contributors == [0] and len(pool.images) == 2
+    assert len(pool.rejected) == 3 and len(pool.failed) == 1
+    assert "uint8" in " ".join(pool.rejected) and "shape" in " ".join(pool.rejected)
+
+
+def test_empty_pool_has_the_input_shape():
+    pool = pool_synthetic_replies([], input_shape=SHAPE, max_per_client=3)
+    assert pool.images.shape == (0, *SHAPE) and pool.images.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((0, *SHAPE), dtype=np.uint8), "1..3"),
+        (np.zeros((2, 4, 4), dtype=np.uint8), "shape"),
+        (np.zeros((2, *SHAPE), dtype=np.int16), "uint8"),
+    ],
+)
+def test_validation_names_the_problem(images, match):
+    with pytest.raises(InvalidReply, match=match):
+        validate_synthetic_images(images, input_shape=SHAPE, max_count=3)
+
+
+# --- end to end through Flower -----------------------------------------------------------
+
+DATA_FREE = RunConfig(
+    dataset="digits",
+    num_clients=3,
+    rounds=2,
+    local_epochs=2,
+    distill_epochs=5,
+    partition=PartitionConfig(scheme="iid"),
+    transfer="synthetic",
+    synthesis=SynthesisConfig(per_client=60, steps=60),
+    student_model="cnn_small",
+)
+
+
+class RecordingGrid(InProcessGrid):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exchanges = []
+
+    def _deliver(self, message):
+        reply = super()._deliver(message)
+        self.exchanges.append((message, reply))
+        return reply
+
+
+@pytest.mark.slow
+def test_data_free_run_learns_without_the_server_touching_real_data(monkeypatch):
+    def no_public_set(*args, **kwargs):
+        raise AssertionError("the data-free mode read the public split")
+
+    # Clients and server share this process: nobody may read public inputs, and no public
+    # split exists (its size is 0), so everything the student learns from is synthetic.
+    monkeypatch.setattr(local_data, "public_inputs", no_public_set)
+    monkeypatch.setattr("fedkd.federation.public_inputs", no_public_set)
+    monkeypatch.setattr("fedkd.client_app.public_inputs", no_public_set)
+    assert local_data.split_for(DATA_FREE.split_spec()).public_indices.size == 0
+
+    grid = RecordingGrid(client_app, num_nodes=DATA_FREE.num_clients)
+    rows = run_federation(grid, DATA_FREE, run_dir=None)
+
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[-1]["student_accuracy"] > 0.3  # chance is 0.1
+    assert all(row["synthetic_inputs"] == 3 * 60 and row["rejected"] == 0 for row in rows)
+
+    queries = [(m, r) for m, r in grid.exchanges if m.metadata.message_type == SYNTHESIZE_MESSAGE]
+    trains = [(m, r) for m, r in grid.exchanges if m.metadata.message_type == MessageType.TRAIN]
+    assert len(queries) == len(trains) == 3 * 2
+    pixels_per_input = int(np.prod(local_data.info_for(DATA_FREE.split_spec()).input_shape))
+    for _, reply in queries:
+        images = reply.content[SYNTHETIC_KEY][TRANSFER_IMAGES].numpy()
+        assert images.dtype == np.uint8 and images.shape[0] == 60
+    final_pool = trains[-1][0].content[TRANSFER_KEY][TRANSFER_IMAGES].numpy()
+    final_queries = [r.content[SYNTHETIC_KEY][TRANSFER_IMAGES].numpy() for _, r in queries[-3:]]
+    np.testing.assert_array_equal(final_pool, np.concatenate(final_queries))
+
+    # Bytes on the wire include the synthetic images both ways.
+    row = rows[-1]
+    up_images = 3 * 60 * pixels_per_input
+    down_pool = 3 * (3 * 60) * pixels_per_input
+    assert row["bytes_up"] >= up_images + 3 * (3 * 60) * 10 * 4
+    assert row["bytes_down"] >= down_pool
+
+
+@pytest.mark.slow
+def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeypatch):
+    import fedkd.client_app as client_module
+
+    trained: list[tuple[int, int]] = []
+    original = client_module._train_locally
+
+    def counting(model, task, identity):
+        trained.append((task.server_round, identity.client_id))
+        return original(model, task, identity)
+
+    monkeypatch.setattr(client_module, "_train_locally", counting)
+    config = RunConfig(
+        dataset="digits", num_clients=2, rounds=2, local_epochs=1, distill_epochs=1,
+        partition=PartitionConfig(scheme="iid"), transfer="synthetic",
+        synthesis=SynthesisConfig(per_client=10, steps=5), student_model="cnn_small",
+    )
+    grid = InProcessGrid(client_app, num_nodes=2)
+    run_federation(grid, config, run_dir=None)
+    assert sorted(trained) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    # The note that the query trained the teacher is used up by the train message.
+    assert all("teacher-round" not in grid.context(node).state for node in (1, 2))
