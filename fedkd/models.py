@@ -43,29 +43,36 @@ class SmallCNN(nn.Module):
 
 
 class LeNet5BN(nn.Module):
-    """LeNet-5 with BatchNorm after each convolution (the DAFL/DFAD MNIST teacher family)."""
+    """LeNet-5 with BatchNorm after each convolution (the DAFL/DFAD MNIST teacher family).
 
-    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+    ``width=0.5`` gives LeNet-5-half, the student of DAFL and DFAD: half the channels and
+    hidden units of every layer.
+    """
+
+    def __init__(
+        self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: float = 1.0
+    ) -> None:
         super().__init__()
+        conv1, conv2, fc1, fc2 = (max(1, round(units * width)) for units in (6, 16, 120, 84))
         # LeNet-5 was designed for 32×32 inputs; padding 28×28 by 2 keeps its 5×5 feature map.
         padding = max(0, (32 - image_size) // 2)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=padding, bias=False),
-            nn.BatchNorm2d(6),
+            nn.Conv2d(in_channels, conv1, 5, padding=padding, bias=False),
+            nn.BatchNorm2d(conv1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, bias=False),
-            nn.BatchNorm2d(16),
+            nn.Conv2d(conv1, conv2, 5, bias=False),
+            nn.BatchNorm2d(conv2),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
         side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
         self.classifier = nn.Sequential(
-            nn.Linear(16 * side * side, 120),
+            nn.Linear(conv2 * side * side, fc1),
             nn.ReLU(inplace=True),
-            nn.Linear(120, 84),
+            nn.Linear(fc1, fc2),
             nn.ReLU(inplace=True),
-            nn.Linear(84, num_classes),
+            nn.Linear(fc2, num_classes),
         )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -199,6 +206,7 @@ class MLP(nn.Module):
 MODEL_REGISTRY: dict[str, ModelFactory] = {
     "cnn_small": SmallCNN,
     "lenet5_bn": LeNet5BN,
+    "lenet5_half": lambda **kw: LeNet5BN(width=0.5, **kw),
     "cnn_fc": FCHeadCNN,
     "cnn_medium": MediumCNN,
     "resnet8": lambda **kw: ResNetCifar(depth=8, **kw),

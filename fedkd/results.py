@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from fedkd.config import RunConfig
+from fedkd.config import RunConfig, run_config_from_mapping
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -43,12 +43,18 @@ class RunFolder:
     def finished_rows(self, config: RunConfig) -> list[dict[str, Any]] | None:
         """The rows of a finished run of exactly ``config`` in this folder, else ``None``.
 
-        Lets an interrupted sweep be relaunched without redoing the runs it had finished.
+        Lets an interrupted sweep be relaunched without redoing the runs it had finished. The
+        stored config is read back through the same adapter as a new one, so a folder written
+        before a setting existed still matches when the setting keeps its default.
         """
         config_path = self.path / CONFIG_FILE
         if not (config_path.exists() and self.metrics_path.exists()):
             return None
-        if yaml.safe_load(config_path.read_text()) != _config_values(config, None):
+        try:
+            stored = run_config_from_mapping(yaml.safe_load(config_path.read_text()) or {})
+        except (TypeError, ValueError):
+            return None  # not a fedkd-sim run of a config this version can express
+        if stored != config:
             return None
         rows = read_metrics(self.metrics_path)
         if [row.get("round") for row in rows] != list(range(1, config.rounds + 1)):

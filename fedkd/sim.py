@@ -36,8 +36,13 @@ def simulate(config: RunConfig, *, run_dir: str | Path, verbose: bool = False) -
     from fedkd.federation import print_progress, run_federation
 
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    transfer = (
+        f", data-free ({config.synthesis.method}, {config.synthesis.per_client} synthetic inputs per client)"
+        if config.transfer == "synthetic"
+        else ""
+    )
     print(
-        f"fedkd: {config.strategy.name} on {config.dataset}, {config.num_clients} clients "
+        f"fedkd: {config.strategy.name}{transfer} on {config.dataset}, {config.num_clients} clients "
         f"({config.partition.scheme}), {config.rounds} rounds, engine={config.engine} → {run_dir}",
         flush=True,
     )

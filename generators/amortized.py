@@ -76,7 +76,7 @@ class GeneratorConfig:
     """
 
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch_size: int = 64
     latent_dim: int = 64
     width: int = 32

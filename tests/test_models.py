@@ -42,3 +42,12 @@ def test_student_is_larger_than_the_logits_it_replaces():
     # FedAvg's per-client upload must dwarf a 2000×10 float32 soft-label matrix.
     student = build_model("cnn_fc", input_shape=(1, 28, 28), num_classes=10)
     assert count_parameters(student) * 4 > 5 * 2000 * 10 * 4
+
+
+def test_lenet5_half_halves_every_layer():
+    full = build_model("lenet5_bn", input_shape=(1, 28, 28), num_classes=10)
+    half = build_model("lenet5_half", input_shape=(1, 28, 28), num_classes=10)
+    widths = lambda model: [m.out_channels if hasattr(m, "out_channels") else m.out_features  # noqa: E731
+                            for m in model.modules() if hasattr(m, "out_channels") or hasattr(m, "out_features")]
+    assert widths(full) == [6, 16, 120, 84, 10]
+    assert widths(half) == [3, 8, 60, 42, 10]

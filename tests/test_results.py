@@ -30,6 +30,25 @@ def test_finished_rows_only_for_the_same_config_and_all_rounds(tmp_path):
     assert RunFolder(tmp_path / "empty").finished_rows(config) is None
 
 
+def test_a_folder_written_before_a_setting_existed_still_matches_its_default(tmp_path):
+    import yaml
+
+    config = RunConfig(rounds=2)
+    folder = _finished_folder(tmp_path, config)
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del stored["transfer"], stored["synthesis"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert folder.finished_rows(config) is not None
+    assert folder.finished_rows(dataclasses.replace(config, transfer="synthetic")) is None
+
+
+def test_a_folder_holding_something_else_is_not_a_finished_run(tmp_path):
+    config = RunConfig(rounds=2)
+    folder = _finished_folder(tmp_path, config)
+    (tmp_path / "config.yaml").write_text("method: centralized\nepochs: 3\n")
+    assert folder.finished_rows(config) is None
+
+
 def test_progress_line_is_one_short_line():
     row = {
         "round": 3, "student_accuracy": 0.9, "student_loss": 0.3, "clients": 1000,

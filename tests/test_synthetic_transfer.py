@@ -175,3 +175,43 @@ def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeyp
     assert sorted(trained) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     # The note that the query trained the teacher is used up by the train message.
     assert all("teacher-round" not in grid.context(node).state for node in (1, 2))
+
+
+@pytest.mark.slow
+def test_bad_synthetic_inputs_are_rejected_and_counted_and_the_round_goes_on():
+    from flwr.clientapp import ClientApp
+
+    import fedkd.client_app as honest
+
+    app = ClientApp()
+
+    @app.query("synthesize")
+    def synthesize(message, context):
+        reply = honest.synthesize(message, context)
+        if int(context.node_config["partition-id"]) == 0:
+            images = reply.content[SYNTHETIC_KEY][TRANSFER_IMAGES].numpy()
+            reply.content[SYNTHETIC_KEY] = ArrayRecord({TRANSFER_IMAGES: Array(images.astype(np.float32))})
+        return reply
+
+    app.train()(honest.train)
+    config = RunConfig(
+        dataset="digits", num_clients=3, rounds=1, local_epochs=1, distill_epochs=1,
+        partition=PartitionConfig(scheme="iid"), transfer="synthetic",
+        synthesis=SynthesisConfig(per_client=10, steps=5), student_model="cnn_small",
+    )
+    (row,) = run_federation(InProcessGrid(app, num_nodes=3), config, run_dir=None)
+    assert row["rejected"] == 1
+    assert row["synthetic_inputs"] == 20 and row["clients"] == 3
+
+
+@pytest.mark.slow
+def test_ray_engine_runs_the_data_free_mode(tmp_path):
+    from fedkd.sim import simulate
+
+    config = RunConfig(
+        dataset="digits", num_clients=2, rounds=1, local_epochs=1, distill_epochs=1,
+        partition=PartitionConfig(scheme="iid"), transfer="synthetic",
+        synthesis=SynthesisConfig(per_client=10, steps=5), student_model="cnn_small", engine="ray",
+    )
+    (row,) = simulate(config, run_dir=tmp_path)
+    assert row["synthetic_inputs"] == 20 and row["clients"] == 2 and row["failed"] == 0
