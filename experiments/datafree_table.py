@@ -30,9 +30,10 @@ def federated_table(root: Path) -> str:
         if len(rows) < config["rounds"]:
             continue  # unfinished
         clients = max(rows[-1]["clients"], 1)
+        per_round = ", ".join(f"{row['student_accuracy']:.4f}" for row in rows)
         lines.append(
             f"| {config['dataset']} | {config.get('transfer', 'public')} "
-            f"| {', '.join(f'{row['student_accuracy']:.4f}' for row in rows)} "
+            f"| {per_round} "
             f"| **{rows[-1]['student_accuracy']:.4f}** "
             f"| {format_bytes(rows[-1]['bytes_up'] / clients)} | {format_bytes(rows[-1]['bytes_down'] / clients)} "
             f"| {sum(row['wall_seconds'] for row in rows):.0f} s |"
@@ -42,14 +43,18 @@ def federated_table(root: Path) -> str:
 
 def central_table(root: Path) -> str:
     lines = [
-        "| dataset | synthesizer | teacher (accuracy) | student (parameters) | data-free student accuracy | synthesis time |",
-        "|---|---|---|---|---|---|",
+        "| dataset | synthesizer | synthetic inputs | teacher (accuracy) | student (parameters) | data-free student accuracy | synthesis time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for summary_path in sorted(root.glob("central-*/summary.json")):
         summary = json.loads(summary_path.read_text())
         config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
+        inputs = f"{summary['num_synthetic']:,}" + (
+            " fresh per epoch" if summary.get("resample_every_epoch") else ", reused every epoch"
+        )
+        method = summary["method"].removeprefix("data-free centralized (").removesuffix(")")
         lines.append(
-            f"| {config['dataset']} | {summary['method']} | {summary['teacher']} ({summary['teacher_accuracy']:.4f}) "
+            f"| {config['dataset']} | {method}, {summary['synthesis_steps']} steps | {inputs} | {summary['teacher']} ({summary['teacher_accuracy']:.4f}) "
             f"| {config['student_model']} ({summary['student_parameters']:,}) "
             f"| **{summary['student_accuracy']:.4f}** | {summary['synthesis_seconds']:.1f} s |"
         )
