@@ -23,19 +23,18 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from generators.common import (
     MNIST_MEAN,
     MNIST_STD,
     balanced_targets,
-    check_input_shape,
+    check_teacher_setup,
     check_class_prior,
-    check_pixel_normalization,
+    check_synthesis_config,
+    inversion_objective,
     check_targets,
     frozen,
-    is_count,
     module_device,
     module_dtype,
     pixel_bounds,
@@ -43,13 +42,10 @@ from generators.common import (
 )
 from generators.hooks import (
     DEFAULT_FIRST_BN_MULTIPLIER,
-    RunningStatistics,
     StatisticsTargets,
     bn_statistics,
-    check_statistics,
     layer_weights,
 )
-from generators.losses import competition_loss, l2_prior, total_variation
 
 
 @dataclass(frozen=True)
@@ -92,27 +88,7 @@ class GeneratorConfig:
     pixel_std: tuple[float, ...] | None = MNIST_STD
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "latent_dim", "width"):
-            value = getattr(self, name)
-            if not is_count(value, minimum=2 if name == "batch_size" else 1):
-                low = 2 if name == "batch_size" else 1
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        if not is_count(self.jitter, minimum=0):
-            raise ValueError(f"jitter must be a whole number of pixels >= 0, got {self.jitter!r}.")
-        for name in ("lr", "adi_temperature"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-        for name in (
-            "bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "ce_weight", "adi_weight"
-        ):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"{name} must be a finite number >= 0, got {value!r}; "
-                    "use 0 to turn the term off."
-                )
-        check_pixel_normalization(self.pixel_mean, self.pixel_std)
+        check_synthesis_config(self, counts={"steps": 1, "batch_size": 2, "latent_dim": 1, "width": 1})
 
 
 class ConditionalGenerator(nn.Module):
@@ -204,13 +180,7 @@ class AmortizedGenerator:
         statistics: StatisticsTargets | None = None,
         class_prior: Sequence[float] | None = None,
     ) -> None:
-        shape = check_input_shape(input_shape, config.pixel_mean)
-        if not is_count(num_classes, minimum=2):
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-        if config.bn_weight > 0:
-            check_statistics(
-                RunningStatistics.from_model(teacher) if statistics is None else statistics, teacher
-            )
+        shape = check_teacher_setup(teacher, input_shape, num_classes, config, statistics)
         self.teacher = teacher
         self.input_shape = shape
         self.num_classes = num_classes
@@ -277,17 +247,15 @@ class AmortizedGenerator:
                 images = network(noise, targets)
                 augmented = roll_jitter(images, config.jitter, generator)
                 logits = self.teacher(augmented)
-                loss = config.ce_weight * F.cross_entropy(logits, targets)
-                if stats is not None:
-                    loss = loss + config.bn_weight * stats.feature_loss(weights)
-                if competing:
-                    loss = loss + config.adi_weight * competition_loss(
-                        logits, student(augmented), temperature=config.adi_temperature
-                    )
-                if config.tv_weight > 0:
-                    loss = loss + config.tv_weight * total_variation(images)
-                if config.l2_weight > 0:
-                    loss = loss + config.l2_weight * l2_prior(images)
+                loss = inversion_objective(
+                    config,
+                    images=images,
+                    augmented=augmented,
+                    logits=logits,
+                    targets=targets,
+                    feature_loss=None if stats is None else stats.feature_loss(weights),
+                    student=student if competing else None,
+                )
                 value = loss.item()
                 if not math.isfinite(value):
                     raise RuntimeError(

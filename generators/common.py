@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from generators.hooks import RunningStatistics, check_statistics
+from generators.losses import competition_loss, l2_prior, total_variation
 
 # Normalization of MNIST (mean and std of pixel / 255), the default pixel range to clip to.
 MNIST_MEAN: tuple[float, ...] = (0.1307,)
@@ -164,3 +170,80 @@ def roll_jitter(images: torch.Tensor, jitter: int, generator: torch.Generator) -
         return images
     shifts = torch.randint(-jitter, jitter + 1, (2,), generator=generator, device=generator.device)
     return torch.roll(images, shifts=tuple(shifts.tolist()), dims=(2, 3))
+
+
+LOSS_WEIGHTS = ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "ce_weight", "adi_weight")
+
+
+def check_synthesis_config(config: Any, *, counts: Mapping[str, int]) -> None:
+    """Validate the settings both synthesizer configs share, plus their own ``counts``.
+
+    ``counts`` maps each integer field to its minimum.
+    """
+    for name, minimum in counts.items():
+        value = getattr(config, name)
+        if not is_count(value, minimum=minimum):
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    if not is_count(config.jitter, minimum=0):
+        raise ValueError(f"jitter must be a whole number of pixels >= 0, got {config.jitter!r}.")
+    for name in ("lr", "adi_temperature"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    for name in LOSS_WEIGHTS:
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"{name} must be a finite number >= 0, got {value!r}; use 0 to turn the term off."
+            )
+    check_pixel_normalization(config.pixel_mean, config.pixel_std)
+
+
+def inversion_objective(
+    config: Any,
+    *,
+    images: torch.Tensor,
+    augmented: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    feature_loss: torch.Tensor | None,
+    student: nn.Module | None,
+) -> torch.Tensor:
+    """DeepInversion's total loss: CE + BatchNorm features + ADI competition + image priors.
+
+    ``logits`` are the teacher's on ``augmented``; the priors see the un-augmented ``images``,
+    since a roll would add a seam to the total variation.
+    """
+    loss = config.ce_weight * F.cross_entropy(logits, targets)
+    if feature_loss is not None:
+        loss = loss + config.bn_weight * feature_loss
+    if config.adi_weight > 0 and student is not None:
+        loss = loss + config.adi_weight * competition_loss(
+            logits, student(augmented), temperature=config.adi_temperature
+        )
+    if config.tv_weight > 0:
+        loss = loss + config.tv_weight * total_variation(images)
+    if config.l2_weight > 0:
+        loss = loss + config.l2_weight * l2_prior(images)
+    return loss
+
+
+def check_teacher_setup(
+    teacher: nn.Module,
+    input_shape: Sequence[int],
+    num_classes: int,
+    config: Any,
+    statistics: Any,
+) -> tuple[int, int, int]:
+    """Check a synthesizer's arguments up front — not in the middle of a federated round.
+
+    Returns the input shape as ``(C, H, W)``.
+    """
+    shape = check_input_shape(input_shape, config.pixel_mean)
+    if not is_count(num_classes, minimum=2):
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+    if config.bn_weight > 0:
+        check_statistics(
+            RunningStatistics.from_model(teacher) if statistics is None else statistics, teacher
+        )
+    return shape
