@@ -12,9 +12,11 @@ Node configuration keys: ``partition-id`` (which private partition this node hol
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -51,13 +53,27 @@ from fedkd.messages import (
     synthetic_reply,
 )
 from fedkd.models import build_model, model_for_client
-from fedkd.seeding import SYNTHESIS, TEACHER_DIGEST, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+from fedkd.privacy.accountant import PrivacyLedger
+from fedkd.privacy.dpsgd import calibrate_for_run, make_private_compatible, train_dp_sgd
+from fedkd.privacy.mechanisms import clip_rows, gaussian_noise_share, one_hot
+from fedkd.seeding import (
+    CLIENT_NOISE,
+    SYNTHESIS,
+    TEACHER_DIGEST,
+    TEACHER_INIT,
+    TEACHER_TRAIN,
+    derive_seed,
+    numpy_generator,
+    torch_generator,
+)
 from generators.registry import build_synthesizer
 
 TEACHER_STATE = "teacher"
 # Which round the stored teacher was trained in, with that training's examples and loss: with
 # synthetic transfer a client hears twice per round (synthesize, then label) but trains once.
 TEACHER_ROUND_STATE = "teacher-round"
+# The client's DP-SGD ledger: every noisy step of every round so far (privacy=dpsgd).
+PRIVACY_LEDGER_STATE = "privacy-ledger"
 
 app = ClientApp()
 
@@ -87,9 +103,14 @@ def node_identity(context: Context, task: ClientTask) -> NodeIdentity:
     return NodeIdentity(int(node_config["partition-id"]), str(data_root) if data_root else None)
 
 
-def _train_locally(model: torch.nn.Module, task: ClientTask, identity: NodeIdentity) -> tuple[int, float]:
+def _train_locally(
+    model: torch.nn.Module, task: ClientTask, identity: NodeIdentity, context: Context | None = None
+) -> tuple[int, float]:
     """E local epochs on this client's private partition; returns (examples, last loss)."""
     partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
+    if task.privacy_mechanism == "dpsgd":
+        assert context is not None, "DP-SGD keeps its ledger in the node's context"
+        return len(partition), _train_privately(model, partition, task, identity, context)
     loss = train_supervised(
         model,
         partition.images,
@@ -100,6 +121,42 @@ def _train_locally(model: torch.nn.Module, task: ClientTask, identity: NodeIdent
         max_shift=task.augment_shift,
     )
     return len(partition), loss
+
+
+def _train_privately(
+    model: torch.nn.Module, partition: LabeledTensors, task: ClientTask, identity: NodeIdentity, context: Context
+) -> float:
+    """DP-SGD with noise calibrated for every epoch of the whole run; the ledger persists in
+    ``context.state``, so this client's ε accumulates across rounds."""
+    ledger = client_ledger(context)
+    noise_multiplier = calibrate_for_run(
+        target_epsilon=task.privacy_epsilon,
+        delta=task.privacy_delta,
+        num_examples=len(partition),
+        batch_size=task.batch_size,
+        epochs_in_run=task.rounds * task.local_epochs,
+    )
+    loss = train_dp_sgd(
+        model,
+        partition.images,
+        partition.labels,
+        epochs=task.local_epochs,
+        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=task.privacy_max_grad_norm,
+        ledger=ledger,
+        max_shift=task.augment_shift,
+    )
+    context.state[PRIVACY_LEDGER_STATE] = ConfigRecord(ledger.to_record())
+    return loss
+
+
+def client_ledger(context: Context) -> PrivacyLedger:
+    """This node's DP-SGD ledger (empty before its first private round)."""
+    if PRIVACY_LEDGER_STATE not in context.state:
+        return PrivacyLedger()
+    return PrivacyLedger.from_record(context.state[PRIVACY_LEDGER_STATE])
 
 
 def _nonempty_partition(spec: SplitSpec, client_id: int) -> LabeledTensors:
@@ -123,6 +180,8 @@ def _restore_teacher(task: ClientTask, identity: NodeIdentity, context: Context)
         num_classes=info.num_classes,
         seed=derive_seed(task.seed, identity.client_id, TEACHER_INIT),
     )
+    if task.privacy_mechanism == "dpsgd":
+        teacher = make_private_compatible(teacher)
     if TEACHER_STATE in context.state:
         teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
     return teacher
@@ -162,7 +221,7 @@ def _teacher_for_round(
         return teacher, int(done["num-examples"]), float(done["train-loss"])
     if CONSENSUS_KEY in message.content:
         _digest(teacher, message.content[CONSENSUS_KEY], task, identity)
-    num_examples, loss = _train_locally(teacher, task, identity)
+    num_examples, loss = _train_locally(teacher, task, identity, context)
     context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
     if remember:
         context.state[TEACHER_ROUND_STATE] = ConfigRecord(
@@ -182,10 +241,35 @@ def _transfer_inputs(message: Message, task: ClientTask, identity: NodeIdentity)
 
 def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
     teacher, num_examples, loss = _teacher_for_round(message, context, task, identity, remember=False)
-    probs = soften(predict_logits(teacher, _transfer_inputs(message, task, identity)), task.temperature)
+    probs = soften(predict_logits(teacher, _transfer_inputs(message, task, identity)), task.temperature).numpy()
+    epsilon = None
+    if task.privacy_mechanism == "dpsgd":
+        # Training without noise (ε = inf) records nothing: its guarantee is none, not zero.
+        no_noise = math.isinf(task.privacy_epsilon)
+        epsilon = math.inf if no_noise else client_ledger(context).epsilon(task.privacy_delta)
     return soft_label_reply(
-        probs.numpy(), num_examples=num_examples, client_id=identity.client_id, train_loss=loss
+        _shared_rows(probs, task, identity),
+        num_examples=num_examples,
+        client_id=identity.client_id,
+        train_loss=loss,
+        epsilon=epsilon,
     )
+
+
+def _shared_rows(probs: np.ndarray, task: ClientTask, identity: NodeIdentity) -> np.ndarray:
+    """What leaves the client for the transfer inputs under the run's privacy mechanism."""
+    if task.privacy_mechanism == "gnmax":
+        return one_hot(probs.argmax(axis=-1), probs.shape[-1])  # a vote, nothing more
+    if task.privacy_mechanism == "gaussian" and task.privacy_noise_std > 0:
+        clipped = clip_rows(probs, task.privacy_clip_norm)
+        noise = gaussian_noise_share(
+            clipped.shape,
+            noise_std=task.privacy_noise_std,
+            num_shares=task.privacy_noise_shares,
+            rng=numpy_generator(task.seed, task.server_round, identity.client_id, CLIENT_NOISE),
+        )
+        return (clipped + noise).astype(np.float32)
+    return probs
 
 
 def _weights(message: Message, task: ClientTask, identity: NodeIdentity) -> RecordDict:

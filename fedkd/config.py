@@ -26,6 +26,10 @@ SYNTHESIS_METHODS = ("generator", "deepinversion")
 # the public set. FedMD and DS-FL send last round's consensus back down by public index, FedDF
 # averages weights around the public set, and FD has no transfer set.
 SYNTHETIC_TRANSFER_STRATEGIES = ("ensemble_distillation",)
+PRIVACY_MECHANISMS = ("none", "dpsgd", "gaussian", "gnmax")
+# DP-SGD protects each client's teacher, so it fits every strategy whose clients share soft labels.
+DPSGD_STRATEGIES = ("ensemble_distillation", "fedmd", "dsfl")
+NOISE_LOCATIONS = ("server", "clients")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -101,6 +105,42 @@ class SynthesisConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy for the run (``privacy=<mechanism>``); ε and δ bound the whole run."""
+
+    mechanism: str = "none"  # none | dpsgd (teachers) | gaussian (aggregate) | gnmax (noisy votes)
+    epsilon: float = 2.0  # target ε at the end of the run; inf trains the same way without noise
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # dpsgd: per-example gradient clip
+    clip_norm: float = 1.0  # gaussian: L2 bound on each soft-label row (≥ 1 leaves probabilities as they are)
+    noise_at: str = "server"  # gaussian: server (central DP) | clients (each adds its share)
+    queries: int = 100  # gaussian, gnmax: transfer inputs released per round
+
+    def __post_init__(self) -> None:
+        _choice("privacy mechanism", self.mechanism, PRIVACY_MECHANISMS)
+        _choice("privacy.noise_at", self.noise_at, NOISE_LOCATIONS)
+        if not self.epsilon > 0:
+            raise ValueError(f"privacy.epsilon must be > 0 (inf for no noise), got {self.epsilon}.")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"privacy.delta must lie in (0, 1), got {self.delta}; 1e-5 is usual for MNIST.")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}.")
+        if self.clip_norm <= 0:
+            raise ValueError(f"privacy.clip_norm must be > 0, got {self.clip_norm}.")
+        if self.queries < 1:
+            raise ValueError(f"privacy.queries must be ≥ 1, got {self.queries}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mechanism != "none"
+
+    @property
+    def on_server(self) -> bool:
+        """Mechanisms that release the aggregate of a fresh batch of ``queries`` inputs per round."""
+        return self.mechanism in ("gaussian", "gnmax")
+
+
+@dataclass(frozen=True)
 class SplitSpec:
     """Everything that determines the public/private split; server and clients agree on it."""
 
@@ -125,6 +165,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     transfer: str = "public"
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     rounds: int = 5
     public_size: int = 1000
     public_labels: bool = False
@@ -192,6 +233,36 @@ class RunConfig:
         for name in (*self.client_models, self.student_model):
             check_model_name(name)
         _choice("engine", self.engine, ENGINES)
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        privacy = self.privacy
+        if not privacy.enabled:
+            return
+        if privacy.mechanism == "dpsgd" and self.strategy.name not in DPSGD_STRATEGIES:
+            raise ValueError(
+                f"privacy=dpsgd trains private teachers that share soft labels; strategy="
+                f"{self.strategy.name} shares something else. Use one of {list(DPSGD_STRATEGIES)}."
+            )
+        if privacy.on_server and self.strategy.name != "ensemble_distillation":
+            raise ValueError(
+                f"privacy={privacy.mechanism} replaces the aggregation of strategy=ensemble_distillation; "
+                f"set strategy=ensemble_distillation (got {self.strategy.name})."
+            )
+        if self.transfer == "synthetic":
+            raise ValueError(
+                f"privacy={privacy.mechanism} with transfer=synthetic is not supported: a DP-SGD teacher "
+                "keeps no BatchNorm statistics to invert. Use transfer=public."
+            )
+        if privacy.on_server and privacy.queries > self.public_size:
+            raise ValueError(
+                f"privacy.queries={privacy.queries} exceeds public_size={self.public_size}; "
+                "lower privacy.queries or raise public_size."
+            )
+        if privacy.on_server and self.public_labels:
+            raise ValueError(
+                f"privacy={privacy.mechanism} trains the student on released labels only; set public_labels=false."
+            )
 
     @property
     def effective_public_size(self) -> int:
@@ -235,6 +306,11 @@ def run_config_from_mapping(values: Mapping[str, Any]) -> RunConfig:
         values["strategy"] = _coerce(StrategyConfig, values["strategy"])
     if "synthesis" in values:
         values["synthesis"] = _coerce(SynthesisConfig, values["synthesis"])
+    if "privacy" in values:
+        privacy = dict(values["privacy"])
+        if "epsilon" in privacy:  # "inf" from YAML, a CLI or Flower's run config
+            privacy["epsilon"] = float(privacy["epsilon"])
+        values["privacy"] = _coerce(PrivacyConfig, privacy)
     if "client_models" in values:
         values["client_models"] = _models(values["client_models"])
     if values.get("data_root") is None:
@@ -257,6 +333,13 @@ _FLOWER_NESTED = {
     "synthesis-per-client": ("synthesis", "per_client"),
     "synthesis-steps": ("synthesis", "steps"),
     "synthesis-keep-pools": ("synthesis", "keep_pools"),
+    "privacy": ("privacy", "mechanism"),
+    "privacy-epsilon": ("privacy", "epsilon"),
+    "privacy-delta": ("privacy", "delta"),
+    "privacy-max-grad-norm": ("privacy", "max_grad_norm"),
+    "privacy-clip-norm": ("privacy", "clip_norm"),
+    "privacy-noise-at": ("privacy", "noise_at"),
+    "privacy-queries": ("privacy", "queries"),
 }
 # Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
 FLOWER_OUTPUT_KEYS = ("output-dir",)
@@ -264,7 +347,7 @@ FLOWER_OUTPUT_KEYS = ("output-dir",)
 
 def run_config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
     """Build a :class:`RunConfig` from Flower's flat kebab-case ``context.run_config``."""
-    nested: dict[str, Any] = {"partition": {}, "strategy": {}, "synthesis": {}}
+    nested: dict[str, Any] = {"partition": {}, "strategy": {}, "synthesis": {}, "privacy": {}}
     for key, value in run_config.items():
         if key in FLOWER_OUTPUT_KEYS:
             continue
@@ -321,6 +404,16 @@ class ClientTask:
     synthesis_method: str
     synthesis_per_client: int
     synthesis_steps: int
+    rounds: int
+    privacy_mechanism: str
+    privacy_epsilon: float
+    privacy_delta: float
+    privacy_max_grad_norm: float
+    privacy_clip_norm: float
+    # Distributed Gaussian noise (privacy.noise_at=clients): the total standard deviation on the
+    # sum and the number of clients sharing it; the server fills these in each round.
+    privacy_noise_std: float = 0.0
+    privacy_noise_shares: int = 1
 
     @classmethod
     def from_run(cls, config: RunConfig, *, mode: str, server_round: int) -> ClientTask:
@@ -347,6 +440,12 @@ class ClientTask:
             synthesis_method=config.synthesis.method,
             synthesis_per_client=config.synthesis.per_client,
             synthesis_steps=config.synthesis.steps,
+            rounds=config.rounds,
+            privacy_mechanism=config.privacy.mechanism,
+            privacy_epsilon=config.privacy.epsilon,
+            privacy_delta=config.privacy.delta,
+            privacy_max_grad_norm=config.privacy.max_grad_norm,
+            privacy_clip_norm=config.privacy.clip_norm,
         )
 
     def split_spec(self, *, data_root: str | None = None) -> SplitSpec:
@@ -370,9 +469,11 @@ class ClientTask:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ClientTask:
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
         values = {key.replace("-", "_"): value for key, value in record.items()}
-        missing = sorted(names - set(values))
+        missing = sorted(required - set(values))
         if missing:
             raise ValueError(f"Train message lacks task keys {missing}; is the server up to date?")
         values = {key: value for key, value in values.items() if key in names}

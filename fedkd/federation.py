@@ -32,7 +32,8 @@ from strategies.ensemble_distillation import EnsembleDistillation
 from strategies.fd import FederatedDistillation
 from strategies.feddf import FedDF
 from strategies.fedmd import FedMD
-from strategies.sampling import ClientSampling
+from strategies.private_aggregation import ServerPrivacy
+from strategies.sampling import ClientSampling, sample_size
 from strategies.synthetic_transfer import SyntheticTransfer
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,17 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
             ),
             **distillation,
         )
+    if config.privacy.on_server:
+        server_privacy = ServerPrivacy(
+            config.privacy,
+            rounds=config.rounds,
+            num_public=len(server_student.transfer_inputs),
+            expected_clients=sample_size(config.num_clients, config.strategy.fraction_train),
+            seed=config.seed,
+        )
+        return EnsembleDistillation(server_privacy=server_privacy, **distillation)
+    if config.privacy.mechanism == "dpsgd":
+        distillation["client_privacy_delta"] = config.privacy.delta
     if name == "fedmd":
         return FedMD(**distillation)
     if name == "dsfl":

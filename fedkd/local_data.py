@@ -42,18 +42,31 @@ class LabeledTensors:
         return len(self.labels)
 
 
-def _tensors(dataset: Dataset, indices: np.ndarray | None, *, split: str) -> LabeledTensors:
+@lru_cache(maxsize=2)
+def _converted_split(dataset_name: str, data_root: str, split: str) -> LabeledTensors:
+    """A whole split as normalized tensors, converted once per process.
+
+    Every client of a simulated federation indexes into this one copy; converting each
+    partition anew every round costs more than the lookup at hundreds of clients.
+    """
+    dataset = load_dataset(dataset_name, data_root=data_root or None)
     arrays = dataset.train if split == "train" else dataset.test
-    if indices is not None:
-        arrays = arrays.subset(indices)
     return LabeledTensors(to_tensor(arrays.images, dataset.info), torch.tensor(arrays.labels, dtype=torch.int64))
+
+
+def _tensors(spec: SplitSpec, indices: np.ndarray | None, *, split: str) -> LabeledTensors:
+    whole = _converted_split(spec.dataset, spec.data_root, split)
+    if indices is None:
+        return whole
+    rows = torch.tensor(np.asarray(indices), dtype=torch.int64)
+    return LabeledTensors(whole.images[rows], whole.labels[rows])
 
 
 def private_partition(spec: SplitSpec, client_id: int) -> LabeledTensors:
     """Client ``client_id``'s private examples."""
     if not 0 <= client_id < spec.num_clients:
         raise ValueError(f"client id {client_id} is outside 0..{spec.num_clients - 1}.")
-    return _tensors(dataset_for(spec), split_for(spec).client_indices[client_id], split="train")
+    return _tensors(spec, split_for(spec).client_indices[client_id], split="train")
 
 
 def public_inputs(spec: SplitSpec, positions: np.ndarray | None = None) -> LabeledTensors:
@@ -70,18 +83,12 @@ def public_inputs(spec: SplitSpec, positions: np.ndarray | None = None) -> Label
                 f"got {positions.min()}..{positions.max()}."
             )
         public = public[positions]
-    return _tensors(dataset_for(spec), public, split="train")
-
-
-@lru_cache(maxsize=4)
-def _evaluation_split(dataset: str, data_root: str) -> LabeledTensors:
-    loaded = load_dataset(dataset, data_root=data_root or None)
-    return _tensors(loaded, None, split="test")
+    return _tensors(spec, public, split="train")
 
 
 def evaluation_split(spec: SplitSpec) -> LabeledTensors:
     """The held-out test split, used only for evaluation."""
-    return _evaluation_split(spec.dataset, spec.data_root)
+    return _tensors(spec, None, split="test")
 
 
 def info_for(spec: SplitSpec) -> DatasetInfo:

@@ -11,6 +11,10 @@ Reply (client → server)::
     "soft-labels": ArrayRecord  — "probs": float32 (N, C), softmax(logits / T) per transfer input
     "metrics":     MetricRecord — "num-examples", "client-id", "train-loss"
 
+With ``privacy=dpsgd`` the metrics also carry "epsilon" (the client's ε so far); with
+``privacy=gnmax`` the "probs" rows are one-hot votes; with ``privacy=gaussian`` and
+``noise_at=clients`` they are clipped rows plus the client's share of Gaussian noise.
+
 Synthetic transfer (``transfer=synthetic``) adds a query message each round before the train
 message: the server sends "config" (message type ``query.synthesize``) and each client replies::
 
@@ -46,6 +50,7 @@ METRICS_KEY = "metrics"
 WEIGHTS_KEY = "arrays"
 NUM_EXAMPLES = "num-examples"
 CLIENT_ID = "client-id"
+EPSILON = "epsilon"
 
 
 def transfer_record(indices: np.ndarray) -> ArrayRecord:
@@ -78,14 +83,17 @@ def consensus_record(indices: np.ndarray, probs: np.ndarray) -> ArrayRecord:
     )
 
 
-def soft_label_reply(probs: np.ndarray, *, num_examples: int, client_id: int, train_loss: float) -> RecordDict:
-    """The whole content of a client's soft-label reply."""
+def soft_label_reply(
+    probs: np.ndarray, *, num_examples: int, client_id: int, train_loss: float, epsilon: float | None = None
+) -> RecordDict:
+    """The whole content of a client's soft-label reply (``epsilon``: its DP-SGD budget spent so far)."""
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id, "train-loss": float(train_loss)}
+    if epsilon is not None:
+        metrics[EPSILON] = float(epsilon)
     return RecordDict(
         {
             SOFT_LABELS_KEY: ArrayRecord({SOFT_LABELS_ARRAY: Array(np.ascontiguousarray(probs, dtype=np.float32))}),
-            METRICS_KEY: MetricRecord(
-                {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id, "train-loss": float(train_loss)}
-            ),
+            METRICS_KEY: MetricRecord(metrics),
         }
     )
 

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.messages import (
     CLIENT_ID,
+    EPSILON,
     CONSENSUS_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -44,6 +45,7 @@ from fedkd.messages import (
 )
 from fedkd.student import Student
 from strategies.aggregation import Aggregator
+from strategies.private_aggregation import ServerPrivacy, WorstClientEpsilon
 from strategies.sampling import ClientSampling
 from strategies.synthetic_transfer import SyntheticTransfer
 from strategies.validation import InvalidReply, validate_soft_labels
@@ -58,6 +60,7 @@ class SoftLabelReply:
     client_id: int
     num_examples: int
     probs: np.ndarray
+    epsilon: float | None = None  # the client's own DP-SGD budget spent so far
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,12 @@ class ParsedReplies:
 
 
 def parse_soft_label_replies(
-    replies: Iterable[Message], *, num_inputs: int, num_classes: int
+    replies: Iterable[Message], *, num_inputs: int, num_classes: int, probabilities: bool = True
 ) -> ParsedReplies:
     """Split replies into accepted soft labels (sorted by client id), failures and rejections.
 
     Sorting makes the aggregate independent of the order in which replies arrived.
+    ``probabilities=False`` accepts finite rows that are not probability vectors (noisy shares).
     """
     accepted: list[SoftLabelReply] = []
     failed: list[str] = []
@@ -85,11 +89,14 @@ def parse_soft_label_replies(
         try:
             metrics = reply.content[METRICS_KEY]
             probs = reply.content[SOFT_LABELS_KEY][SOFT_LABELS_ARRAY].numpy()
-            probs = validate_soft_labels(probs, num_inputs=num_inputs, num_classes=num_classes)
+            probs = validate_soft_labels(
+                probs, num_inputs=num_inputs, num_classes=num_classes, probabilities=probabilities
+            )
             num_examples = int(metrics[NUM_EXAMPLES])
             if num_examples < 1:
                 raise InvalidReply(f"num-examples must be ≥ 1, got {num_examples}.")
-            accepted.append(SoftLabelReply(int(metrics[CLIENT_ID]), num_examples, probs))
+            epsilon = float(metrics[EPSILON]) if EPSILON in metrics else None
+            accepted.append(SoftLabelReply(int(metrics[CLIENT_ID]), num_examples, probs, epsilon))
         except (KeyError, TypeError, ValueError) as error:
             rejected.append(f"{source}: {error}")
     accepted.sort(key=lambda reply: reply.client_id)
@@ -120,6 +127,12 @@ class EnsembleDistillation(Strategy):
         Data-free mode: each round the transfer set is pooled from synthetic inputs the clients
         invert from their teachers (see :mod:`strategies.synthetic_transfer`), instead of the
         public inputs named by ``transfer_indices``.
+    server_privacy : ServerPrivacy, optional
+        ``privacy=gaussian|gnmax``: each round a fresh batch of public inputs is labelled and its
+        aggregate released through the mechanism (replacing ``aggregator``); the student learns
+        from every released batch so far.
+    client_privacy_delta : float, optional
+        ``privacy=dpsgd``: clients report their ε; the round reports the worst at this δ.
     """
 
     def __init__(
@@ -132,8 +145,17 @@ class EnsembleDistillation(Strategy):
         sampling: ClientSampling = ClientSampling(),
         min_replies: int = 1,
         synthetic: SyntheticTransfer | None = None,
+        server_privacy: ServerPrivacy | None = None,
+        client_privacy_delta: float | None = None,
     ) -> None:
         self.student = student
+        self.server_privacy = server_privacy
+        self.client_privacy_delta = client_privacy_delta
+        self.client_epsilons = WorstClientEpsilon()
+        # Private release: all public inputs, this round's query positions, and every release so far.
+        self._public_inputs = student.transfer_inputs
+        self._round_positions: np.ndarray | None = None
+        self._released: list[tuple[np.ndarray, np.ndarray]] = []
         self.transfer_indices = np.asarray(transfer_indices)
         self.synthetic = synthetic
         self._num_inputs = len(self.transfer_indices)
@@ -164,6 +186,14 @@ class EnsembleDistillation(Strategy):
             self.sampling.fraction,
             self.min_replies,
         )
+        if self.server_privacy is not None:
+            privacy = self.server_privacy
+            logger.info(
+                "privacy=%s: %d queries per round, noise multiplier %.4g (noise std %.4g) for "
+                "ε=%s at δ=%g over the run",
+                privacy.config.mechanism, privacy.queries, privacy.noise_multiplier,
+                privacy.noise_std, privacy.config.epsilon, privacy.config.delta,
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -175,7 +205,12 @@ class EnsembleDistillation(Strategy):
         task = ConfigRecord({**config, "server-round": server_round})
         node_ids = self.sampling.select(grid, server_round=server_round)
         content = {TASK_KEY: task}
-        if self.synthetic is None:
+        if self.server_privacy is not None:
+            self._round_positions = self.server_privacy.query_positions(server_round)
+            self._num_inputs = len(self._round_positions)
+            content[TASK_KEY] = ConfigRecord({**task, **self.server_privacy.client_task()})
+            content[TRANSFER_KEY] = transfer_record(self.transfer_indices[self._round_positions])
+        elif self.synthetic is None:
             content[TRANSFER_KEY] = transfer_record(self.transfer_indices)
         else:
             pool = self.synthetic.gather(grid, node_ids, task)
@@ -205,7 +240,13 @@ class EnsembleDistillation(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, aggregate and distill; returns the student's weights and round metrics."""
-        parsed = parse_soft_label_replies(replies, num_inputs=self._num_inputs, num_classes=self.num_classes)
+        noisy_shares = self.server_privacy is not None and self.server_privacy.noise_at_clients
+        parsed = parse_soft_label_replies(
+            replies, num_inputs=self._num_inputs, num_classes=self.num_classes, probabilities=not noisy_shares
+        )
+        for reply in parsed.accepted:
+            if reply.epsilon is not None:
+                self.client_epsilons.update(reply.client_id, reply.epsilon)
         for reason in parsed.failed:
             logger.warning("round %d: client failed: %s", server_round, reason)
         for reason in parsed.rejected:
@@ -224,17 +265,37 @@ class EnsembleDistillation(Strategy):
                 len(parsed.accepted),
                 self.min_replies,
             )
-            return None, MetricRecord(metrics)
+            return None, MetricRecord({**metrics, **self._privacy_metrics()})
         soft_labels = np.stack([reply.probs for reply in parsed.accepted])
-        weights = np.array([reply.num_examples for reply in parsed.accepted], dtype=np.float64)
-        targets = self.aggregator(soft_labels, weights)
+        if self.server_privacy is not None:
+            targets = self._released_transfer_set(self.server_privacy.release(soft_labels, server_round=server_round))
+            metrics["distill-inputs"] = len(targets)
+        else:
+            weights = np.array([reply.num_examples for reply in parsed.accepted], dtype=np.float64)
+            targets = self.aggregator(soft_labels, weights)
         if self.shares_consensus:
             self.consensus = targets
         if self.synthetic is not None:
             targets = self._synthetic_transfer_set(targets)
             metrics["distill-inputs"] = len(targets)
         metrics["distill-loss"] = self.student.learn(targets, server_round=server_round)
-        return self.student.arrays(), MetricRecord(metrics)
+        return self.student.arrays(), MetricRecord({**metrics, **self._privacy_metrics()})
+
+    def _privacy_metrics(self) -> dict[str, float]:
+        """Cumulative ε and δ of the run so far, when privacy is on."""
+        if self.server_privacy is not None:
+            return {"epsilon": self.server_privacy.epsilon(), "delta": self.server_privacy.config.delta}
+        if self.client_privacy_delta is not None:
+            return {"epsilon": self.client_epsilons.epsilon(), "delta": self.client_privacy_delta}
+        return {}
+
+    def _released_transfer_set(self, targets: np.ndarray) -> np.ndarray:
+        """Point the student at every privately released batch so far (post-processing is free)."""
+        assert self._round_positions is not None
+        self._released.append((self._round_positions, targets))
+        positions = np.concatenate([batch for batch, _ in self._released])
+        self.student.transfer_inputs = self._public_inputs[torch.from_numpy(positions)]
+        return np.concatenate([labels for _, labels in self._released])
 
     def _synthetic_transfer_set(self, targets: np.ndarray) -> np.ndarray:
         """Point the student at this round's pool, or at every pool so far (``keep_pools``)."""

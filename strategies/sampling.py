@@ -15,12 +15,17 @@ from fedkd.seeding import SAMPLE_CLIENTS, numpy_generator
 logger = logging.getLogger(__name__)
 
 
+def sample_size(num_nodes: int, fraction: float) -> int:
+    """How many of ``num_nodes`` a round asks: ``ceil(fraction · n)``, at least one."""
+    return max(1, int(np.ceil(fraction * num_nodes)))
+
+
 def sample_node_ids(node_ids: Iterable[int], *, fraction: float, seed: int, server_round: int) -> list[int]:
-    """A seeded sample of ``ceil(fraction · n)`` nodes (at least one), in sorted order."""
+    """A seeded sample of :func:`sample_size` nodes, in sorted order."""
     ordered = sorted(node_ids)
     if not ordered:
         return []
-    size = max(1, int(np.ceil(fraction * len(ordered))))
+    size = sample_size(len(ordered), fraction)
     if size >= len(ordered):
         return ordered
     rng = numpy_generator(seed, server_round, SAMPLE_CLIENTS)

@@ -11,10 +11,14 @@ class InvalidReply(ValueError):
 
 
 def validate_soft_labels(
-    probs: NDArray, *, num_inputs: int, num_classes: int, tolerance: float = 1e-3
+    probs: NDArray, *, num_inputs: int, num_classes: int, tolerance: float = 1e-3, probabilities: bool = True
 ) -> NDArray[np.float32]:
     """Return ``probs`` as float32 if it is an ``(num_inputs, num_classes)`` matrix of
-    probability vectors; raise :class:`InvalidReply` naming the first problem otherwise."""
+    probability vectors; raise :class:`InvalidReply` naming the first problem otherwise.
+
+    ``probabilities=False`` accepts any finite matrix of that shape: rows that carry a client's
+    share of distributed DP noise are no longer probability vectors.
+    """
     if not isinstance(probs, np.ndarray):
         raise InvalidReply(f"soft labels must be an array, got {type(probs).__name__}.")
     if probs.shape != (num_inputs, num_classes):
@@ -25,6 +29,8 @@ def validate_soft_labels(
         raise InvalidReply(f"soft labels have dtype {probs.dtype}, expected a float type.")
     if not np.isfinite(probs).all():
         raise InvalidReply(f"soft labels hold {int((~np.isfinite(probs)).sum())} NaN/Inf values.")
+    if not probabilities:
+        return probs.astype(np.float32, copy=False)
     if (probs < 0).any():
         raise InvalidReply("soft labels hold negative probabilities.")
     row_sums = probs.sum(axis=1, dtype=np.float64)

@@ -160,9 +160,9 @@ def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeyp
     trained: list[tuple[int, int]] = []
     original = client_module._train_locally
 
-    def counting(model, task, identity):
+    def counting(model, task, identity, context=None):
         trained.append((task.server_round, identity.client_id))
-        return original(model, task, identity)
+        return original(model, task, identity, context)
 
     monkeypatch.setattr(client_module, "_train_locally", counting)
     config = RunConfig(

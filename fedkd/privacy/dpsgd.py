@@ -1,0 +1,135 @@
+"""Record-level DP for a client's teacher: DP-SGD through Opacus (Abadi et al. 2016).
+
+Opacus computes per-sample gradients, clips each to ``max_grad_norm``, adds Gaussian noise and
+records every step in the client's :class:`~fedkd.privacy.accountant.PrivacyLedger`, which the
+client keeps across rounds. The noise multiplier is calibrated once, before training, for the
+steps the *whole run* will take, so the ledger ends at or below the target ε.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedkd.distillation import OptimizerSettings, random_translate
+from fedkd.privacy.accountant import PrivacyLedger, calibrate_noise_multiplier
+
+# Opacus logs every BatchNorm it replaces, per client and round: noise at hundreds of clients.
+logging.getLogger("opacus.validators").setLevel(logging.WARNING)
+
+
+def make_private_compatible(model: nn.Module) -> nn.Module:
+    """The same architecture with every layer Opacus can train privately.
+
+    BatchNorm mixes examples within a batch, which breaks per-sample gradients; Opacus's
+    validator swaps it for GroupNorm (which keeps no running statistics).
+    """
+    fixed = model if ModuleValidator.is_valid(model) else ModuleValidator.fix(model)
+    ModuleValidator.validate(fixed, strict=True)
+    for module in fixed.modules():
+        # Opacus's backward hooks cannot see through in-place activations.
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return fixed
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def calibrate_for_run(
+    *, target_epsilon: float, delta: float, num_examples: int, batch_size: int, epochs_in_run: int
+) -> float:
+    """Noise multiplier for ``epochs_in_run`` epochs of Poisson-sampled DP-SGD on ``num_examples``."""
+    batches = batches_per_epoch(num_examples, batch_size)
+    return calibrate_noise_multiplier(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=1.0 / batches, steps=epochs_in_run * batches
+    )
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    settings: OptimizerSettings,
+    generator: torch.Generator,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    ledger: PrivacyLedger,
+    max_shift: float = 0.0,
+) -> float:
+    """Cross-entropy training with DP-SGD; appends every step to ``ledger``.
+
+    ``model`` must already be :func:`make_private_compatible`; it is trained in place and left
+    without Opacus hooks. Returns the mean loss of the last epoch. ``noise_multiplier = 0``
+    trains with clipping only (no guarantee; nothing is recorded).
+    """
+    if max_grad_norm <= 0:
+        raise ValueError(f"privacy.max_grad_norm must be > 0, got {max_grad_norm}.")
+    loader = DataLoader(
+        TensorDataset(images, labels), batch_size=settings.batch_size, shuffle=True, generator=generator
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    accountant = RDPAccountant()
+    accountant.history = list(ledger.history)
+    with warnings.catch_warnings():
+        # Seeded (not cryptographically secure) noise is the point of a reproducible simulation;
+        # a deployment would enable Opacus's secure_mode. The backward-hook notice concerns the
+        # first layer, whose input needs no gradient.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        engine = PrivacyEngine(accountant="rdp")
+        engine.accountant = accountant
+        private_model, private_optimizer, private_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=generator,
+        )
+        try:
+            last_epoch_loss = _private_epochs(
+                private_model, private_optimizer, private_loader,
+                epochs=epochs, generator=generator, max_shift=max_shift,
+            )
+        finally:
+            private_model._close()  # removes the per-sample-gradient hooks from ``model``
+    if noise_multiplier > 0:
+        ledger.history = list(engine.accountant.history)
+    return last_epoch_loss
+
+
+def _private_epochs(model, optimizer, loader, *, epochs: int, generator: torch.Generator, max_shift: float) -> float:  # type: ignore[no-untyped-def]
+    model.train()
+    last_epoch_loss = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for inputs, targets in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(targets) == 0:
+                # Poisson sampling can draw an empty batch. Its noisy step must still be taken
+                # (skipping it would reveal that the batch was empty); the update is all noise.
+                model(inputs).sum().backward()
+                optimizer.step()
+                continue
+            inputs = random_translate(inputs, max_shift=max_shift, generator=generator)
+            loss = F.cross_entropy(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(targets)
+            count += len(targets)
+        last_epoch_loss = total / max(count, 1)
+    return last_epoch_loss

@@ -1,0 +1,132 @@
+"""Private release of the aggregated soft labels on the server (``privacy=gaussian|gnmax``).
+
+Each round the server asks for labels on a fresh batch of ``privacy.queries`` public inputs (a
+seeded permutation of the public set, cycled), releases their aggregate through the mechanism,
+and records the release in its :class:`~fedkd.privacy.accountant.PrivacyLedger`. The noise
+multiplier is calibrated once, for every release of the run, so the ledger ends within the
+target ε. The student learns from every batch released so far.
+
+DP-SGD (``privacy=dpsgd``) needs nothing here: clients account for themselves and report their
+ε, and :class:`WorstClientEpsilon` keeps the largest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedkd.config import PrivacyConfig
+from fedkd.privacy.accountant import PrivacyLedger, calibrate_noise_multiplier
+from fedkd.privacy.mechanisms import (
+    GNMAX_SENSITIVITY,
+    gaussian_mean,
+    gnmax_labels,
+    one_hot,
+    sum_sensitivity,
+    vote_counts,
+)
+from fedkd.seeding import PRIVACY_NOISE, PRIVACY_QUERIES, numpy_generator
+
+
+class ServerPrivacy:
+    """Calibrated noise, the per-round query batches and the ledger of a server-side mechanism.
+
+    Parameters
+    ----------
+    config : PrivacyConfig
+        ``mechanism`` must be ``gaussian`` or ``gnmax``.
+    rounds : int
+        Rounds in the run; the noise is calibrated for all of them.
+    num_public : int
+        Size of the public set the queries are drawn from.
+    expected_clients : int
+        Clients sampled per round (public); the Gaussian mean divides by it.
+    seed : int
+        Run seed: the query order and the noise are reproducible.
+    """
+
+    def __init__(
+        self, config: PrivacyConfig, *, rounds: int, num_public: int, expected_clients: int, seed: int
+    ) -> None:
+        if not config.on_server:
+            raise ValueError(f"ServerPrivacy handles gaussian and gnmax, not {config.mechanism!r}.")
+        if config.queries > num_public:
+            raise ValueError(f"privacy.queries={config.queries} exceeds the {num_public} public inputs.")
+        self.config = config
+        self.expected_clients = expected_clients
+        self.seed = seed
+        releases = rounds if config.mechanism == "gaussian" else rounds * config.queries
+        self.noise_multiplier = calibrate_noise_multiplier(
+            target_epsilon=config.epsilon, delta=config.delta, sample_rate=1.0, steps=releases
+        )
+        self.ledger = PrivacyLedger()
+        self._order = numpy_generator(seed, PRIVACY_QUERIES).permutation(num_public)
+
+    @property
+    def queries(self) -> int:
+        return self.config.queries
+
+    def query_positions(self, server_round: int) -> NDArray[np.int64]:
+        """This round's batch of public positions: the next slice of the seeded order."""
+        start = ((server_round - 1) * self.queries) % len(self._order)
+        return np.take(self._order, np.arange(start, start + self.queries), mode="wrap")
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on the released sum (gaussian) or on each count (gnmax)."""
+        if self.config.mechanism == "gnmax":
+            return self.noise_multiplier * GNMAX_SENSITIVITY
+        return self.noise_multiplier * sum_sensitivity(self.queries, self.config.clip_norm)
+
+    @property
+    def noise_at_clients(self) -> bool:
+        return self.config.mechanism == "gaussian" and self.config.noise_at == "clients"
+
+    def client_task(self) -> dict[str, Any]:
+        """Task keys the clients need: their noise share in the distributed Gaussian variant."""
+        if not self.noise_at_clients:
+            return {}
+        return {"privacy-noise-std": self.noise_std, "privacy-noise-shares": self.expected_clients}
+
+    def release(self, shared: NDArray[np.floating], *, server_round: int) -> NDArray[np.float32]:
+        """The private ``(N, C)`` targets from the clients' ``(K, N, C)`` shares; records the release."""
+        rng = numpy_generator(self.seed, server_round, PRIVACY_NOISE)
+        if self.config.mechanism == "gnmax":
+            labels = gnmax_labels(vote_counts(shared), sigma=self.noise_std, rng=rng)
+            targets = one_hot(labels, shared.shape[-1])
+            releases = len(labels)
+        else:
+            targets = gaussian_mean(
+                shared,
+                clip_norm=self.config.clip_norm,
+                noise_std=self.noise_std,
+                expected_clients=self.expected_clients,
+                rng=rng,
+                noise_added_by_clients=self.noise_at_clients,
+            )
+            releases = 1
+        if self.noise_multiplier > 0:
+            self.ledger.record(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=releases)
+        return targets
+
+    def epsilon(self) -> float:
+        """ε spent so far (inf when the run adds no noise)."""
+        if self.noise_multiplier == 0:
+            return math.inf
+        return self.ledger.epsilon(self.config.delta)
+
+
+class WorstClientEpsilon:
+    """Record-level DP (DP-SGD): the largest ε any client has reported so far."""
+
+    def __init__(self) -> None:
+        self.by_client: dict[int, float] = {}
+
+    def update(self, client_id: int, epsilon: float) -> None:
+        self.by_client[client_id] = float(epsilon)
+
+    def epsilon(self) -> float:
+        return max(self.by_client.values(), default=0.0)
