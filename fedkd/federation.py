@@ -70,6 +70,10 @@ class RecordedStrategy(Strategy):
         self.latest_evaluate_metrics = dict(metrics or {})
         return metrics
 
+    def privacy_state(self) -> dict[str, Any] | None:
+        state = getattr(self.inner, "privacy_state", None)
+        return state() if callable(state) else None
+
     @property
     def evaluates_on_clients(self) -> bool:
         """True for strategies without a global model (FD): the clients report accuracy."""
@@ -235,6 +239,9 @@ class RoundRecorder:
             self.folder.save_student(
                 self.student.state_dict(), architecture=self.config.student_model, server_round=server_round
             )
+        privacy = self.strategy.privacy_state()
+        if self.folder is not None and privacy is not None:
+            self.folder.save_privacy(privacy, server_round=server_round)
         if self.on_round is not None:
             self.on_round(row)
 

@@ -94,7 +94,8 @@ class InProcessGrid(Grid):
         try:
             return self.client_app(message, self._contexts[node_id])
         except Exception as error:  # noqa: BLE001 - a failing client must not stop the run
-            logger.warning("node %d failed: %s: %s", node_id, type(error).__name__, error)
+            # The strategy reports failures (the first few per round, and a count in the metrics).
+            logger.debug("node %d failed: %s: %s", node_id, type(error).__name__, error)
             return Message(
                 Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error).__name__}: {error}"),
                 reply_to=message,

@@ -17,6 +17,7 @@ from fedkd.config import RunConfig, run_config_from_mapping
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 STUDENT_FILE = "student.pt"
+PRIVACY_FILE = "privacy.json"
 
 
 def _config_values(config: RunConfig, extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -75,6 +76,14 @@ class RunFolder:
         partial = path.with_suffix(".pt.partial")
         torch.save({"architecture": architecture, "round": server_round, "state_dict": dict(state_dict)}, partial)
         partial.replace(path)  # a crash mid-write never leaves a truncated checkpoint behind
+        return path
+
+    def save_privacy(self, state: Mapping[str, Any], *, server_round: int) -> Path:
+        """The accountant's state after ``server_round``, beside the student checkpoint."""
+        path = self.path / PRIVACY_FILE
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"round": server_round, **state}, indent=1) + "\n")
+        partial.replace(path)
         return path
 
 

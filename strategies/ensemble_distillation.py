@@ -48,7 +48,7 @@ from strategies.aggregation import Aggregator
 from strategies.private_aggregation import ServerPrivacy, WorstClientEpsilon
 from strategies.sampling import ClientSampling
 from strategies.synthetic_transfer import SyntheticTransfer
-from strategies.validation import InvalidReply, validate_soft_labels
+from strategies.validation import InvalidReply, log_reasons, validate_soft_labels
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +214,8 @@ class EnsembleDistillation(Strategy):
             content[TRANSFER_KEY] = transfer_record(self.transfer_indices)
         else:
             pool = self.synthetic.gather(grid, node_ids, task)
-            for reason in pool.failed:
-                logger.warning("round %d: synthesis failed: %s", server_round, reason)
-            for reason in pool.rejected:
-                logger.warning("round %d: synthetic inputs rejected: %s", server_round, reason)
+            log_reasons(logger, server_round, "synthesis failed", pool.failed)
+            log_reasons(logger, server_round, "synthetic inputs rejected", pool.rejected)
             self._synthesis_rejected = len(pool.rejected)
             self._num_inputs = len(pool.images)
             if self._num_inputs == 0:
@@ -247,10 +245,8 @@ class EnsembleDistillation(Strategy):
         for reply in parsed.accepted:
             if reply.epsilon is not None:
                 self.client_epsilons.update(reply.client_id, reply.epsilon)
-        for reason in parsed.failed:
-            logger.warning("round %d: client failed: %s", server_round, reason)
-        for reason in parsed.rejected:
-            logger.warning("round %d: reply rejected: %s", server_round, reason)
+        log_reasons(logger, server_round, "client failed", parsed.failed)
+        log_reasons(logger, server_round, "reply rejected", parsed.rejected)
         metrics = {
             "clients": len(parsed.accepted),
             "failed": len(parsed.failed),
@@ -288,6 +284,24 @@ class EnsembleDistillation(Strategy):
         if self.client_privacy_delta is not None:
             return {"epsilon": self.client_epsilons.epsilon(), "delta": self.client_privacy_delta}
         return {}
+
+    def privacy_state(self) -> dict[str, object] | None:
+        """What a checkpoint keeps of the accounting: the server's ledger, or each client's ε."""
+        if self.server_privacy is not None:
+            privacy = self.server_privacy
+            return {
+                "mechanism": privacy.config.mechanism,
+                "noise_multiplier": privacy.noise_multiplier,
+                "ledger": privacy.ledger.to_record(),
+                "delta": privacy.config.delta,
+            }
+        if self.client_privacy_delta is not None:
+            return {
+                "mechanism": "dpsgd",
+                "client_epsilon": {str(k): v for k, v in sorted(self.client_epsilons.by_client.items())},
+                "delta": self.client_privacy_delta,
+            }
+        return None
 
     def _released_transfer_set(self, targets: np.ndarray) -> np.ndarray:
         """Point the student at every privately released batch so far (post-processing is free)."""

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import NDArray
+
+# At hundreds of clients a bad round would otherwise print hundreds of lines.
+MAX_REASONS_LOGGED = 5
+
+
+def log_reasons(logger: logging.Logger, server_round: int, what: str, reasons: Sequence[str]) -> None:
+    """Warn about the first few problems of a round and count the rest (all are in the metrics)."""
+    for reason in reasons[:MAX_REASONS_LOGGED]:
+        logger.warning("round %d: %s: %s", server_round, what, reason)
+    if len(reasons) > MAX_REASONS_LOGGED:
+        logger.warning("round %d: … and %d more %s", server_round, len(reasons) - MAX_REASONS_LOGGED, what)
 
 
 class InvalidReply(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -43,9 +44,9 @@ def _config(**privacy):
     )
 
 
-def _run(config):
+def _run(config, run_dir=None):
     grid = RecordingGrid(client_app, num_nodes=config.num_clients)
-    rows = run_federation(grid, config, run_dir=None)
+    rows = run_federation(grid, config, run_dir=run_dir)
     return grid, rows
 
 
@@ -71,9 +72,12 @@ def test_dpsgd_clients_account_for_every_step_of_the_run():
 
 
 @pytest.mark.slow
-def test_gnmax_clients_share_only_votes_on_fresh_queries():
-    grid, rows = _run(_config(mechanism="gnmax", epsilon=2.0, queries=20))
+def test_gnmax_clients_share_only_votes_on_fresh_queries(tmp_path):
+    grid, rows = _run(_config(mechanism="gnmax", epsilon=2.0, queries=20), run_dir=tmp_path)
     _check_budget(rows, 2.0)
+    checkpoint = json.loads((tmp_path / "privacy.json").read_text())
+    assert checkpoint["round"] == 2 and checkpoint["ledger"]["steps"] == [40]
+    assert PrivacyLedger.from_record(checkpoint["ledger"]).epsilon(1e-5) == pytest.approx(rows[-1]["epsilon"])
     trains = [(m, r) for m, r in grid.exchanges if m.metadata.message_type == MessageType.TRAIN]
     for _, reply in trains:
         votes = reply.content[SOFT_LABELS_KEY][SOFT_LABELS_ARRAY].numpy()

@@ -29,3 +29,14 @@ def test_accepts_probability_rows():
 def test_rejects_bad_replies_with_reason(probs, match):
     with pytest.raises(InvalidReply, match=match):
         validate_soft_labels(probs, num_inputs=3, num_classes=4)
+
+
+def test_a_round_with_many_bad_replies_logs_a_few_lines_and_a_count(caplog):
+    import logging
+
+    from strategies.validation import MAX_REASONS_LOGGED, log_reasons
+
+    with caplog.at_level(logging.WARNING):
+        log_reasons(logging.getLogger("test"), 3, "reply rejected", [f"node {k}: NaN" for k in range(1000)])
+    assert len(caplog.records) == MAX_REASONS_LOGGED + 1
+    assert "995 more reply rejected" in caplog.records[-1].getMessage()
