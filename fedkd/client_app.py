@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,23 +109,20 @@ def _train_locally(
 ) -> tuple[int, float]:
     """E local epochs on this client's private partition; returns (examples, last loss)."""
     partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
-    if task.privacy_mechanism == "dpsgd":
-        assert context is not None, "DP-SGD keeps its ledger in the node's context"
-        return len(partition), _train_privately(model, partition, task, identity, context)
-    loss = train_supervised(
-        model,
-        partition.images,
-        partition.labels,
+    training = dict(
         epochs=task.local_epochs,
         settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
         generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
         max_shift=task.augment_shift,
     )
-    return len(partition), loss
+    if task.privacy_mechanism == "dpsgd":
+        assert context is not None, "DP-SGD keeps its ledger in the node's context"
+        return len(partition), _train_privately(model, partition, task, context, **training)
+    return len(partition), train_supervised(model, partition.images, partition.labels, **training)
 
 
 def _train_privately(
-    model: torch.nn.Module, partition: LabeledTensors, task: ClientTask, identity: NodeIdentity, context: Context
+    model: torch.nn.Module, partition: LabeledTensors, task: ClientTask, context: Context, **training: Any
 ) -> float:
     """DP-SGD with noise calibrated for every epoch of the whole run; the ledger persists in
     ``context.state``, so this client's ε accumulates across rounds."""
@@ -140,13 +138,10 @@ def _train_privately(
         model,
         partition.images,
         partition.labels,
-        epochs=task.local_epochs,
-        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
         noise_multiplier=noise_multiplier,
         max_grad_norm=task.privacy_max_grad_norm,
         ledger=ledger,
-        max_shift=task.augment_shift,
+        **training,
     )
     context.state[PRIVACY_LEDGER_STATE] = ConfigRecord(ledger.to_record())
     return loss

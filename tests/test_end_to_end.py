@@ -20,6 +20,7 @@ from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TASK_KEY, TRANSFE
 from fedkd.models import build_model, model_for_client
 from fedkd.results import read_metrics
 from fedkd.sim import simulate
+from grids import RecordingGrid
 
 TINY = RunConfig(
     dataset="digits",
@@ -33,19 +34,6 @@ TINY = RunConfig(
     student_model="cnn_small",
 )
 ROW_KEYS = {"round", "student_accuracy", "student_loss", "clients", "bytes_up", "bytes_down", "wall_seconds"}
-
-
-class RecordingGrid(InProcessGrid):
-    """Keeps every (message, reply) pair that crossed the grid."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.exchanges: list[tuple[Message, Message]] = []
-
-    def _deliver(self, message):
-        reply = super()._deliver(message)
-        self.exchanges.append((message, reply))
-        return reply
 
 
 def _teacher_from_state(grid: InProcessGrid, node_id: int, config: RunConfig) -> torch.nn.Module:

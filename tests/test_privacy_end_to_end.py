@@ -13,27 +13,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedkd.client_app import PRIVACY_LEDGER_STATE, app as client_app
 from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig
 from fedkd.federation import run_federation
-from fedkd.inprocess import InProcessGrid
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TRANSFER_INDICES, TRANSFER_KEY
 from fedkd.privacy.accountant import PrivacyLedger
 from fedkd.privacy.dpsgd import batches_per_epoch
 from fedkd.local_data import private_partition
+from grids import RecordingGrid
 
 
 @pytest.fixture(autouse=True)
 def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class RecordingGrid(InProcessGrid):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.exchanges = []
-
-    def _deliver(self, message):
-        reply = super()._deliver(message)
-        self.exchanges.append((message, reply))
-        return reply
 
 
 def _config(**privacy):

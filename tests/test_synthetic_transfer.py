@@ -2,9 +2,7 @@
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
-
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.client_app import app as client_app
@@ -13,8 +11,6 @@ from fedkd import local_data
 from fedkd.federation import run_federation
 from fedkd.inprocess import InProcessGrid
 from fedkd.messages import (
-    CLIENT_ID,
-    METRICS_KEY,
     SYNTHESIZE_MESSAGE,
     SYNTHETIC_KEY,
     TRANSFER_IMAGES,
@@ -23,6 +19,7 @@ from fedkd.messages import (
 )
 from strategies.synthetic_transfer import pool_synthetic_replies, validate_synthetic_images
 from strategies.validation import InvalidReply
+from grids import RecordingGrid
 
 SHAPE = (1, 4, 4)
 
@@ -102,17 +99,6 @@ DATA_FREE = RunConfig(
     synthesis=SynthesisConfig(per_client=60, steps=60),
     student_model="cnn_small",
 )
-
-
-class RecordingGrid(InProcessGrid):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.exchanges = []
-
-    def _deliver(self, message):
-        reply = super()._deliver(message)
-        self.exchanges.append((message, reply))
-        return reply
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ steps the *whole run* will take, so the ledger ends at or below the target ε.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -46,10 +47,15 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_examples / batch_size))
 
 
+@functools.lru_cache(maxsize=4096)
 def calibrate_for_run(
     *, target_epsilon: float, delta: float, num_examples: int, batch_size: int, epochs_in_run: int
 ) -> float:
-    """Noise multiplier for ``epochs_in_run`` epochs of Poisson-sampled DP-SGD on ``num_examples``."""
+    """Noise multiplier for ``epochs_in_run`` epochs of Poisson-sampled DP-SGD on ``num_examples``.
+
+    The binary search takes most of a second; cached, each partition size is searched once per
+    process instead of once per client and round.
+    """
     batches = batches_per_epoch(num_examples, batch_size)
     return calibrate_noise_multiplier(
         target_epsilon=target_epsilon, delta=delta, sample_rate=1.0 / batches, steps=epochs_in_run * batches

@@ -92,7 +92,6 @@ def vote_counts(votes: NDArray[np.floating]) -> NDArray[np.int64]:
     if votes.ndim != 3 or votes.shape[0] == 0:
         raise ValueError(f"expected a non-empty (clients, inputs, classes) stack, got shape {votes.shape}.")
     choices = votes.argmax(axis=-1)  # (K, N)
-    num_classes = votes.shape[-1]
     counts = np.zeros(votes.shape[1:], dtype=np.int64)
     for client_choices in choices:
         counts[np.arange(len(client_choices)), client_choices] += 1
