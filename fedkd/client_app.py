@@ -33,7 +33,7 @@ from fedkd.distillation import (
     train_supervised,
     train_with_class_targets,
 )
-from fedkd.data import to_tensor, to_uint8
+from fedkd.data import DatasetInfo, to_tensor, to_uint8
 from fedkd.local_data import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
 from fedkd.messages import (
     CLASS_LOGITS_KEY,
@@ -55,10 +55,18 @@ from fedkd.messages import (
 )
 from fedkd.models import build_model, model_for_client
 from fedkd.privacy.accountant import PrivacyLedger
-from fedkd.privacy.dpsgd import calibrate_for_run, make_private_compatible, train_dp_sgd
+from fedkd.privacy.dpsgd import NoisePlan, calibrate_for_run, make_private_compatible, train_dp_sgd
+from fedkd.privacy.feature_statistics import (
+    per_sample_moments,
+    reference_scales,
+    release_feature_statistics,
+    statistics_layout,
+)
 from fedkd.privacy.mechanisms import clip_rows, gaussian_noise_share, one_hot
 from fedkd.seeding import (
     CLIENT_NOISE,
+    FEATURE_NOISE,
+    FEATURE_REFERENCE,
     SYNTHESIS,
     TEACHER_DIGEST,
     TEACHER_INIT,
@@ -67,6 +75,7 @@ from fedkd.seeding import (
     numpy_generator,
     torch_generator,
 )
+from generators.hooks import SuppliedStatistics
 from generators.registry import build_synthesizer
 
 TEACHER_STATE = "teacher"
@@ -127,24 +136,56 @@ def _train_privately(
     """DP-SGD with noise calibrated for every epoch of the whole run; the ledger persists in
     ``context.state``, so this client's ε accumulates across rounds."""
     ledger = client_ledger(context)
-    noise_multiplier = calibrate_for_run(
-        target_epsilon=task.privacy_epsilon,
-        delta=task.privacy_delta,
-        num_examples=len(partition),
-        batch_size=task.batch_size,
-        epochs_in_run=task.rounds * task.local_epochs,
-    )
     loss = train_dp_sgd(
         model,
         partition.images,
         partition.labels,
-        noise_multiplier=noise_multiplier,
+        noise_multiplier=_noise_plan(task, len(partition)).training,
         max_grad_norm=task.privacy_max_grad_norm,
         ledger=ledger,
         **training,
     )
     context.state[PRIVACY_LEDGER_STATE] = ConfigRecord(ledger.to_record())
     return loss
+
+
+def _noise_plan(task: ClientTask, num_examples: int) -> NoisePlan:
+    return calibrate_for_run(
+        target_epsilon=task.privacy_epsilon,
+        delta=task.privacy_delta,
+        num_examples=num_examples,
+        batch_size=task.batch_size,
+        epochs_in_run=task.rounds * task.local_epochs,
+        feature_releases=task.privacy_feature_releases,
+    )
+
+
+def _private_feature_statistics(
+    teacher: torch.nn.Module, task: ClientTask, identity: NodeIdentity, context: Context, info: DatasetInfo
+) -> SuppliedStatistics:
+    """This round's feature statistics of the private partition, released under the Gaussian
+    mechanism and recorded in the client's ledger beside its DP-SGD steps."""
+    partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
+    noise_multiplier = _noise_plan(task, len(partition)).features
+    statistics = release_feature_statistics(
+        per_sample_moments(teacher, partition.images),
+        statistics_layout(teacher),
+        scales=reference_scales(
+            teacher,
+            input_shape=info.input_shape,
+            pixel_mean=info.mean,
+            pixel_std=info.std,
+            generator=torch_generator(task.seed, task.server_round, identity.client_id, FEATURE_REFERENCE),
+        ),
+        clip_norm=task.privacy_feature_clip_norm,
+        noise_multiplier=noise_multiplier,
+        rng=numpy_generator(task.seed, task.server_round, identity.client_id, FEATURE_NOISE),
+    )
+    if noise_multiplier > 0:
+        ledger = client_ledger(context)
+        ledger.record(noise_multiplier=noise_multiplier, sample_rate=1.0)
+        context.state[PRIVACY_LEDGER_STATE] = ConfigRecord(ledger.to_record())
+    return statistics
 
 
 def client_ledger(context: Context) -> PrivacyLedger:
@@ -326,6 +367,9 @@ def synthesize(message: Message, context: Context) -> Message:
     teacher, _, _ = _teacher_for_round(message, context, task, identity, remember=True)
     info = info_for(task.split_spec(data_root=identity.data_root))
     started = time.perf_counter()
+    statistics = None
+    if task.privacy_feature_releases:
+        statistics = _private_feature_statistics(teacher, task, identity, context, info)
     synthesizer = build_synthesizer(
         task.synthesis_method,
         teacher,
@@ -334,6 +378,7 @@ def synthesize(message: Message, context: Context) -> Message:
         steps=task.synthesis_steps,
         pixel_mean=info.mean,
         pixel_std=info.std,
+        statistics=statistics,
         # Synthesize the classes this teacher learned, in the proportions it saw them; the
         # proportions stay on the client (the reply carries unlabelled images only).
         class_prior=_class_counts(task, identity, info.num_classes).tolist(),

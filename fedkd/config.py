@@ -115,6 +115,9 @@ class PrivacyConfig:
     clip_norm: float = 1.0  # gaussian: L2 bound on each soft-label row (≥ 1 leaves probabilities as they are)
     noise_at: str = "server"  # gaussian: server (central DP) | clients (each adds its share)
     queries: int = 100  # gaussian, gnmax: transfer inputs released per round
+    # dpsgd with transfer=synthetic: L2 bound on each example's feature moments, in units of
+    # each layer's data-independent reference scale (see fedkd.privacy.feature_statistics)
+    feature_clip_norm: float = 3.0
 
     def __post_init__(self) -> None:
         _choice("privacy mechanism", self.mechanism, PRIVACY_MECHANISMS)
@@ -129,6 +132,8 @@ class PrivacyConfig:
             raise ValueError(f"privacy.clip_norm must be > 0, got {self.clip_norm}.")
         if self.queries < 1:
             raise ValueError(f"privacy.queries must be ≥ 1, got {self.queries}.")
+        if self.feature_clip_norm <= 0:
+            raise ValueError(f"privacy.feature_clip_norm must be > 0, got {self.feature_clip_norm}.")
 
     @property
     def enabled(self) -> bool:
@@ -249,10 +254,12 @@ class RunConfig:
                 f"privacy={privacy.mechanism} replaces the aggregation of strategy=ensemble_distillation; "
                 f"set strategy=ensemble_distillation (got {self.strategy.name})."
             )
-        if self.transfer == "synthetic":
+        if self.transfer == "synthetic" and privacy.mechanism != "dpsgd":
             raise ValueError(
-                f"privacy={privacy.mechanism} with transfer=synthetic is not supported: a DP-SGD teacher "
-                "keeps no BatchNorm statistics to invert. Use transfer=public."
+                f"privacy={privacy.mechanism} with transfer=synthetic is not supported: the synthetic "
+                "inputs come from the teachers and their feature statistics, which only privacy=dpsgd "
+                "protects (DP-SGD teachers, privately released statistics). Use privacy=dpsgd or "
+                "transfer=public."
             )
         if privacy.on_server and privacy.queries > self.public_size:
             raise ValueError(
@@ -263,6 +270,11 @@ class RunConfig:
             raise ValueError(
                 f"privacy={privacy.mechanism} trains the student on released labels only; set public_labels=false."
             )
+
+    @property
+    def releases_feature_statistics(self) -> bool:
+        """DP-SGD teachers synthesize against privately released feature statistics."""
+        return self.privacy.mechanism == "dpsgd" and self.transfer == "synthetic"
 
     @property
     def effective_public_size(self) -> int:
@@ -340,6 +352,7 @@ _FLOWER_NESTED = {
     "privacy-clip-norm": ("privacy", "clip_norm"),
     "privacy-noise-at": ("privacy", "noise_at"),
     "privacy-queries": ("privacy", "queries"),
+    "privacy-feature-clip-norm": ("privacy", "feature_clip_norm"),
 }
 # Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
 FLOWER_OUTPUT_KEYS = ("output-dir",)
@@ -414,6 +427,10 @@ class ClientTask:
     # sum and the number of clients sharing it; the server fills these in each round.
     privacy_noise_std: float = 0.0
     privacy_noise_shares: int = 1
+    # DP-SGD teachers with synthetic transfer: how many times the run releases each client's
+    # feature statistics (one per round), and their clip norm.
+    privacy_feature_releases: int = 0
+    privacy_feature_clip_norm: float = 3.0
 
     @classmethod
     def from_run(cls, config: RunConfig, *, mode: str, server_round: int) -> ClientTask:
@@ -446,6 +463,8 @@ class ClientTask:
             privacy_delta=config.privacy.delta,
             privacy_max_grad_norm=config.privacy.max_grad_norm,
             privacy_clip_norm=config.privacy.clip_norm,
+            privacy_feature_releases=config.rounds if config.releases_feature_statistics else 0,
+            privacy_feature_clip_norm=config.privacy.feature_clip_norm,
         )
 
     def split_spec(self, *, data_root: str | None = None) -> SplitSpec:

@@ -147,6 +147,8 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
         transfer_indices=np.arange(len(server_student.transfer_inputs)),
         aggregator=get_aggregator(config.strategy.aggregator),
     )
+    if config.privacy.mechanism == "dpsgd":
+        distillation["client_privacy_delta"] = config.privacy.delta
     if config.transfer == "synthetic":
         return EnsembleDistillation(
             synthetic=SyntheticTransfer(
@@ -163,8 +165,6 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
             seed=config.seed,
         )
         return EnsembleDistillation(server_privacy=server_privacy, **distillation)
-    if config.privacy.mechanism == "dpsgd":
-        distillation["client_privacy_delta"] = config.privacy.delta
     if name == "fedmd":
         return FedMD(**distillation)
     if name == "dsfl":

@@ -6,7 +6,7 @@ from generators.hooks import (
     RunningStatistics,
     StatisticsTargets,
     SuppliedStatistics,
-    batchnorm_layers,
+    normalization_layers,
     bn_statistics,
     check_statistics,
 )
@@ -25,7 +25,7 @@ __all__ = [
     "RunningStatistics",
     "StatisticsTargets",
     "SuppliedStatistics",
-    "batchnorm_layers",
+    "normalization_layers",
     "bn_statistics",
     "check_statistics",
     "competition_loss",

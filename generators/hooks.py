@@ -1,4 +1,4 @@
-"""BatchNorm statistics hooks: what a batch looks like to each BatchNorm layer of a model.
+"""Feature statistics hooks: what a batch looks like to each normalization layer of a model.
 
 DeepInversion (Yin et al., CVPR 2020) synthesizes inputs whose per-channel statistics at every
 BatchNorm layer match the statistics the layer saw in training. This module only *collects*
@@ -8,7 +8,9 @@ itself is the pure function :func:`generators.losses.feature_matching_loss`.
 
 The statistics to match are pluggable (:class:`StatisticsTargets`): a teacher's own running
 statistics (:class:`RunningStatistics`) or statistics given from outside, e.g. released under
-differential privacy (:class:`SuppliedStatistics`).
+differential privacy (:class:`SuppliedStatistics`). A teacher trained with DP-SGD has GroupNorm
+where BatchNorm was (BatchNorm mixes examples, which per-sample gradients forbid) and keeps no
+running statistics; its GroupNorm inputs are watched the same way, against supplied targets.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from generators.losses import feature_matching_loss
 # The layers whose input statistics are matched. Their running statistics are per channel
 # (dimension 1), whatever the number of trailing dimensions.
 BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+NORMALIZATION_TYPES: tuple[type[nn.Module], ...] = (*BATCHNORM_TYPES, nn.GroupNorm)
 
 # DeepInversion's ImageNet code weights the first BatchNorm layer ten times the others
 # (``first_bn_multiplier = 10``): the first layer sees the pixels, whose statistics decide
@@ -36,12 +39,17 @@ LayerStatistics = tuple[torch.Tensor, torch.Tensor]
 """Per-channel ``(mean, biased variance)`` of one BatchNorm layer's input, each ``(C,)``."""
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers of ``model`` in :meth:`~torch.nn.Module.modules` order.
+def normalization_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm and GroupNorm layers of ``model`` in :meth:`~torch.nn.Module.modules` order.
 
     This order is the one every list of per-layer statistics in this module follows.
     """
-    return [module for module in model.modules() if isinstance(module, BATCHNORM_TYPES)]
+    return [module for module in model.modules() if isinstance(module, NORMALIZATION_TYPES)]
+
+
+def layer_channels(layer: nn.Module) -> int:
+    """Number of channels a normalization layer's input has."""
+    return int(layer.num_channels if isinstance(layer, nn.GroupNorm) else layer.num_features)
 
 
 def layer_weights(num_layers: int, *, first_multiplier: float) -> list[float]:
@@ -58,7 +66,7 @@ class StatisticsTargets(Protocol):
     """Per-layer ``(mean, variance)`` that a synthesized batch should reproduce."""
 
     def per_layer(self) -> list[LayerStatistics]:
-        """One ``(mean, var)`` pair per BatchNorm layer, in :func:`batchnorm_layers` order."""
+        """One ``(mean, var)`` pair per BatchNorm layer, in :func:`normalization_layers` order."""
         ...
 
 
@@ -98,7 +106,7 @@ class SuppliedStatistics(_CopiedStatistics):
     ----------
     statistics : Sequence[tuple[Tensor, Tensor]]
         One ``(mean, var)`` pair of 1-D tensors per BatchNorm layer, in
-        :func:`batchnorm_layers` order. They are copied: later changes to the caller's
+        :func:`normalization_layers` order. They are copied: later changes to the caller's
         tensors do not reach this object. Whether they fit a model is checked where they
         meet one (:func:`check_statistics`).
     """
@@ -110,7 +118,7 @@ class RunningStatistics(_CopiedStatistics):
     @classmethod
     def from_model(cls, model: nn.Module) -> RunningStatistics:
         """Copy the running statistics of every BatchNorm layer of ``model``."""
-        layers = batchnorm_layers(model)
+        layers = normalization_layers(model)
         if not layers:
             raise ValueError(
                 f"{type(model).__name__} has no BatchNorm layer, so it has no running statistics "
@@ -118,10 +126,12 @@ class RunningStatistics(_CopiedStatistics):
             )
         statistics = []
         for index, layer in enumerate(layers):
-            if layer.running_mean is None or layer.running_var is None:
+            if getattr(layer, "running_mean", None) is None or getattr(layer, "running_var", None) is None:
                 raise ValueError(
-                    f"BatchNorm layer {index} of {type(model).__name__} has track_running_stats="
-                    "False; supply its statistics with SuppliedStatistics instead."
+                    f"normalization layer {index} of {type(model).__name__} "
+                    f"({type(layer).__name__}) keeps no running statistics (GroupNorm, e.g. a "
+                    "DP-SGD teacher, or track_running_stats=False); supply them with "
+                    "SuppliedStatistics (fedkd.privacy.feature_statistics releases them privately)."
                 )
             statistics.append((layer.running_mean, layer.running_var))
         return cls(statistics)
@@ -136,7 +146,7 @@ def check_statistics(targets: StatisticsTargets, model: nn.Module) -> list[Layer
         If the number of layers or the number of channels of a layer differs.
     """
     statistics = targets.per_layer()
-    layers = batchnorm_layers(model)
+    layers = normalization_layers(model)
     if len(statistics) != len(layers):
         raise ValueError(
             f"{type(targets).__name__} has {len(statistics)} layers of statistics but "
@@ -144,7 +154,7 @@ def check_statistics(targets: StatisticsTargets, model: nn.Module) -> list[Layer
             "pair per BatchNorm layer, in model.modules() order."
         )
     for index, ((mean, var), layer) in enumerate(zip(statistics, layers)):
-        channels = layer.num_features
+        channels = layer_channels(layer)
         if mean.shape != (channels,) or var.shape != (channels,):
             raise ValueError(
                 f"BatchNorm layer {index} has {channels} channels but its target statistics have "
@@ -176,7 +186,7 @@ class BatchNormStatistics:
 
     def __init__(self, model: nn.Module, *, targets: StatisticsTargets | None = None) -> None:
         self._model = model
-        self._layers = batchnorm_layers(model)
+        self._layers = normalization_layers(model)
         if targets is None:
             targets = RunningStatistics.from_model(model)
         self._targets = check_statistics(targets, model)

@@ -11,7 +11,7 @@ from generators import (
     InversionConfig,
     RunningStatistics,
     SuppliedStatistics,
-    batchnorm_layers,
+    normalization_layers,
     bn_statistics,
     competition_loss,
     feature_matching_loss,
@@ -75,7 +75,7 @@ def test_recorded_statistics_equal_those_of_inputs_captured_independently(name):
     captured = []
     handles = [
         layer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().clone()))
-        for layer in batchnorm_layers(model)
+        for layer in normalization_layers(model)
     ]
     images = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with bn_statistics(model) as stats:
@@ -84,7 +84,7 @@ def test_recorded_statistics_equal_those_of_inputs_captured_independently(name):
     for handle in handles:
         handle.remove()
 
-    assert len(recorded) == len(captured) == len(batchnorm_layers(model)) > 0
+    assert len(recorded) == len(captured) == len(normalization_layers(model)) > 0
     for (mean, var), inputs in zip(recorded, captured):
         dims = [0, *range(2, inputs.dim())]
         torch.testing.assert_close(mean, torch.mean(inputs, dim=dims))

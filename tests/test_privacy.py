@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from fedkd.config import PrivacyConfig, RunConfig, StrategyConfig
+from fedkd.config import ClientTask, PrivacyConfig, RunConfig, StrategyConfig
 from fedkd.distillation import OptimizerSettings
 from fedkd.models import build_model
 from fedkd.privacy.accountant import RDP_ORDERS, PrivacyLedger, calibrate_noise_multiplier
@@ -202,7 +202,7 @@ def test_private_compatible_model_has_no_batchnorm_and_trains_with_a_ledger():
     model = make_private_compatible(build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10, seed=0))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     images, labels = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
-    sigma = calibrate_for_run(target_epsilon=3.0, delta=1e-5, num_examples=40, batch_size=8, epochs_in_run=4)
+    sigma = calibrate_for_run(target_epsilon=3.0, delta=1e-5, num_examples=40, batch_size=8, epochs_in_run=4).training
     ledger = PrivacyLedger()
     for _ in range(2):  # two rounds of two epochs: the ledger carries over
         train_dp_sgd(
@@ -242,7 +242,8 @@ def test_dp_sgd_changes_the_weights_and_is_reproducible():
         (dict(privacy=PrivacyConfig(mechanism="dpsgd"), strategy=StrategyConfig(name="fd")), "strategy=fd"),
         (dict(privacy=PrivacyConfig(mechanism="gnmax"), strategy=StrategyConfig(name="dsfl")), "ensemble_distillation"),
         (dict(privacy=PrivacyConfig(mechanism="gaussian", queries=5000)), "privacy.queries"),
-        (dict(privacy=PrivacyConfig(mechanism="dpsgd"), transfer="synthetic"), "transfer=synthetic"),
+        (dict(privacy=PrivacyConfig(mechanism="gnmax"), transfer="synthetic"), "transfer=synthetic"),
+        (dict(privacy=PrivacyConfig(mechanism="gaussian"), transfer="synthetic"), "privacy=dpsgd"),
     ],
 )
 def test_unsupported_privacy_settings_fail_with_the_fix(kwargs, match):
@@ -258,8 +259,17 @@ def test_unsupported_privacy_settings_fail_with_the_fix(kwargs, match):
         (dict(delta=1.0), "privacy.delta"),
         (dict(noise_at="nowhere"), "noise_at"),
         (dict(queries=0), "privacy.queries"),
+        (dict(feature_clip_norm=0.0), "privacy.feature_clip_norm"),
     ],
 )
 def test_bad_privacy_values_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PrivacyConfig(**kwargs)
+
+
+def test_dpsgd_with_synthetic_transfer_releases_feature_statistics_every_round():
+    config = RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"), transfer="synthetic", rounds=4)
+    assert config.releases_feature_statistics
+    task = ClientTask.from_run(config, mode="soft-labels", server_round=1)
+    assert task.privacy_feature_releases == 4
+    assert ClientTask.from_run(RunConfig(privacy=PrivacyConfig(mechanism="dpsgd")), mode="soft-labels", server_round=1).privacy_feature_releases == 0

@@ -11,7 +11,7 @@ from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.client_app import PRIVACY_LEDGER_STATE, app as client_app
-from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig
+from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, SynthesisConfig
 from fedkd.federation import run_federation
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TRANSFER_INDICES, TRANSFER_KEY
 from fedkd.privacy.accountant import PrivacyLedger
@@ -25,11 +25,11 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _config(**privacy):
+def _config(run=None, **privacy):
     return RunConfig(
         dataset="digits", num_clients=3, rounds=2, local_epochs=1, distill_epochs=1, public_size=300,
         partition=PartitionConfig(scheme="iid"), client_models=("cnn_small",), student_model="cnn_small",
-        privacy=PrivacyConfig(**privacy),
+        privacy=PrivacyConfig(**privacy), **(run or {}),
     )
 
 
@@ -91,3 +91,17 @@ def test_gaussian_release_composes_over_rounds(noise_at):
 def test_infinite_epsilon_runs_without_noise_and_says_so():
     _, rows = _run(_config(mechanism="gnmax", epsilon=math.inf, queries=20))
     assert all(row["epsilon"] == math.inf for row in rows)
+
+
+@pytest.mark.slow
+def test_dpsgd_teachers_synthesize_from_privately_released_feature_statistics():
+    synthetic = dict(transfer="synthetic", synthesis=SynthesisConfig(per_client=16, steps=5))
+    config = _config(synthetic, mechanism="dpsgd", epsilon=4.0)
+    grid, rows = _run(config)
+    _check_budget(rows, 4.0)
+    assert all(row["distill_inputs"] > 0 for row in rows)
+    for node in (1, 2, 3):
+        ledger = PrivacyLedger.from_record(grid.context(node).state[PRIVACY_LEDGER_STATE])
+        releases = [steps for _, rate, steps in ledger.history if rate == 1.0]
+        assert sum(releases) == config.rounds  # one feature release per round, beside the DP-SGD steps
+        assert len(ledger.history) == 2 * config.rounds

@@ -12,6 +12,9 @@ Mechanisms map onto events as follows:
 * Gaussian noise on a sum of clipped client contributions: one event per round, noise
   multiplier ``noise std / L2 sensitivity``, sample rate 1 (no amplification is claimed for
   the server's fixed-size client sampling).
+* Feature statistics for data-free synthesis (DP-SGD teachers): one event per round, noise
+  multiplier σ on a sum of clipped per-example vectors, sample rate 1, composed in the same
+  ledger as the client's DP-SGD steps.
 * GNMax (noisy argmax over vote counts): one event per answered query, noise multiplier
   ``σ / √2`` (one changed record flips one teacher's vote: two counts move by one), sample rate 1.
   This is the data-independent bound of Papernot et al. (2018), Prop. 8.
@@ -20,7 +23,7 @@ Mechanisms map onto events as follows:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,3 +125,51 @@ def calibrate_noise_multiplier(
             f"no noise level reaches ε = {target_epsilon} at δ = {delta} over {steps} releases "
             f"({error}); raise privacy.epsilon or make fewer releases (rounds, queries, epochs)."
         ) from error
+
+
+def calibrate_beside(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    fixed: Sequence[tuple[float, float, int]],
+) -> float:
+    """Like :func:`calibrate_noise_multiplier`, with the ``fixed`` events ``(σ, q, steps)``
+    composed beside the calibrated ones: the smallest σ (to the same precision) for which the
+    whole ledger stays within ``target_epsilon``.
+
+    Opacus's search handles one kind of event; this is the same bisection over a ledger whose
+    ε Opacus computes.
+    """
+    check_delta(delta)
+    if steps < 1:
+        raise ValueError(f"the run must make at least one private release, got {steps} steps.")
+
+    def epsilon(sigma: float) -> float:
+        ledger = PrivacyLedger(list(fixed))
+        ledger.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return ledger.epsilon(delta)
+
+    if PrivacyLedger(list(fixed)).epsilon(delta) >= target_epsilon:
+        raise ValueError(
+            f"the fixed releases alone spend ε ≥ {target_epsilon} at δ = {delta}; "
+            "raise privacy.epsilon or make fewer releases."
+        )
+    low, high = 0.0, 10.0
+    while epsilon(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(
+                f"no noise level reaches ε = {target_epsilon} at δ = {delta} over {steps} releases; "
+                "raise privacy.epsilon or make fewer releases (rounds, epochs)."
+            )
+    while True:
+        middle = (low + high) / 2
+        spent = epsilon(middle)
+        if spent > target_epsilon:
+            low = middle
+        else:
+            high = middle
+            if target_epsilon - spent <= CALIBRATION_TOLERANCE:
+                return high

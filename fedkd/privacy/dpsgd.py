@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedkd.distillation import OptimizerSettings, random_translate
-from fedkd.privacy.accountant import PrivacyLedger, calibrate_noise_multiplier
+from fedkd.privacy.accountant import PrivacyLedger, calibrate_beside, calibrate_noise_multiplier
 
 # Opacus logs every BatchNorm it replaces, per client and round: noise at hundreds of clients.
 logging.getLogger("opacus.validators").setLevel(logging.WARNING)
@@ -47,19 +48,58 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_examples / batch_size))
 
 
+# With feature statistics released for synthesis, this share of ε is theirs: each release averages
+# hundreds of examples, so a little budget buys a faithful copy, and DP-SGD keeps the rest.
+FEATURE_BUDGET_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """Noise multipliers a DP-SGD client uses for the whole run (0 = no noise, ε = ∞)."""
+
+    training: float
+    features: float = 0.0
+
+
 @functools.lru_cache(maxsize=4096)
 def calibrate_for_run(
-    *, target_epsilon: float, delta: float, num_examples: int, batch_size: int, epochs_in_run: int
-) -> float:
-    """Noise multiplier for ``epochs_in_run`` epochs of Poisson-sampled DP-SGD on ``num_examples``.
+    *,
+    target_epsilon: float,
+    delta: float,
+    num_examples: int,
+    batch_size: int,
+    epochs_in_run: int,
+    feature_releases: int = 0,
+) -> NoisePlan:
+    """Noise for ``epochs_in_run`` epochs of Poisson-sampled DP-SGD on ``num_examples``, and for
+    ``feature_releases`` Gaussian releases of feature statistics beside them.
 
-    The binary search takes most of a second; cached, each partition size is searched once per
-    process instead of once per client and round.
+    The feature releases get :data:`FEATURE_BUDGET_SHARE` of ε on their own; DP-SGD's noise is
+    then the least that keeps both, composed, within ``target_epsilon``. The binary searches take
+    most of a second; cached, each partition size is searched once per process instead of once
+    per client and round.
     """
     batches = batches_per_epoch(num_examples, batch_size)
-    return calibrate_noise_multiplier(
-        target_epsilon=target_epsilon, delta=delta, sample_rate=1.0 / batches, steps=epochs_in_run * batches
+    sample_rate, steps = 1.0 / batches, epochs_in_run * batches
+    if feature_releases == 0:
+        return NoisePlan(
+            calibrate_noise_multiplier(
+                target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps
+            )
+        )
+    if math.isinf(target_epsilon):
+        return NoisePlan(0.0, 0.0)
+    features = calibrate_noise_multiplier(
+        target_epsilon=FEATURE_BUDGET_SHARE * target_epsilon, delta=delta, sample_rate=1.0, steps=feature_releases
     )
+    training = calibrate_beside(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        fixed=[(features, 1.0, feature_releases)],
+    )
+    return NoisePlan(training, features)
 
 
 def train_dp_sgd(
