@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedkd.attacks import attacked_logits, flip_labels, malicious_clients
 from fedkd.config import ClientTask, SplitSpec
 from fedkd.distillation import (
     OptimizerSettings,
@@ -64,6 +65,7 @@ from fedkd.privacy.feature_statistics import (
 )
 from fedkd.privacy.mechanisms import clip_rows, gaussian_noise_share, one_hot
 from fedkd.seeding import (
+    ATTACK_NOISE,
     CLIENT_NOISE,
     FEATURE_NOISE,
     FEATURE_REFERENCE,
@@ -124,10 +126,21 @@ def _train_locally(
         generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
         max_shift=task.augment_shift,
     )
+    if _attacks(task, identity) == "flip":
+        num_classes = info_for(task.split_spec(data_root=identity.data_root)).num_classes
+        partition = LabeledTensors(partition.images, flip_labels(partition.labels, num_classes))
     if task.privacy_mechanism == "dpsgd":
         assert context is not None, "DP-SGD keeps its ledger in the node's context"
         return len(partition), _train_privately(model, partition, task, context, **training)
     return len(partition), train_supervised(model, partition.images, partition.labels, **training)
+
+
+def _attacks(task: ClientTask, identity: NodeIdentity) -> str:
+    """The attack this client runs (``"none"`` for an honest client)."""
+    if task.attack_kind == "none":
+        return "none"
+    malicious = malicious_clients(task.num_clients, task.attack_fraction, task.seed)
+    return task.attack_kind if identity.client_id in malicious else "none"
 
 
 def _train_privately(
@@ -277,7 +290,13 @@ def _transfer_inputs(message: Message, task: ClientTask, identity: NodeIdentity)
 
 def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
     teacher, num_examples, loss = _teacher_for_round(message, context, task, identity, remember=False)
-    probs = soften(predict_logits(teacher, _transfer_inputs(message, task, identity)), task.temperature).numpy()
+    logits = attacked_logits(
+        predict_logits(teacher, _transfer_inputs(message, task, identity)),
+        _attacks(task, identity),
+        scale=task.attack_scale,
+        generator=torch_generator(task.seed, task.server_round, identity.client_id, ATTACK_NOISE),
+    )
+    probs = soften(logits, task.temperature).numpy()
     epsilon = None
     if task.privacy_mechanism == "dpsgd":
         # Training without noise (ε = inf) records nothing: its guarantee is none, not zero.

@@ -29,6 +29,8 @@ SYNTHETIC_TRANSFER_STRATEGIES = ("ensemble_distillation",)
 PRIVACY_MECHANISMS = ("none", "dpsgd", "gaussian", "gnmax")
 # DP-SGD protects each client's teacher, so it fits every strategy whose clients share soft labels.
 DPSGD_STRATEGIES = ("ensemble_distillation", "fedmd", "dsfl")
+# Strategies whose clients share soft labels on transfer inputs (what attacks corrupt).
+SOFT_LABEL_STRATEGIES = ("ensemble_distillation", "fedmd", "dsfl")
 NOISE_LOCATIONS = ("server", "clients")
 
 
@@ -146,6 +148,31 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """Simulated malicious clients (``attack.kind``, ``attack.fraction``); see fedkd.attacks."""
+
+    kind: str = "none"  # none | random | flip | scale | nan
+    fraction: float = 0.0  # share of the clients that attack (a seeded choice, fixed for the run)
+    scale: float = -4.0  # scale: the factor on the malicious logits (negative inverts the ranking)
+
+    def __post_init__(self) -> None:
+        from fedkd.attacks import ATTACK_KINDS
+
+        _choice("attack.kind", self.kind, ATTACK_KINDS)
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"attack.fraction must lie in [0, 1], got {self.fraction}.")
+        if self.kind != "none" and self.fraction == 0.0:
+            raise ValueError(
+                f"attack.kind={self.kind} with attack.fraction=0 attacks nobody; set attack.fraction, "
+                "e.g. attack.fraction=0.1."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none" and self.fraction > 0
+
+
+@dataclass(frozen=True)
 class SplitSpec:
     """Everything that determines the public/private split; server and clients agree on it."""
 
@@ -171,6 +198,7 @@ class RunConfig:
     transfer: str = "public"
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     rounds: int = 5
     public_size: int = 1000
     public_labels: bool = False
@@ -185,6 +213,9 @@ class RunConfig:
     augment_shift: float = 0.1
     seed: int = 0
     engine: str = "inprocess"
+    # Seconds the server waits for a round's replies; later ones count as failed (in-process:
+    # each client's own time is measured, since clients run one after another).
+    round_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -222,6 +253,8 @@ class RunConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not self.round_timeout > 0:
+            raise ValueError(f"round_timeout must be > 0 seconds, got {self.round_timeout}.")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must lie in [0, 1], got {self.kd_alpha}.")
         if self.kd_alpha < 1.0 and not self.public_labels:
@@ -239,6 +272,16 @@ class RunConfig:
             check_model_name(name)
         _choice("engine", self.engine, ENGINES)
         self._check_privacy()
+        if self.attack.enabled and self.strategy.name not in SOFT_LABEL_STRATEGIES:
+            raise ValueError(
+                f"attack.kind={self.attack.kind} corrupts shared soft labels; strategy={self.strategy.name} "
+                f"shares something else. Use one of {list(SOFT_LABEL_STRATEGIES)}."
+            )
+        if self.attack.enabled and self.privacy.on_server:
+            raise ValueError(
+                f"attack.kind with privacy={self.privacy.mechanism} is not supported: clients share "
+                "clipped or voted rows there. Use privacy=none or privacy=dpsgd."
+            )
 
     def _check_privacy(self) -> None:
         privacy = self.privacy
@@ -323,6 +366,11 @@ def run_config_from_mapping(values: Mapping[str, Any]) -> RunConfig:
         if "epsilon" in privacy:  # "inf" from YAML, a CLI or Flower's run config
             privacy["epsilon"] = float(privacy["epsilon"])
         values["privacy"] = _coerce(PrivacyConfig, privacy)
+    if "attack" in values:
+        attack = dict(values["attack"])
+        if "kind" in attack:  # YAML and Hydra's CLI read a bare `nan` as the float NaN
+            attack["kind"] = str(attack["kind"])
+        values["attack"] = _coerce(AttackConfig, attack)
     if "client_models" in values:
         values["client_models"] = _models(values["client_models"])
     if values.get("data_root") is None:
@@ -353,6 +401,9 @@ _FLOWER_NESTED = {
     "privacy-noise-at": ("privacy", "noise_at"),
     "privacy-queries": ("privacy", "queries"),
     "privacy-feature-clip-norm": ("privacy", "feature_clip_norm"),
+    "attack": ("attack", "kind"),
+    "attack-fraction": ("attack", "fraction"),
+    "attack-scale": ("attack", "scale"),
 }
 # Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
 FLOWER_OUTPUT_KEYS = ("output-dir",)
@@ -360,7 +411,7 @@ FLOWER_OUTPUT_KEYS = ("output-dir",)
 
 def run_config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
     """Build a :class:`RunConfig` from Flower's flat kebab-case ``context.run_config``."""
-    nested: dict[str, Any] = {"partition": {}, "strategy": {}, "synthesis": {}, "privacy": {}}
+    nested: dict[str, Any] = {"partition": {}, "strategy": {}, "synthesis": {}, "privacy": {}, "attack": {}}
     for key, value in run_config.items():
         if key in FLOWER_OUTPUT_KEYS:
             continue
@@ -431,6 +482,11 @@ class ClientTask:
     # feature statistics (one per round), and their clip norm.
     privacy_feature_releases: int = 0
     privacy_feature_clip_norm: float = 3.0
+    # Simulated attack (fedkd.attacks): every client knows the kind and fraction, and from the
+    # seed whether it is one of the malicious ones.
+    attack_kind: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = -4.0
 
     @classmethod
     def from_run(cls, config: RunConfig, *, mode: str, server_round: int) -> ClientTask:
@@ -465,6 +521,9 @@ class ClientTask:
             privacy_clip_norm=config.privacy.clip_norm,
             privacy_feature_releases=config.rounds if config.releases_feature_statistics else 0,
             privacy_feature_clip_norm=config.privacy.feature_clip_norm,
+            attack_kind=config.attack.kind,
+            attack_fraction=config.attack.fraction,
+            attack_scale=config.attack.scale,
         )
 
     def split_spec(self, *, data_root: str | None = None) -> SplitSpec:

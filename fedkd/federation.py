@@ -152,7 +152,10 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
     if config.transfer == "synthetic":
         return EnsembleDistillation(
             synthetic=SyntheticTransfer(
-                info=info, per_client=config.synthesis.per_client, keep_pools=config.synthesis.keep_pools
+                info=info,
+                per_client=config.synthesis.per_client,
+                keep_pools=config.synthesis.keep_pools,
+                timeout=config.round_timeout,
             ),
             **distillation,
         )
@@ -219,7 +222,7 @@ class RoundRecorder:
             "student_accuracy": accuracy,
             "student_loss": loss,
             "clients": int(train.get("clients", traffic.replies - traffic.error_replies - rejected)),
-            "failed": traffic.error_replies,
+            "failed": len(set(traffic.failed_nodes)),
             "rejected": rejected,
             "bytes_up": traffic.bytes_up,
             "bytes_down": traffic.bytes_down,
@@ -232,6 +235,7 @@ class RoundRecorder:
             if key not in ("clients", "failed", "rejected", *_FEDAVG_DROPPED_METRICS)
         }
         row.update(extra)
+        row["failed_nodes"] = sorted(set(traffic.failed_nodes))
         self.rows.append(row)
         if self.folder is not None:
             self.folder.append_metrics(row)
@@ -267,7 +271,6 @@ def run_federation(
     *,
     run_dir: str | Path | None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    timeout: float = 3600.0,
 ) -> list[dict[str, Any]]:
     """Run ``config.rounds`` rounds on ``grid``; returns the per-round rows it recorded.
 
@@ -297,7 +300,7 @@ def run_federation(
         grid=metered,
         initial_arrays=ArrayRecord(student.state_dict()),
         num_rounds=config.rounds,
-        timeout=timeout,
+        timeout=config.round_timeout,
         train_config=ConfigRecord(task),
         evaluate_config=ConfigRecord(task),
         evaluate_fn=recorder,

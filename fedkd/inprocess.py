@@ -3,7 +3,9 @@
 Flower's Ray engine costs several milliseconds and a process hop per message and about 2 GiB
 for its daemons; on one machine with small clients that overhead dominates. This grid keeps a
 Flower ``Context`` per node, so client state persists between rounds exactly as on a
-SuperNode, and turns a client exception into an error reply, as Flower does.
+SuperNode, and turns a client exception into an error reply, as Flower does. Clients run one
+after another, so a round's ``timeout`` applies to each client's own time: a reply that took
+longer is dropped as late, as a deployment would drop it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class InProcessGrid(Grid):
             )
             for node in range(num_nodes)
         }
-        self._replies: dict[str, Message] = {}
+        self._replies: dict[str, tuple[Message, float]] = {}
         # Instruction messages are stamped with the sender's identity (Flower's runtime sets it).
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
@@ -109,12 +111,23 @@ class InProcessGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             message.metadata.__dict__["_created_at"] = time.time()
-            self._replies[message.metadata.message_id] = self._deliver(message)
+            started = time.perf_counter()
+            reply = self._deliver(message)
+            self._replies[message.metadata.message_id] = (reply, time.perf_counter() - started)
             ids.append(message.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [reply for reply, _ in self._take(message_ids)]
+
+    def _take(self, message_ids: Iterable[str]) -> list[tuple[Message, float]]:
         return [self._replies.pop(message_id) for message_id in message_ids if message_id in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(list(self.push_messages(messages)))
+        replies = []
+        for reply, seconds in self._take(list(self.push_messages(messages))):
+            if timeout is not None and seconds > timeout:
+                logger.debug("node %d answered after %.1f s > timeout %.1f s; dropped.", reply.metadata.src_node_id, seconds, timeout)
+                continue
+            replies.append(reply)
+        return replies

@@ -7,7 +7,7 @@ included, is measured the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -24,6 +24,8 @@ class Traffic:
     messages_down: int = 0
     replies: int = 0
     error_replies: int = 0
+    # Nodes that answered with an error or not at all (crashed, timed out, disconnected).
+    failed_nodes: list[int] = field(default_factory=list)
 
 
 class MeteredGrid(Grid):
@@ -77,4 +79,10 @@ class MeteredGrid(Grid):
         return self._count_up(self.inner.pull_messages(message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._count_up(self.inner.send_and_receive(self._count_down(messages), timeout=timeout))
+        sent = self._count_down(messages)
+        replies = self._count_up(self.inner.send_and_receive(sent, timeout=timeout))
+        answered = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
+        self._traffic.failed_nodes.extend(
+            sorted({message.metadata.dst_node_id for message in sent} - answered)
+        )
+        return replies

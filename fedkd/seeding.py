@@ -29,5 +29,6 @@ def numpy_generator(seed: int, *parts: int) -> np.random.Generator:
 # Purposes, so that two draws in the same round and client never share a stream.
 (
     TEACHER_INIT, TEACHER_TRAIN, STUDENT_INIT, DISTILL, SAMPLE_CLIENTS, TEACHER_DIGEST, SYNTHESIS,
-    PRIVACY_NOISE, PRIVACY_QUERIES, CLIENT_NOISE, FEATURE_NOISE, FEATURE_REFERENCE,
-) = range(12)
+    PRIVACY_NOISE, PRIVACY_QUERIES, CLIENT_NOISE, FEATURE_NOISE, FEATURE_REFERENCE, ATTACK_SELECTION,
+    ATTACK_NOISE,
+) = range(14)

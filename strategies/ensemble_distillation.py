@@ -68,6 +68,7 @@ class ParsedReplies:
     accepted: list[SoftLabelReply]
     failed: list[str]
     rejected: list[str]
+    rejected_nodes: list[int]
 
 
 def parse_soft_label_replies(
@@ -81,6 +82,7 @@ def parse_soft_label_replies(
     accepted: list[SoftLabelReply] = []
     failed: list[str] = []
     rejected: list[str] = []
+    rejected_nodes: list[int] = []
     for reply in replies:
         source = f"node {reply.metadata.src_node_id}"
         if reply.has_error():
@@ -99,8 +101,9 @@ def parse_soft_label_replies(
             accepted.append(SoftLabelReply(int(metrics[CLIENT_ID]), num_examples, probs, epsilon))
         except (KeyError, TypeError, ValueError) as error:
             rejected.append(f"{source}: {error}")
+            rejected_nodes.append(int(reply.metadata.src_node_id))
     accepted.sort(key=lambda reply: reply.client_id)
-    return ParsedReplies(accepted=accepted, failed=failed, rejected=rejected)
+    return ParsedReplies(accepted=accepted, failed=failed, rejected=rejected, rejected_nodes=sorted(rejected_nodes))
 
 
 class EnsembleDistillation(Strategy):
@@ -251,6 +254,7 @@ class EnsembleDistillation(Strategy):
             "clients": len(parsed.accepted),
             "failed": len(parsed.failed),
             "rejected": len(parsed.rejected) + self._synthesis_rejected,
+            "rejected-nodes": parsed.rejected_nodes,
         }
         if self.synthetic is not None:
             metrics["synthetic-inputs"] = self._num_inputs

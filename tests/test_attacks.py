@@ -1,0 +1,102 @@
+"""Simulated malicious clients: who attacks, what each attack sends, and what the server makes of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedkd.attacks import ATTACK_KINDS, attacked_logits, flip_labels, malicious_clients
+from fedkd.client_app import app as client_app
+from fedkd.config import AttackConfig, PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, run_config_from_mapping
+from fedkd.federation import run_federation
+from fedkd.inprocess import InProcessGrid
+
+
+@given(num_clients=st.integers(1, 500), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_the_malicious_share_is_a_fixed_seeded_choice_of_the_right_size(num_clients, fraction, seed):
+    chosen = malicious_clients(num_clients, fraction, seed)
+    assert len(chosen) == round(fraction * num_clients)
+    assert chosen <= set(range(num_clients))
+    assert chosen == malicious_clients(num_clients, fraction, seed)
+
+
+def test_flipped_labels_all_move_to_another_class():
+    labels = torch.arange(10)
+    flipped = flip_labels(labels, 10)
+    assert flipped.tolist() == list(range(9, -1, -1)) and not (flipped == labels).any()
+
+
+def test_each_logit_attack_does_what_it_says():
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    assert torch.isnan(attacked_logits(logits, "nan", scale=1.0, generator=generator)).all()
+    inverted = attacked_logits(logits, "scale", scale=-4.0, generator=generator)
+    assert (inverted.argmax(dim=1) == logits.argmin(dim=1)).all()
+    noise = attacked_logits(logits, "random", scale=1.0, generator=generator)
+    assert noise.shape == logits.shape and torch.isfinite(noise).all()
+    assert (noise.argmax(dim=1) == logits.argmax(dim=1)).float().mean() < 0.5
+    for honest in ("none", "flip"):
+        assert attacked_logits(logits, honest, scale=1.0, generator=generator) is logits
+    with pytest.raises(ValueError, match="attack kind"):
+        attacked_logits(logits, "poison", scale=1.0, generator=generator)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(attack=AttackConfig(kind="nan", fraction=0.1), strategy=StrategyConfig(name="fedavg")), "strategy=fedavg"),
+        (dict(attack=AttackConfig(kind="nan", fraction=0.1), privacy=PrivacyConfig(mechanism="gnmax")), "privacy=gnmax"),
+    ],
+)
+def test_attacks_the_run_cannot_simulate_fail_with_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [(dict(kind="poison", fraction=0.1), "attack.kind"), (dict(kind="nan", fraction=1.5), "attack.fraction"),
+     (dict(kind="nan"), "attacks nobody")],
+)
+def test_bad_attack_values_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttackConfig(**kwargs)
+
+
+def test_a_bare_nan_from_the_command_line_means_the_nan_attack():
+    config = run_config_from_mapping({"attack": {"kind": math.nan, "fraction": 0.1}})
+    assert config.attack.kind == "nan"
+    assert set(ATTACK_KINDS) == {"none", "random", "flip", "scale", "nan"}
+
+
+TINY = RunConfig(
+    dataset="digits", num_clients=5, rounds=2, public_size=300, local_epochs=2, distill_epochs=3,
+    partition=PartitionConfig(scheme="iid"), client_models=("cnn_small",), student_model="cnn_small",
+)
+
+
+@pytest.mark.slow
+def test_a_nan_client_is_rejected_every_round_and_the_rest_still_teach():
+    config = dataclasses.replace(TINY, attack=AttackConfig(kind="nan", fraction=0.2))
+    (attacker,) = malicious_clients(5, 0.2, config.seed)
+    rows = run_federation(InProcessGrid(client_app, num_nodes=5), config, run_dir=None)
+    assert [row["rejected"] for row in rows] == [1, 1]
+    assert [row["rejected_nodes"] for row in rows] == [[attacker + 1]] * 2  # node k + 1 holds partition k
+    assert all(row["clients"] == 4 for row in rows)
+    assert rows[-1]["student_accuracy"] > 0.3
+
+
+@pytest.mark.slow
+def test_the_median_resists_a_minority_that_the_mean_follows():
+    attack = AttackConfig(kind="scale", fraction=0.4, scale=-20.0)
+
+    def accuracy(aggregator):
+        config = dataclasses.replace(TINY, attack=attack, strategy=StrategyConfig(aggregator=aggregator))
+        return run_federation(InProcessGrid(client_app, num_nodes=5), config, run_dir=None)[-1]["student_accuracy"]
+
+    assert accuracy("median") > accuracy("mean") + 0.1

@@ -1,0 +1,58 @@
+"""Clients that crash or time out mid-round: the round goes on with the replies that arrived."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedkd.client_app import app as honest_app
+from fedkd.config import PartitionConfig, RunConfig, StrategyConfig
+from fedkd.federation import run_federation
+from fedkd.inprocess import InProcessGrid
+
+CRASHING_NODE, SLOW_NODE = 2, 3
+
+
+def unreliable_app(*, delay: float) -> ClientApp:
+    """The honest ClientApp, except that one node crashes and another answers after ``delay`` s."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        if context.node_id == CRASHING_NODE:
+            raise RuntimeError("simulated crash")
+        reply = honest_app(message, context)
+        if context.node_id == SLOW_NODE:
+            time.sleep(delay)
+        return reply
+
+    return app
+
+
+def _config(**changes):
+    return RunConfig(
+        dataset="digits", num_clients=4, rounds=2, public_size=300, local_epochs=2, distill_epochs=3,
+        partition=PartitionConfig(scheme="iid"), client_models=("cnn_small",), student_model="cnn_small",
+        **changes,
+    )
+
+
+@pytest.mark.slow
+def test_crashed_and_late_clients_are_recorded_and_the_round_uses_the_rest():
+    config = _config(round_timeout=2.0)
+    rows = run_federation(InProcessGrid(unreliable_app(delay=3.0), num_nodes=4), config, run_dir=None)
+    assert [row["failed"] for row in rows] == [2, 2]
+    assert [row["failed_nodes"] for row in rows] == [[CRASHING_NODE, SLOW_NODE]] * 2
+    assert all(row["clients"] == 2 for row in rows)
+    assert rows[-1]["student_accuracy"] > 0.3
+
+
+@pytest.mark.slow
+def test_too_few_replies_leave_the_student_unchanged():
+    config = _config(round_timeout=2.0, strategy=StrategyConfig(min_replies=3))
+    rows = run_federation(InProcessGrid(unreliable_app(delay=3.0), num_nodes=4), config, run_dir=None)
+    assert all(row["clients"] == 2 for row in rows)
+    assert rows[0]["student_accuracy"] == rows[1]["student_accuracy"]  # never distilled
