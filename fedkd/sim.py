@@ -75,6 +75,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     assert isinstance(values, dict)
     verbose = bool(values.pop("verbose", False))
     rerun = bool(values.pop("rerun", False))
+    resume = bool(values.pop("resume", False))
     for key in _LAUNCHER_KEYS:
         values.pop(key, None)
     from fedkd.federation import check_data
