@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
+from fedkd.checkpoint import Checkpoint, ResumeError, load_checkpoint, save_checkpoint
 from fedkd.config import ClientTask, RunConfig
 from fedkd.distillation import Evaluation, OptimizerSettings, evaluate
 from fedkd.local_data import LabeledTensors, evaluation_split, info_for, public_inputs, split_for
@@ -30,7 +31,7 @@ from strategies.aggregation import get_aggregator
 from strategies.dsfl import DSFL
 from strategies.ensemble_distillation import EnsembleDistillation
 from strategies.fd import FederatedDistillation
-from strategies.feddf import FedDF
+from strategies.feddf import FedDF, SeededFedAvg
 from strategies.fedmd import FedMD
 from strategies.private_aggregation import ServerPrivacy
 from strategies.sampling import ClientSampling, sample_size
@@ -45,8 +46,10 @@ _FEDAVG_DROPPED_METRICS = ("client-id", "num-examples")
 class RecordedStrategy(Strategy):
     """Wraps a strategy and keeps its latest aggregated train metrics for the round record."""
 
-    def __init__(self, inner: Strategy) -> None:
+    def __init__(self, inner: Strategy, *, rounds_done: int = 0) -> None:
         self.inner = inner
+        # On resume Flower counts rounds from 1 again; the strategy and its seeds see the real ones.
+        self.rounds_done = rounds_done
         self.latest_train_metrics: dict[str, Any] = {}
         self.latest_evaluate_metrics: dict[str, Any] = {}
 
@@ -55,20 +58,30 @@ class RecordedStrategy(Strategy):
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         self.latest_train_metrics = {}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.rounds_done, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        arrays, metrics = self.inner.aggregate_train(server_round + self.rounds_done, replies)
         self.latest_train_metrics = dict(metrics or {})
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.rounds_done, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
-        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round + self.rounds_done, replies)
         self.latest_evaluate_metrics = dict(metrics or {})
         return metrics
+
+    def state_records(self) -> dict[str, Any]:
+        """The inner strategy's state across rounds ({} for one that keeps none beyond the arrays)."""
+        state = getattr(self.inner, "state_records", None)
+        return state() if callable(state) else {}
+
+    def load_state_records(self, state: dict[str, Any]) -> None:
+        load = getattr(self.inner, "load_state_records", None)
+        if callable(load):
+            load(state)
 
     def privacy_state(self) -> dict[str, Any] | None:
         state = getattr(self.inner, "privacy_state", None)
@@ -120,10 +133,11 @@ def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
     if name in ("fedavg", "feddf"):
         fedavg_kwargs = dict(
             fraction_train=config.strategy.fraction_train,
-            min_train_nodes=config.strategy.min_replies, min_available_nodes=config.num_clients
+            min_train_nodes=config.strategy.min_replies, min_available_nodes=config.num_clients,
+            seed=config.seed,
         )
         if name == "fedavg":
-            return FedAvg(fraction_evaluate=0.0, **fedavg_kwargs)
+            return SeededFedAvg(fraction_evaluate=0.0, **fedavg_kwargs)
         return FedDF(
             student=_server_student(config, student),
             make_model=lambda: build_model(
@@ -187,18 +201,26 @@ class RoundRecorder:
         strategy: RecordedStrategy,
         folder: RunFolder | None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        node_states: Callable[[], dict[int, RecordDict]] | None = None,
+        previous_rows: list[dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
+        self.node_states = node_states
         self.student = student
         self.grid = grid
         self.strategy = strategy
         self.folder = folder
         self.on_round = on_round
         self.test = evaluation_split(config.split_spec())
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(previous_rows or [])
         self._round_started = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        resumed = self.strategy.rounds_done
+        if server_round == 0 and resumed:
+            self._round_started = time.perf_counter()
+            return MetricRecord({})  # the resumed student was evaluated when its round finished
+        server_round += resumed
         if self.strategy.evaluates_on_clients:
             reported = self.strategy.latest_evaluate_metrics
             result = Evaluation(
@@ -210,11 +232,11 @@ class RoundRecorder:
             result = evaluate(self.student, self.test.images, self.test.labels)
         traffic = self.grid.take_traffic()
         if server_round > 0:
-            self._record(server_round, result.accuracy, result.loss, traffic)
+            self._record(server_round, arrays, result.accuracy, result.loss, traffic)
         self._round_started = time.perf_counter()
         return MetricRecord({"student-accuracy": result.accuracy, "student-loss": result.loss})
 
-    def _record(self, server_round: int, accuracy: float, loss: float, traffic) -> None:  # type: ignore[no-untyped-def]
+    def _record(self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, traffic) -> None:  # type: ignore[no-untyped-def]
         train = self.strategy.latest_train_metrics
         rejected = int(train.get("rejected", 0))
         row: dict[str, Any] = {
@@ -238,6 +260,16 @@ class RoundRecorder:
         row["failed_nodes"] = sorted(set(traffic.failed_nodes))
         self.rows.append(row)
         if self.folder is not None:
+            # Checkpoint first: a kill between the two writes leaves a row that resume drops.
+            save_checkpoint(
+                self.folder.path,
+                Checkpoint(
+                    server_round,
+                    arrays,
+                    self.strategy.state_records(),
+                    self.node_states() if self.node_states is not None else {},
+                ),
+            )
             self.folder.append_metrics(row)
         if self.folder is not None and not self.strategy.evaluates_on_clients:
             self.folder.save_student(
@@ -271,38 +303,88 @@ def run_federation(
     *,
     run_dir: str | Path | None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``config.rounds`` rounds on ``grid``; returns the per-round rows it recorded.
 
     Bad configuration (too many clients, a transfer set larger than the data, unknown names)
-    fails here, before any client trains.
+    fails here, before any client trains. ``resume`` continues the run in ``run_dir`` from its
+    last checkpoint (see :mod:`fedkd.checkpoint`); with no checkpoint there it starts afresh.
     """
     check_data(config)
     info = info_for(config.split_spec())
     folder = RunFolder(run_dir) if run_dir is not None else None
-    if folder is not None:
-        folder.write_config(config)
-        folder.start_metrics()
     student = build_model(
         config.student_model,
         input_shape=info.input_shape,
         num_classes=info.num_classes,
         seed=derive_seed(config.seed, STUDENT_INIT),
     )
-    strategy = RecordedStrategy(build_strategy(config, student))
+    inner = build_strategy(config, student)
+    checkpoint = _resumable_checkpoint(folder, config, grid) if resume else None
+    if folder is not None and checkpoint is None:
+        folder.write_config(config)
+        folder.start_metrics()
+    previous_rows: list[dict[str, Any]] = []
+    initial_arrays = ArrayRecord(student.state_dict())
+    strategy = RecordedStrategy(inner)
+    if checkpoint is not None:
+        assert folder is not None
+        previous_rows = folder.keep_metrics_through(checkpoint.server_round)
+        strategy = RecordedStrategy(inner, rounds_done=checkpoint.server_round)
+        strategy.load_state_records(checkpoint.strategy)
+        initial_arrays = checkpoint.arrays
+        if len(initial_arrays) > 0:
+            student.load_state_dict(initial_arrays.to_torch_state_dict())
+        if checkpoint.nodes:
+            grid.restore_node_states(checkpoint.nodes)  # type: ignore[attr-defined]
+        logger.warning("resuming %s after round %d of %d", folder.path, checkpoint.server_round, config.rounds)
+        if checkpoint.server_round >= config.rounds:
+            return previous_rows
     metered = MeteredGrid(grid)
+    node_states = getattr(grid, "node_states", None)
     recorder = RoundRecorder(
-        config=config, student=student, grid=metered, strategy=strategy, folder=folder, on_round=on_round
+        config=config,
+        student=student,
+        grid=metered,
+        strategy=strategy,
+        folder=folder,
+        on_round=on_round,
+        node_states=node_states if callable(node_states) else None,
+        previous_rows=previous_rows,
     )
     task = ClientTask.from_run(config, mode=CLIENT_MODES[config.strategy.name], server_round=0).to_record()
     task.pop("server-round")  # each strategy stamps the round itself
     strategy.start(
         grid=metered,
-        initial_arrays=ArrayRecord(student.state_dict()),
-        num_rounds=config.rounds,
+        initial_arrays=initial_arrays,
+        num_rounds=config.rounds - strategy.rounds_done,
         timeout=config.round_timeout,
         train_config=ConfigRecord(task),
         evaluate_config=ConfigRecord(task),
         evaluate_fn=recorder,
     )
     return recorder.rows
+
+
+def _resumable_checkpoint(folder: RunFolder | None, config: RunConfig, grid: Grid) -> Checkpoint | None:
+    """The checkpoint to continue from, after checking it belongs to this run; ``None`` if the run
+    never finished a round."""
+    if folder is None:
+        raise ResumeError("resume=true needs a run folder: give the interrupted run's hydra.run.dir.")
+    stored = folder.stored_config()
+    if stored is not None and stored != config:
+        raise ResumeError(
+            f"{folder.path} holds a run with a different configuration; resume it with the same "
+            "settings, or start a new run in another folder."
+        )
+    checkpoint = load_checkpoint(folder.path)
+    if checkpoint is None:
+        logger.warning("%s holds no checkpoint yet; starting the run from round 1.", folder.path)
+        return None
+    if checkpoint.nodes and not callable(getattr(grid, "restore_node_states", None)):
+        raise ResumeError(
+            "this checkpoint holds the simulated clients' state, which only the in-process engine can "
+            "restore; resume with engine=inprocess."
+        )
+    return checkpoint

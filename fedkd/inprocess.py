@@ -88,6 +88,18 @@ class InProcessGrid(Grid):
         """The node's Context (its persistent state), for inspection."""
         return self._contexts[node_id]
 
+    def node_states(self) -> dict[int, RecordDict]:
+        """Every node's persistent state (for checkpoints: these clients die with the process)."""
+        return {node_id: context.state for node_id, context in self._contexts.items()}
+
+    def restore_node_states(self, states: dict[int, RecordDict]) -> None:
+        """Give each node back the state :meth:`node_states` returned in an earlier process."""
+        unknown = sorted(set(states) - set(self._contexts))
+        if unknown:
+            raise ValueError(f"the checkpoint holds nodes {unknown} that this grid does not have.")
+        for node_id, state in states.items():
+            self._contexts[node_id].state = state
+
     def _deliver(self, message: Message) -> Message:
         node_id = message.metadata.dst_node_id
         if node_id not in self._contexts:

@@ -48,14 +48,7 @@ class RunFolder:
         stored config is read back through the same adapter as a new one, so a folder written
         before a setting existed still matches when the setting keeps its default.
         """
-        config_path = self.path / CONFIG_FILE
-        if not (config_path.exists() and self.metrics_path.exists()):
-            return None
-        try:
-            stored = run_config_from_mapping(yaml.safe_load(config_path.read_text()) or {})
-        except (TypeError, ValueError):
-            return None  # not a fedkd-sim run of a config this version can express
-        if stored != config:
+        if not self.metrics_path.exists() or self.stored_config() != config:
             return None
         rows = read_metrics(self.metrics_path)
         if [row.get("round") for row in rows] != list(range(1, config.rounds + 1)):
@@ -65,6 +58,23 @@ class RunFolder:
     def start_metrics(self) -> None:
         """Begin a fresh metrics file (a rerun into the same folder replaces it)."""
         self.metrics_path.write_text("")
+
+    def stored_config(self) -> RunConfig | None:
+        """The config this folder's run was started with, if it holds one this version can read."""
+        config_path = self.path / CONFIG_FILE
+        if not config_path.exists():
+            return None
+        try:
+            return run_config_from_mapping(yaml.safe_load(config_path.read_text()) or {})
+        except (TypeError, ValueError):
+            return None
+
+    def keep_metrics_through(self, server_round: int) -> list[dict[str, Any]]:
+        """Drop rows after ``server_round`` (written after the last checkpoint); returns the rest."""
+        rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        kept = [row for row in rows if row["round"] <= server_round]
+        self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        return kept
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         clean = {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in row.items()}

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from fedkd.checkpoint import ResumeError
 from fedkd.config import RunConfig, run_config_from_mapping
 from fedkd.results import RunFolder, format_bytes
 
@@ -30,8 +31,14 @@ logger = logging.getLogger("fedkd")
 _LAUNCHER_KEYS = ("verbose", "rerun")
 
 
-def simulate(config: RunConfig, *, run_dir: str | Path, verbose: bool = False) -> list[dict[str, Any]]:
-    """Run ``config`` with its engine and write the run folder; returns the per-round rows."""
+def simulate(
+    config: RunConfig, *, run_dir: str | Path, verbose: bool = False, resume: bool = False
+) -> list[dict[str, Any]]:
+    """Run ``config`` with its engine and write the run folder; returns the per-round rows.
+
+    ``resume`` continues an interrupted run in ``run_dir`` from its last checkpoint (in-process
+    engine: Ray's simulated clients cannot be given their state back).
+    """
     from fedkd.client_app import app as client_app
     from fedkd.federation import print_progress, run_federation
 
@@ -50,7 +57,12 @@ def simulate(config: RunConfig, *, run_dir: str | Path, verbose: bool = False) -
         from fedkd.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app, num_nodes=config.num_clients)
-        return run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds))
+        return run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds), resume=resume)
+    if resume:
+        raise ResumeError(
+            "resume=true needs engine=inprocess: Flower's Ray engine cannot give its simulated clients "
+            "their checkpointed state back."
+        )
 
     from flwr.simulation import run_simulation
 
@@ -91,7 +103,11 @@ def _hydra_main(cfg: DictConfig) -> float:
     finished = None if rerun else RunFolder(run_dir).finished_rows(config)
     if finished is not None:
         print(f"fedkd: {run_dir} already holds this finished run; kept it (rerun=true redoes it).", flush=True)
-    rows = finished if finished is not None else simulate(config, run_dir=run_dir, verbose=verbose)
+    try:
+        rows = finished if finished is not None else simulate(config, run_dir=run_dir, verbose=verbose, resume=resume)
+    except ResumeError as error:
+        print(f"fedkd-sim: cannot resume: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not rows:
         print("fedkd-sim: no round finished.", file=sys.stderr)
         raise SystemExit(1)

@@ -43,6 +43,8 @@ from fedkd.messages import (
     synthetic_transfer_record,
     transfer_record,
 )
+from fedkd.checkpoint import arrays_record
+from fedkd.privacy.accountant import PrivacyLedger
 from fedkd.student import Student
 from strategies.aggregation import Aggregator
 from strategies.private_aggregation import ServerPrivacy, WorstClientEpsilon
@@ -306,6 +308,50 @@ class EnsembleDistillation(Strategy):
                 "delta": self.client_privacy_delta,
             }
         return None
+
+    def state_records(self) -> dict[str, ArrayRecord | ConfigRecord]:
+        """What this strategy carries from one round to the next, for checkpoints."""
+        arrays: dict[str, np.ndarray] = {}
+        if self.consensus is not None:
+            arrays["consensus"] = self.consensus
+        for index, (positions, labels) in enumerate(self._released):
+            arrays[f"released-positions-{index}"], arrays[f"released-labels-{index}"] = positions, labels
+        for index, (inputs, labels) in enumerate(self._bank):
+            arrays[f"bank-inputs-{index}"], arrays[f"bank-labels-{index}"] = inputs.numpy(), labels
+        clients = sorted(self.client_epsilons.by_client)
+        state: dict[str, ArrayRecord | ConfigRecord] = {
+            "arrays": arrays_record(arrays),
+            "counts": ConfigRecord({"released": len(self._released), "bank": len(self._bank)}),
+            "client-epsilons": ConfigRecord(
+                {"clients": clients, "epsilons": [self.client_epsilons.by_client[c] for c in clients]}
+            ),
+        }
+        if self.server_privacy is not None:
+            state["server-ledger"] = ConfigRecord(self.server_privacy.ledger.to_record())
+        return state
+
+    def load_state_records(self, state: dict[str, ArrayRecord | ConfigRecord]) -> None:
+        """Continue from :meth:`state_records` of an earlier run of the same configuration."""
+        arrays = {name: array.numpy() for name, array in state["arrays"].items()}
+        counts = state["counts"]
+        self.consensus = arrays.get("consensus")
+        self._released = [
+            (arrays[f"released-positions-{i}"], arrays[f"released-labels-{i}"]) for i in range(int(counts["released"]))
+        ]
+        self._bank = [
+            (torch.from_numpy(arrays[f"bank-inputs-{i}"].copy()), arrays[f"bank-labels-{i}"])
+            for i in range(int(counts["bank"]))
+        ]
+        epsilons = state["client-epsilons"]
+        for client, epsilon in zip(epsilons["clients"], epsilons["epsilons"]):
+            self.client_epsilons.update(int(client), float(epsilon))
+        if self.server_privacy is not None:
+            self.server_privacy.ledger = PrivacyLedger.from_record(state["server-ledger"])
+        if self._released:
+            positions = np.concatenate([batch for batch, _ in self._released])
+            self.student.transfer_inputs = self._public_inputs[torch.from_numpy(positions)]
+        if self._bank and self.synthetic is not None and self.synthetic.keep_pools:
+            self.student.transfer_inputs = torch.cat([inputs for inputs, _ in self._bank])
 
     def _released_transfer_set(self, targets: np.ndarray) -> np.ndarray:
         """Point the student at every privately released batch so far (post-processing is free)."""

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from numpy.typing import NDArray
 
+from fedkd.checkpoint import arrays_record
 from fedkd.messages import (
     CLASS_LOGITS_KEY,
     CLIENT_ID,
@@ -158,6 +159,17 @@ class FederatedDistillation(Strategy):
             np.stack([reply.logits for reply in accepted]), np.stack([reply.counts for reply in accepted])
         )
         return None, MetricRecord(metrics)
+
+    def state_records(self) -> dict[str, ArrayRecord | ConfigRecord]:
+        """The global per-class logits the next round sends down, for checkpoints."""
+        if self.global_logits is None:
+            return {}
+        return {"global": arrays_record({"logits": self.global_logits, "counts": self.global_counts})}
+
+    def load_state_records(self, state: dict[str, ArrayRecord | ConfigRecord]) -> None:
+        if "global" in state:
+            self.global_logits = state["global"]["logits"].numpy()
+            self.global_counts = state["global"]["counts"].numpy()
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -19,15 +19,18 @@ Learning", NeurIPS 2020.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedkd.distillation import predict_logits, soften
 from fedkd.messages import CLIENT_ID, METRICS_KEY, WEIGHTS_KEY
+from fedkd.seeding import SAMPLE_CLIENTS, derive_seed
 from fedkd.student import Student
 
 logger = logging.getLogger(__name__)
@@ -40,7 +43,31 @@ def _client_order(reply: Message) -> tuple[int, int]:
         return (1, reply.metadata.src_node_id)
 
 
-class FedDF(FedAvg):
+class SeededFedAvg(FedAvg):
+    """Flower's FedAvg, made reproducible: the same seed samples the same clients and sums their
+    weights in the same order, so a run (and a resumed run) gives the same model bit for bit.
+
+    Flower samples with the unseeded global ``random`` module and averages replies in arrival
+    order; float addition is not associative, so either changes the result in the last digits.
+    """
+
+    def __init__(self, *, seed: int = 0, **fedavg_kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**fedavg_kwargs)
+        self.seed = seed
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        random.seed(derive_seed(self.seed, server_round, SAMPLE_CLIENTS))
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, sorted(replies, key=_client_order))
+
+
+class FedDF(SeededFedAvg):
     """FedAvg, then distillation of the clients' averaged logits into the averaged model.
 
     Parameters
