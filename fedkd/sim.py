@@ -28,7 +28,7 @@ from fedkd.results import RunFolder, format_bytes
 logger = logging.getLogger("fedkd")
 
 # Keys of the Hydra config that steer this entry point rather than the run.
-_LAUNCHER_KEYS = ("verbose", "rerun")
+LAUNCHER_KEYS = ("verbose", "rerun", "resume")
 
 
 def simulate(
@@ -88,7 +88,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     verbose = bool(values.pop("verbose", False))
     rerun = bool(values.pop("rerun", False))
     resume = bool(values.pop("resume", False))
-    for key in _LAUNCHER_KEYS:
+    for key in LAUNCHER_KEYS:
         values.pop(key, None)
     from fedkd.federation import check_data
 
