@@ -19,6 +19,12 @@ import yaml
 from fedkd.results import read_metrics
 
 MECHANISMS = ("dpsgd", "gaussian", "gnmax")
+# Published MNIST results at δ = 1e-5, drawn beside the frontier for scale (centralized training
+# on all 60,000 images, not federated): label → [(ε, accuracy)].
+ANCHORS = {
+    "Opacus DP-SGD example (central)": [(1.16, 0.9463), (2.91, 0.9678)],
+    "PATE, Papernot et al. 2017 (250 teachers)": [(2.04, 0.9800), (8.03, 0.9810)],
+}
 LABELS = {
     "dpsgd": "DP-SGD teachers (record-level)",
     "gaussian": "Gaussian aggregate (client-level)",
@@ -83,6 +89,8 @@ def plot(found: dict[str, dict[float, tuple[float, float | None]]], path: Path) 
             continue
         points = sorted((eps if math.isfinite(eps) else no_noise_at, acc) for eps, (acc, _) in runs.items())
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=LABELS[mechanism])
+    for (label, points), marker in zip(ANCHORS.items(), ("*", "P")):
+        ax.scatter([e for e, _ in points], [a for _, a in points], marker=marker, s=70, color="grey", label=label)
     ax.set_xscale("log", base=2)
     ticks = [*finite, no_noise_at]
     ax.set_xticks(ticks, [*(f"{t:g}" for t in finite), "∞"])
