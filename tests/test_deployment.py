@@ -1,0 +1,392 @@
+"""A real deployment on loopback: one SuperLink, N SuperNodes and ``flwr run`` against them.
+
+Unlike tests/test_flwr_run.py (simulation runtime), every client here is its own
+``flower-supernode`` process that learns its partition from ``--node-config``, and the run is
+submitted over the SuperLink's HTTP API, first without TLS and then over TLS with
+certificates this test generates itself. In Flower 1.41 the SuperLink serves its Fleet,
+Control and Runtime APIs on one ``--port``; the ``flwr`` CLI finds it through a named
+SuperLink connection in ``$FLWR_HOME/config.toml``.
+
+The test stops exactly the processes it started, and the processes those spawned
+(SuperExec, ServerApp, ClientApp), by process id.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedkd.results import read_metrics
+from test_flwr_run import _cmdlines
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NUM_NODES = 2
+STARTUP_TIMEOUT = 120.0
+RUN_TIMEOUT = 300.0
+
+needs_flower = pytest.mark.skipif(
+    any(shutil.which(name, path=str(BIN)) is None for name in ("flwr", "flower-superlink", "flower-supernode")),
+    reason="Flower's executables are not installed next to this Python",
+)
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct loopback ports the OS has just handed out (all bound at once, then released)."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    certificate: Path
+    key: Path
+
+
+def write_certificates(directory: Path) -> Certificates:
+    """A self-signed CA and a server certificate it signs for 127.0.0.1 and localhost."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedkd test CA")])
+    ca_certificate = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    certificates = Certificates(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    certificates.ca.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
+    certificates.certificate.write_bytes(server_certificate.public_bytes(serialization.Encoding.PEM))
+    certificates.key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificates
+
+
+def descendants(pids: list[int]) -> dict[int, psutil.Process]:
+    """``pids``, their children (transitively) and whatever names one of them as --parent-pid.
+
+    The SuperLink starts its SuperExec in a new session and SuperExecs start ServerApp and
+    ClientApp processes; a child orphaned by a crash still carries ``--parent-pid``.
+    """
+    found: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            found[pid] = process
+            found.update((child.pid, child) for child in process.children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue
+    commands = _cmdlines()
+    changed = True
+    while changed:
+        changed = False
+        for pid, argv in commands.items():
+            if pid in found or "--parent-pid" not in argv:
+                continue
+            index = argv.index("--parent-pid")
+            if index + 1 < len(argv) and argv[index + 1].isdigit() and int(argv[index + 1]) in found:
+                try:
+                    found[pid] = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    continue
+                changed = True
+    return found
+
+
+def running(processes) -> list[int]:
+    """Ids of the processes that still run (a psutil.Process no longer matches a reused id)."""
+    living = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                living.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(living)
+
+
+@dataclass
+class Deployment:
+    """The processes one test started, with their logs under ``root``."""
+
+    root: Path
+    env: dict[str, str]
+    started: list[subprocess.Popen] = field(default_factory=list)
+    seen: dict[int, psutil.Process] = field(default_factory=dict)
+    commands: dict[int, str] = field(default_factory=dict)  # what each seen process ran
+    logs: list[Path] = field(default_factory=list)
+
+    def start(self, name: str, command: list[str], home: Path) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"{name}.log"
+        self.logs.append(log)
+        with log.open("w") as stream:
+            stream.write("$ " + " ".join(command) + "\n")
+            stream.flush()
+            process = subprocess.Popen(
+                command,
+                env={**self.env, "FLWR_HOME": str(home)},
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+            )
+        self.started.append(process)
+        self.track()
+        return process
+
+    def track(self) -> None:
+        """Remember every process now descended from ours (the ServerApp and ClientApps come and go).
+
+        A psutil.Process remembers its start time, so one that has ended is never mistaken
+        for an unrelated process that later gets the same id.
+        """
+        for pid, process in descendants([process.pid for process in self.started]).items():
+            known = self.seen.get(pid)
+            if known is None or not known.is_running():
+                self.seen[pid] = process
+                try:
+                    self.commands[pid] = " ".join(process.cmdline())
+                except psutil.Error:
+                    self.commands[pid] = "?"
+
+    def output(self, tail: int = 4000) -> str:
+        parts = []
+        for log in self.logs:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            parts.append(f"----- {log.name} -----\n{text[-tail:]}")
+        return "\n".join(parts)
+
+    def stop_all(self) -> list[int]:
+        """SIGTERM, then SIGKILL, our processes and their descendants; returns any still running."""
+        for _ in range(2):  # a second pass catches a child spawned while the first one ran
+            self.track()
+            processes = list(self.seen.values())
+            for process in processes:
+                try:
+                    process.terminate()
+                except psutil.NoSuchProcess:
+                    pass
+            _, remaining = psutil.wait_procs(processes, timeout=15)
+            for process in remaining:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(remaining, timeout=5)
+            for process in self.started:
+                try:
+                    process.wait(timeout=1)  # reap our direct children
+                except subprocess.TimeoutExpired:
+                    pass
+        self.track()
+        return running(self.seen.values())
+
+
+def wait_until_healthy(deployment: Deployment, superlink: subprocess.Popen, url: str, verify) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        assert superlink.poll() is None, "flower-superlink exited early\n" + deployment.output()
+        try:
+            if httpx.get(url, timeout=2.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"SuperLink not healthy at {url} after {STARTUP_TIMEOUT} s\n" + deployment.output())
+
+
+def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | None) -> list[dict]:
+    """Start the SuperLink and the SuperNodes, run the app with ``flwr run``, stop everything."""
+    port, *node_ports = free_ports(1 + NUM_NODES)  # the SuperLink's API, each SuperNode's Runtime API
+    address = f"127.0.0.1:{port}"
+    output_dir = tmp_path / "run"
+    homes = tmp_path / "homes"
+    env = {
+        **os.environ,
+        # The ServerApp would otherwise `uv sync` the app's dependencies (a CUDA torch).
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    deployment = Deployment(root=tmp_path, env=env)
+
+    if certificates is None:
+        link_tls = ["--insecure"]
+        node_tls = ["--insecure"]
+        connection = f'address = "{address}"\ninsecure = true\n'
+        verify: object = False
+        scheme = "http"
+    else:
+        link_tls = [
+            "--ssl-ca-certfile", str(certificates.ca),
+            "--ssl-certfile", str(certificates.certificate),
+            "--ssl-keyfile", str(certificates.key),
+        ]
+        node_tls = ["--root-certificates", str(certificates.ca)]
+        connection = f'address = "{address}"\nroot-certificates = "{certificates.ca}"\n'
+        verify = str(certificates.ca)
+        scheme = "https"
+
+    # The flwr CLI reads its SuperLink connections from $FLWR_HOME/config.toml.
+    cli_home = homes / "cli"
+    cli_home.mkdir(parents=True)
+    (cli_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedkd-test"\n\n[superlink.fedkd-test]\n{connection}'
+    )
+
+    try:
+        superlink = deployment.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"), *link_tls,
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1", "--port", str(port),
+            ],
+            homes / "superlink",
+        )
+        wait_until_healthy(deployment, superlink, f"{scheme}://{address}/health", verify)
+        if certificates is not None:  # TLS only: no plain HTTP, and a CA the system does not know
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://{address}/health", timeout=5.0)
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                httpx.get(f"https://{address}/health", timeout=5.0)
+
+        for k in range(NUM_NODES):
+            deployment.start(
+                f"supernode-{k}",
+                [
+                    str(BIN / "flower-supernode"), *node_tls,
+                    "--superlink", address,
+                    "--host", "127.0.0.1", "--port", str(node_ports[k]),
+                    "--node-config", f"partition-id={k} num-partitions={NUM_NODES}",
+                ],
+                homes / f"supernode-{k}",
+            )
+
+        run_config = (
+            f'num-clients={NUM_NODES} rounds={rounds} public-size=300 local-epochs=2 distill-epochs=3 '
+            f'partition="iid" student-model="cnn_small" output-dir="{output_dir}"'
+        )
+        command = [str(BIN / "flwr"), "run", str(REPO), "fedkd-test", "--stream", "--run-config", run_config]
+        run_log = tmp_path / "flwr-run.log"
+        deployment.logs.append(run_log)
+        with run_log.open("w") as stream:
+            stream.write("$ " + " ".join(command) + "\n")
+            stream.flush()
+            runner = subprocess.Popen(
+                command,
+                env={**env, "FLWR_HOME": str(cli_home)},
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+            )
+            deployment.started.append(runner)
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while runner.poll() is None and time.monotonic() < deadline:
+                deployment.track()
+                for process in deployment.started[:-1]:
+                    assert process.poll() is None, f"{process.args[0]} exited early\n" + deployment.output()
+                time.sleep(1.0)
+        assert runner.returncode is not None, f"flwr run still running after {RUN_TIMEOUT} s\n" + deployment.output()
+        assert runner.returncode == 0, "flwr run failed\n" + deployment.output()
+        rows = read_metrics(output_dir)
+        assert [row["round"] for row in rows] == list(range(1, rounds + 1)), deployment.output()
+    finally:
+        survivors = deployment.stop_all()
+    assert survivors == [], f"processes still alive after stopping: {survivors}\n" + deployment.output()
+    # The SuperLink and each SuperNode started a SuperExec, and the test saw (and stopped) them.
+    superexecs = [command for command in deployment.commands.values() if "flower-superexec" in command]
+    assert len(superexecs) == 1 + NUM_NODES, deployment.commands
+    return rows
+
+
+def assert_student_learned(rows: list[dict]) -> None:
+    assert all(row["clients"] == NUM_NODES for row in rows), rows
+    first, last = rows[0]["student_accuracy"], rows[-1]["student_accuracy"]
+    assert last > 0.5, rows  # chance is 0.1 on digits
+    assert last >= first - 0.05, rows
+
+
+@pytest.mark.slow
+@needs_flower
+def test_insecure_deployment_trains_a_student(tmp_path):
+    assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=None))
+
+
+@pytest.mark.slow
+@needs_flower
+def test_tls_deployment_trains_a_student(tmp_path):
+    certificates = write_certificates(tmp_path / "certificates")
+    assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=certificates))
