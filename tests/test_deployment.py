@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedkd.results import read_metrics
-from test_flwr_run import _cmdlines
+from test_flwr_run import _cmdlines, with_parent_pid_children
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -146,20 +146,11 @@ def descendants(pids: list[int]) -> dict[int, psutil.Process]:
             found.update((child.pid, child) for child in process.children(recursive=True))
         except psutil.NoSuchProcess:
             continue
-    commands = _cmdlines()
-    changed = True
-    while changed:
-        changed = False
-        for pid, argv in commands.items():
-            if pid in found or "--parent-pid" not in argv:
-                continue
-            index = argv.index("--parent-pid")
-            if index + 1 < len(argv) and argv[index + 1].isdigit() and int(argv[index + 1]) in found:
-                try:
-                    found[pid] = psutil.Process(pid)
-                except psutil.NoSuchProcess:
-                    continue
-                changed = True
+    for pid in with_parent_pid_children(set(found), _cmdlines()) - set(found):
+        try:
+            found[pid] = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 

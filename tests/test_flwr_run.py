@@ -32,10 +32,10 @@ def _cmdlines() -> dict[int, list[str]]:
     return found
 
 
-def processes_started_under(flwr_home: Path) -> list[int]:
-    """The local SuperLink that uses ``flwr_home`` and every process it spawned (by --parent-pid)."""
-    commands = _cmdlines()
-    owned = {pid for pid, argv in commands.items() if any(str(flwr_home) in arg for arg in argv)}
+def with_parent_pid_children(owned: set[int], commands: dict[int, list[str]]) -> set[int]:
+    """``owned`` plus every process that names one of them, transitively, as its --parent-pid
+    (how Flower's SuperExec links the ServerApp and ClientApp processes it starts)."""
+    owned = set(owned)
     changed = True
     while changed:
         changed = False
@@ -46,7 +46,14 @@ def processes_started_under(flwr_home: Path) -> list[int]:
             if index + 1 < len(argv) and argv[index + 1].isdigit() and int(argv[index + 1]) in owned:
                 owned.add(pid)
                 changed = True
-    return sorted(owned)
+    return owned
+
+
+def processes_started_under(flwr_home: Path) -> list[int]:
+    """The local SuperLink that uses ``flwr_home`` and every process it spawned (by --parent-pid)."""
+    commands = _cmdlines()
+    owned = {pid for pid, argv in commands.items() if any(str(flwr_home) in arg for arg in argv)}
+    return sorted(with_parent_pid_children(owned, commands))
 
 
 def stop(pids: list[int]) -> None:
