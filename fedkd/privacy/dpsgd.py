@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -45,7 +46,12 @@ def make_private_compatible(model: nn.Module) -> nn.Module:
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_examples / batch_size))
+    """Noisy steps per epoch, and ``1 / sample rate``, exactly as Opacus's Poisson loader takes
+    them. Asked of Opacus rather than computed: it derives them through a float round trip
+    (``int(1 / (1 / 210)) == 209``), and calibrating for 210 steps at rate 1/210 while the
+    accountant records 209 at 1/209 overshot the target ε by 0.01 on a 6,700-example client."""
+    stand_in = TensorDataset(torch.empty(max(num_examples, 1), 0))  # only its length matters
+    return max(1, len(DPDataLoader.from_data_loader(DataLoader(stand_in, batch_size=batch_size))))
 
 
 # With feature statistics released for synthesis, this share of ε is theirs: each release averages
