@@ -239,12 +239,13 @@ class RoundRecorder:
     def _record(self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, traffic) -> None:  # type: ignore[no-untyped-def]
         train = self.strategy.latest_train_metrics
         rejected = int(train.get("rejected", 0))
+        failed_nodes = sorted(set(traffic.failed_nodes))  # a node can fail a query and a train message
         row: dict[str, Any] = {
             "round": server_round,
             "student_accuracy": accuracy,
             "student_loss": loss,
             "clients": int(train.get("clients", traffic.replies - traffic.error_replies - rejected)),
-            "failed": len(set(traffic.failed_nodes)),
+            "failed": len(failed_nodes),
             "rejected": rejected,
             "bytes_up": traffic.bytes_up,
             "bytes_down": traffic.bytes_down,
@@ -257,7 +258,7 @@ class RoundRecorder:
             if key not in ("clients", "failed", "rejected", *_FEDAVG_DROPPED_METRICS)
         }
         row.update(extra)
-        row["failed_nodes"] = sorted(set(traffic.failed_nodes))
+        row["failed_nodes"] = failed_nodes
         self.rows.append(row)
         if self.folder is not None:
             # Checkpoint first: a kill between the two writes leaves a row that resume drops.
@@ -327,11 +328,10 @@ def run_federation(
         folder.start_metrics()
     previous_rows: list[dict[str, Any]] = []
     initial_arrays = ArrayRecord(student.state_dict())
-    strategy = RecordedStrategy(inner)
+    strategy = RecordedStrategy(inner, rounds_done=checkpoint.server_round if checkpoint else 0)
     if checkpoint is not None:
         assert folder is not None
         previous_rows = folder.keep_metrics_through(checkpoint.server_round)
-        strategy = RecordedStrategy(inner, rounds_done=checkpoint.server_round)
         strategy.load_state_records(checkpoint.strategy)
         initial_arrays = checkpoint.arrays
         if len(initial_arrays) > 0:

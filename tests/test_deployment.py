@@ -330,26 +330,13 @@ def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | 
             f'partition="iid" student-model="cnn_small" output-dir="{output_dir}"'
         )
         command = [str(BIN / "flwr"), "run", str(REPO), "fedkd-test", "--stream", "--run-config", run_config]
-        run_log = tmp_path / "flwr-run.log"
-        deployment.logs.append(run_log)
-        with run_log.open("w") as stream:
-            stream.write("$ " + " ".join(command) + "\n")
-            stream.flush()
-            runner = subprocess.Popen(
-                command,
-                env={**env, "FLWR_HOME": str(cli_home)},
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-            )
-            deployment.started.append(runner)
-            deadline = time.monotonic() + RUN_TIMEOUT
-            while runner.poll() is None and time.monotonic() < deadline:
-                deployment.track()
-                for process in deployment.started[:-1]:
-                    assert process.poll() is None, f"{process.args[0]} exited early\n" + deployment.output()
-                time.sleep(1.0)
+        runner = deployment.start("flwr-run", command, cli_home)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while runner.poll() is None and time.monotonic() < deadline:
+            deployment.track()
+            for process in deployment.started[:-1]:
+                assert process.poll() is None, f"{process.args[0]} exited early\n" + deployment.output()
+            time.sleep(1.0)
         assert runner.returncode is not None, f"flwr run still running after {RUN_TIMEOUT} s\n" + deployment.output()
         assert runner.returncode == 0, "flwr run failed\n" + deployment.output()
         rows = read_metrics(output_dir)
