@@ -33,11 +33,11 @@ import numpy as np
 import psutil
 import torch
 
-from fedkd.client_app import app as client_app
+from federation.client_app import app as client_app
 from fedkd.config import PartitionConfig, RunConfig
 from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soften, train_supervised
-from fedkd.federation import _server_student, run_federation
-from fedkd.inprocess import InProcessGrid
+from federation.run import _server_student, run_federation
+from federation.inprocess import InProcessGrid
 from fedkd.local_data import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.models import build_model, model_for_client
 from fedkd.seeding import STUDENT_INIT, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
@@ -133,7 +133,7 @@ def project_run(config: RunConfig) -> list[float]:
     if config.engine == "ray":
         import tempfile
 
-        from fedkd.sim import simulate
+        from federation.sim import simulate
 
         with tempfile.TemporaryDirectory() as run_dir:
             rows = simulate(config, run_dir=run_dir)

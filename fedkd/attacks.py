@@ -13,7 +13,7 @@ malicious. Each kind corrupts what a soft-label client shares:
 * ``nan`` — NaN logits, which the server's reply validation must reject.
 
 All of these are pure functions of their inputs; the ClientApp applies them (see
-``fedkd.client_app``), and nothing on the server knows who attacks.
+``federation.client_app``), and nothing on the server knows who attacks.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.app import Message
 
-from fedkd.inprocess import InProcessGrid
+from federation.inprocess import InProcessGrid
 
 
 class RecordingGrid(InProcessGrid):

@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedkd.attacks import ATTACK_KINDS, attacked_logits, flip_labels, malicious_clients
-from fedkd.client_app import app as client_app
+from federation.client_app import app as client_app
 from fedkd.config import AttackConfig, PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, run_config_from_mapping
-from fedkd.federation import run_federation
-from fedkd.inprocess import InProcessGrid
+from federation.run import run_federation
+from federation.inprocess import InProcessGrid
 
 
 @given(num_clients=st.integers(1, 500), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))

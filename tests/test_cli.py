@@ -14,7 +14,7 @@ QUICK = ["rounds=1", "num_clients=2", "public_size=100", "local_epochs=1", "dist
 
 
 def fedkd_sim(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "fedkd.sim", *args]
+    command = [sys.executable, "-m", "federation.sim", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

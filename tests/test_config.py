@@ -135,7 +135,7 @@ def test_the_three_default_configs_agree():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from fedkd.sim import LAUNCHER_KEYS
+    from federation.sim import LAUNCHER_KEYS
 
     root = Path(__file__).resolve().parents[1]
     flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

@@ -9,17 +9,17 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from fedkd.client_app import TEACHER_STATE
-from fedkd.client_app import app as client_app
+from federation.client_app import TEACHER_STATE
+from federation.client_app import app as client_app
 from fedkd.config import ClientTask, PartitionConfig, RunConfig, StrategyConfig
 from fedkd.distillation import predict_logits, soften
-from fedkd.federation import run_federation
-from fedkd.inprocess import InProcessGrid
+from federation.run import run_federation
+from federation.inprocess import InProcessGrid
 from fedkd.local_data import info_for, public_inputs
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TASK_KEY, TRANSFER_KEY, transfer_record
 from fedkd.models import build_model, model_for_client
 from fedkd.results import read_metrics
-from fedkd.sim import simulate
+from federation.sim import simulate
 from grids import RecordingGrid
 
 TINY = RunConfig(

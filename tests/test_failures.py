@@ -8,10 +8,10 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedkd.client_app import app as honest_app
+from federation.client_app import app as honest_app
 from fedkd.config import PartitionConfig, RunConfig, StrategyConfig
-from fedkd.federation import run_federation
-from fedkd.inprocess import InProcessGrid
+from federation.run import run_federation
+from federation.inprocess import InProcessGrid
 
 CRASHING_NODE, SLOW_NODE = 2, 3
 

@@ -10,9 +10,9 @@ import pytest
 from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.client_app import PRIVACY_LEDGER_STATE, app as client_app
+from federation.client_app import PRIVACY_LEDGER_STATE, app as client_app
 from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, SynthesisConfig
-from fedkd.federation import run_federation
+from federation.run import run_federation
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TRANSFER_INDICES, TRANSFER_KEY
 from fedkd.privacy.accountant import PrivacyLedger
 from fedkd.privacy.dpsgd import batches_per_epoch

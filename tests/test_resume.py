@@ -17,10 +17,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedkd.checkpoint import CHECKPOINT_FILE, Checkpoint, ResumeError, arrays_record, load_checkpoint, save_checkpoint
-from fedkd.client_app import app as client_app
+from federation.client_app import app as client_app
 from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, SynthesisConfig
-from fedkd.federation import run_federation
-from fedkd.inprocess import InProcessGrid
+from federation.run import run_federation
+from federation.inprocess import InProcessGrid
 from fedkd.results import read_metrics
 
 TINY = RunConfig(
@@ -116,7 +116,7 @@ def test_resume_refuses_another_configuration_and_starts_afresh_without_a_checkp
 
 def _fedkd_sim(run_dir: Path, *extra: str) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "fedkd.sim", "num_clients=3", "rounds=3", "local_epochs=1", "distill_epochs=1",
+        sys.executable, "-m", "federation.sim", "num_clients=3", "rounds=3", "local_epochs=1", "distill_epochs=1",
         "public_size=300", "partition=iid", f"hydra.run.dir={run_dir}", *extra,
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -5,11 +5,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.client_app import app as client_app
+from federation.client_app import app as client_app
 from fedkd.config import PartitionConfig, RunConfig, SynthesisConfig
 from fedkd import local_data
-from fedkd.federation import run_federation
-from fedkd.inprocess import InProcessGrid
+from federation.run import run_federation
+from federation.inprocess import InProcessGrid
 from fedkd.messages import (
     SYNTHESIZE_MESSAGE,
     SYNTHETIC_KEY,
@@ -109,8 +109,8 @@ def test_data_free_run_learns_without_the_server_touching_real_data(monkeypatch)
     # Clients and server share this process: nobody may read public inputs, and no public
     # split exists (its size is 0), so everything the student learns from is synthetic.
     monkeypatch.setattr(local_data, "public_inputs", no_public_set)
-    monkeypatch.setattr("fedkd.federation.public_inputs", no_public_set)
-    monkeypatch.setattr("fedkd.client_app.public_inputs", no_public_set)
+    monkeypatch.setattr("federation.run.public_inputs", no_public_set)
+    monkeypatch.setattr("federation.client_app.public_inputs", no_public_set)
     assert local_data.split_for(DATA_FREE.split_spec()).public_indices.size == 0
 
     grid = RecordingGrid(client_app, num_nodes=DATA_FREE.num_clients)
@@ -141,7 +141,7 @@ def test_data_free_run_learns_without_the_server_touching_real_data(monkeypatch)
 
 @pytest.mark.slow
 def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeypatch):
-    import fedkd.client_app as client_module
+    import federation.client_app as client_module
 
     trained: list[tuple[int, int]] = []
     original = client_module._train_locally
@@ -167,7 +167,7 @@ def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeyp
 def test_bad_synthetic_inputs_are_rejected_and_counted_and_the_round_goes_on():
     from flwr.clientapp import ClientApp
 
-    import fedkd.client_app as honest
+    import federation.client_app as honest
 
     app = ClientApp()
 
@@ -192,7 +192,7 @@ def test_bad_synthetic_inputs_are_rejected_and_counted_and_the_round_goes_on():
 
 @pytest.mark.slow
 def test_ray_engine_runs_the_data_free_mode(tmp_path):
-    from fedkd.sim import simulate
+    from federation.sim import simulate
 
     config = RunConfig(
         dataset="digits", num_clients=2, rounds=1, local_epochs=1, distill_epochs=1,

@@ -22,7 +22,7 @@ from fedkd.checkpoint import Checkpoint, ResumeError, load_checkpoint, save_chec
 from fedkd.config import ClientTask, RunConfig
 from fedkd.distillation import Evaluation, OptimizerSettings, evaluate
 from fedkd.local_data import LabeledTensors, evaluation_split, info_for, public_inputs, split_for
-from fedkd.metered_grid import MeteredGrid
+from federation.metered_grid import MeteredGrid
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
 from fedkd.seeding import STUDENT_INIT, derive_seed

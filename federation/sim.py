@@ -39,8 +39,8 @@ def simulate(
     ``resume`` continues an interrupted run in ``run_dir`` from its last checkpoint (in-process
     engine: Ray's simulated clients cannot be given their state back).
     """
-    from fedkd.client_app import app as client_app
-    from fedkd.federation import print_progress, run_federation
+    from federation.client_app import app as client_app
+    from federation.run import print_progress, run_federation
 
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     transfer = (
@@ -54,7 +54,7 @@ def simulate(
         flush=True,
     )
     if config.engine == "inprocess":
-        from fedkd.inprocess import InProcessGrid
+        from federation.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app, num_nodes=config.num_clients)
         return run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds), resume=resume)
@@ -67,7 +67,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from fedkd.results import read_metrics
-    from fedkd.server_app import make_server_app
+    from federation.server_app import make_server_app
 
     run_simulation(
         server_app=make_server_app(config, run_dir=run_dir),
@@ -90,7 +90,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     resume = bool(values.pop("resume", False))
     for key in LAUNCHER_KEYS:
         values.pop(key, None)
-    from fedkd.federation import check_data
+    from federation.run import check_data
 
     try:
         config = run_config_from_mapping(values)

@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.config import RunConfig, run_config_from_flower
-from fedkd.federation import print_progress, run_federation
+from federation.run import print_progress, run_federation
 
 app = ServerApp()
 
