@@ -1,9 +1,10 @@
 """Flower ClientApp: trains the local teacher and answers with soft labels on the transfer set.
 
-The handler is a thin adapter: read the task from the message, call the pure training and
-prediction functions, pack the reply. The teacher persists between rounds in
-``context.state`` (an ArrayRecord of its weights), which Flower keeps per node in simulation
-and in a real SuperNode alike.
+Each handler opens a :class:`ClientRound` (the task, this node's identity and state, and its
+seeded random streams), calls the pure training and prediction functions, and packs the reply.
+The teacher persists between rounds in ``context.state`` (an ArrayRecord of its weights), which
+Flower keeps per node in simulation and in a real SuperNode alike. Privacy (DP-SGD, private
+feature statistics, what leaves a client under each mechanism) is :mod:`fedkd.privacy.client`.
 
 Node configuration keys: ``partition-id`` (which private partition this node holds),
 ``num-partitions`` (must equal the run's number of clients) and, optionally, ``data-root``
@@ -12,10 +13,9 @@ Node configuration keys: ``partition-id`` (which private partition this node hol
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedkd.attacks import attacked_logits, flip_labels, malicious_clients
-from fedkd.config import ClientTask, SplitSpec
+from fedkd.config import ClientTask, RunConfig, SplitSpec
+from fedkd.data import DatasetInfo, to_tensor, to_uint8
 from fedkd.distillation import (
     OptimizerSettings,
     class_mean_logits,
@@ -34,14 +35,13 @@ from fedkd.distillation import (
     train_supervised,
     train_with_class_targets,
 )
-from fedkd.data import DatasetInfo, to_tensor, to_uint8
 from fedkd.local_data import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
 from fedkd.messages import (
     CLASS_LOGITS_KEY,
     CLIENT_ID,
+    CONSENSUS_KEY,
     COUNTS,
     LOGITS,
-    CONSENSUS_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     SOFT_LABELS_ARRAY,
@@ -55,15 +55,8 @@ from fedkd.messages import (
     synthetic_reply,
 )
 from fedkd.models import build_model, model_for_client
-from fedkd.privacy.accountant import PrivacyLedger
-from fedkd.privacy.dpsgd import NoisePlan, calibrate_for_run, make_private_compatible, train_dp_sgd
-from fedkd.privacy.feature_statistics import (
-    per_sample_moments,
-    reference_scales,
-    release_feature_statistics,
-    statistics_layout,
-)
-from fedkd.privacy.mechanisms import clip_rows, gaussian_noise_share, one_hot
+from fedkd.privacy import client as client_privacy
+from fedkd.privacy.dpsgd import make_private_compatible
 from fedkd.seeding import (
     ATTACK_NOISE,
     CLIENT_NOISE,
@@ -77,373 +70,339 @@ from fedkd.seeding import (
     numpy_generator,
     torch_generator,
 )
-from generators.hooks import SuppliedStatistics
 from generators.registry import build_synthesizer
 
 TEACHER_STATE = "teacher"
 # Which round the stored teacher was trained in, with that training's examples and loss: with
 # synthetic transfer a client hears twice per round (synthesize, then label) but trains once.
 TEACHER_ROUND_STATE = "teacher-round"
-# The client's DP-SGD ledger: every noisy step of every round so far (privacy=dpsgd).
-PRIVACY_LEDGER_STATE = "privacy-ledger"
 
 app = ClientApp()
 
 
-@dataclass(frozen=True)
-class NodeIdentity:
+@dataclass
+class ClientRound:
+    """One message's work on one node: the round's task, which partition the node holds, where
+    its data lives, its persistent state, and its seeded random streams."""
+
+    message: Message
+    context: Context
+    task: ClientTask
     client_id: int
     data_root: str | None
 
+    @classmethod
+    def open(cls, message: Message, context: Context) -> ClientRound:
+        """Read the task and check it against this node's configuration."""
+        # Simulated clients share the machine's cores; intra-op threads would only contend.
+        torch.set_num_threads(1)
+        task = ClientTask.from_record(message.content[TASK_KEY])
+        node_config = context.node_config
+        if "partition-id" not in node_config:
+            raise ValueError(
+                "node config lacks 'partition-id'; start the SuperNode with "
+                "--node-config 'partition-id=<k> num-partitions=<n>'."
+            )
+        num_clients = task.run.num_clients
+        num_partitions = int(node_config.get("num-partitions", num_clients))
+        if num_partitions != num_clients:
+            raise ValueError(
+                f"this federation has {num_partitions} nodes but the run expects num-clients={num_clients}; "
+                f"make them equal (flwr run: --federation-config 'num-supernodes={num_clients}', or "
+                f"--run-config 'num-clients={num_partitions}')."
+            )
+        data_root = node_config.get("data-root")
+        opened = cls(message, context, task, int(node_config["partition-id"]), str(data_root) if data_root else None)
+        # Dropout draws from the global stream; seed it so a client's round is reproducible.
+        torch.manual_seed(opened.seed(TEACHER_TRAIN))
+        return opened
 
-def node_identity(context: Context, task: ClientTask) -> NodeIdentity:
-    """Which partition this node holds, checked against the task."""
-    node_config = context.node_config
-    if "partition-id" not in node_config:
-        raise ValueError(
-            "node config lacks 'partition-id'; start the SuperNode with "
-            "--node-config 'partition-id=<k> num-partitions=<n>'."
+    @property
+    def run(self) -> RunConfig:
+        return self.task.run
+
+    @property
+    def state(self) -> RecordDict:
+        return self.context.state
+
+    @functools.cached_property
+    def split(self) -> SplitSpec:
+        return self.run.split_spec(data_root=self.data_root)
+
+    @functools.cached_property
+    def info(self) -> DatasetInfo:
+        return info_for(self.split)
+
+    @functools.cached_property
+    def partition(self) -> LabeledTensors:
+        """This client's private examples (an empty partition sits the round out)."""
+        partition = private_partition(self.split, self.client_id)
+        if len(partition) == 0:
+            # Dirichlet splits with small alpha and many clients can leave a client with nothing;
+            # an untrained teacher's guesses would only add noise to the aggregate.
+            raise ValueError(
+                f"client {self.client_id} holds no private examples (partition {self.split.scheme}, "
+                f"alpha={self.split.alpha}, {self.split.num_clients} clients); it sits this round out."
+            )
+        return partition
+
+    @functools.cached_property
+    def attack(self) -> str:
+        """The attack this client runs (``"none"`` for an honest client)."""
+        attack = self.run.attack
+        if attack.kind == "none":
+            return "none"
+        malicious = malicious_clients(self.run.num_clients, attack.fraction, self.run.seed)
+        return attack.kind if self.client_id in malicious else "none"
+
+    @property
+    def settings(self) -> OptimizerSettings:
+        return OptimizerSettings(lr=self.run.lr, batch_size=self.run.batch_size)
+
+    def seed(self, purpose: int) -> int:
+        return derive_seed(self.run.seed, self.task.server_round, self.client_id, purpose)
+
+    def generator(self, purpose: int) -> torch.Generator:
+        return torch_generator(self.run.seed, self.task.server_round, self.client_id, purpose)
+
+    def rng(self, purpose: int) -> np.random.Generator:
+        return numpy_generator(self.run.seed, self.task.server_round, self.client_id, purpose)
+
+    def reply(self, content: RecordDict) -> Message:
+        return Message(content, reply_to=self.message)
+
+
+def train_locally(model: torch.nn.Module, client: ClientRound) -> float:
+    """E local epochs on this client's private partition; returns the last epoch's loss."""
+    partition = client.partition
+    if client.attack == "flip":
+        partition = LabeledTensors(partition.images, flip_labels(partition.labels, client.info.num_classes))
+    if client.run.privacy.mechanism == "dpsgd":
+        return client_privacy.train_privately(
+            model,
+            partition,
+            client.run,
+            client.state,
+            feature_releases=client.task.feature_releases,
+            generator=client.generator(TEACHER_TRAIN),
         )
-    num_partitions = int(node_config.get("num-partitions", task.num_clients))
-    if num_partitions != task.num_clients:
-        raise ValueError(
-            f"this federation has {num_partitions} nodes but the run expects num-clients="
-            f"{task.num_clients}; make them equal (flwr run: --federation-config "
-            f"'num-supernodes={task.num_clients}')."
-        )
-    data_root = node_config.get("data-root")
-    return NodeIdentity(int(node_config["partition-id"]), str(data_root) if data_root else None)
-
-
-def _train_locally(
-    model: torch.nn.Module, task: ClientTask, identity: NodeIdentity, context: Context | None = None
-) -> tuple[int, float]:
-    """E local epochs on this client's private partition; returns (examples, last loss)."""
-    partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
-    training = dict(
-        epochs=task.local_epochs,
-        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
-        max_shift=task.augment_shift,
-    )
-    if _attacks(task, identity) == "flip":
-        num_classes = info_for(task.split_spec(data_root=identity.data_root)).num_classes
-        partition = LabeledTensors(partition.images, flip_labels(partition.labels, num_classes))
-    if task.privacy_mechanism == "dpsgd":
-        assert context is not None, "DP-SGD keeps its ledger in the node's context"
-        return len(partition), _train_privately(model, partition, task, context, **training)
-    return len(partition), train_supervised(model, partition.images, partition.labels, **training)
-
-
-def _attacks(task: ClientTask, identity: NodeIdentity) -> str:
-    """The attack this client runs (``"none"`` for an honest client)."""
-    if task.attack_kind == "none":
-        return "none"
-    malicious = malicious_clients(task.num_clients, task.attack_fraction, task.seed)
-    return task.attack_kind if identity.client_id in malicious else "none"
-
-
-def _train_privately(
-    model: torch.nn.Module, partition: LabeledTensors, task: ClientTask, context: Context, **training: Any
-) -> float:
-    """DP-SGD with noise calibrated for every epoch of the whole run; the ledger persists in
-    ``context.state``, so this client's ε accumulates across rounds."""
-    ledger = client_ledger(context)
-    loss = train_dp_sgd(
+    return train_supervised(
         model,
         partition.images,
         partition.labels,
-        noise_multiplier=_noise_plan(task, len(partition)).training,
-        max_grad_norm=task.privacy_max_grad_norm,
-        ledger=ledger,
-        **training,
-    )
-    context.state[PRIVACY_LEDGER_STATE] = ConfigRecord(ledger.to_record())
-    return loss
-
-
-def _noise_plan(task: ClientTask, num_examples: int) -> NoisePlan:
-    return calibrate_for_run(
-        target_epsilon=task.privacy_epsilon,
-        delta=task.privacy_delta,
-        num_examples=num_examples,
-        batch_size=task.batch_size,
-        epochs_in_run=task.rounds * task.local_epochs,
-        feature_releases=task.privacy_feature_releases,
+        epochs=client.run.local_epochs,
+        settings=client.settings,
+        generator=client.generator(TEACHER_TRAIN),
+        max_shift=client.run.augment_shift,
     )
 
 
-def _private_feature_statistics(
-    teacher: torch.nn.Module, task: ClientTask, identity: NodeIdentity, context: Context, info: DatasetInfo
-) -> SuppliedStatistics:
-    """This round's feature statistics of the private partition, released under the Gaussian
-    mechanism and recorded in the client's ledger beside its DP-SGD steps."""
-    partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
-    noise_multiplier = _noise_plan(task, len(partition)).features
-    statistics = release_feature_statistics(
-        per_sample_moments(teacher, partition.images),
-        statistics_layout(teacher),
-        scales=reference_scales(
-            teacher,
-            input_shape=info.input_shape,
-            pixel_mean=info.mean,
-            pixel_std=info.std,
-            generator=torch_generator(task.seed, task.server_round, identity.client_id, FEATURE_REFERENCE),
-        ),
-        clip_norm=task.privacy_feature_clip_norm,
-        noise_multiplier=noise_multiplier,
-        rng=numpy_generator(task.seed, task.server_round, identity.client_id, FEATURE_NOISE),
-    )
-    if noise_multiplier > 0:
-        ledger = client_ledger(context)
-        ledger.record(noise_multiplier=noise_multiplier, sample_rate=1.0)
-        context.state[PRIVACY_LEDGER_STATE] = ConfigRecord(ledger.to_record())
-    return statistics
-
-
-def client_ledger(context: Context) -> PrivacyLedger:
-    """This node's DP-SGD ledger (empty before its first private round)."""
-    if PRIVACY_LEDGER_STATE not in context.state:
-        return PrivacyLedger()
-    return PrivacyLedger.from_record(context.state[PRIVACY_LEDGER_STATE])
-
-
-def _nonempty_partition(spec: SplitSpec, client_id: int) -> LabeledTensors:
-    partition = private_partition(spec, client_id)
-    if len(partition) == 0:
-        # Dirichlet splits with small alpha and many clients can leave a client with nothing;
-        # an untrained teacher's guesses would only add noise to the aggregate.
-        raise ValueError(
-            f"client {client_id} holds no private examples (partition {spec.scheme}, "
-            f"alpha={spec.alpha}, {spec.num_clients} clients); it sits this round out."
-        )
-    return partition
-
-
-def _restore_teacher(task: ClientTask, identity: NodeIdentity, context: Context) -> torch.nn.Module:
+def restore_teacher(client: ClientRound) -> torch.nn.Module:
     """This client's teacher as it was at the end of its last round (fresh in round 1)."""
-    info = info_for(task.split_spec(data_root=identity.data_root))
+    run = client.run
     teacher = build_model(
-        model_for_client(task.client_models, identity.client_id),
-        input_shape=info.input_shape,
-        num_classes=info.num_classes,
-        seed=derive_seed(task.seed, identity.client_id, TEACHER_INIT),
+        model_for_client(run.client_models, client.client_id),
+        input_shape=client.info.input_shape,
+        num_classes=client.info.num_classes,
+        seed=derive_seed(run.seed, client.client_id, TEACHER_INIT),
     )
-    if task.privacy_mechanism == "dpsgd":
+    if run.privacy.mechanism == "dpsgd":
         teacher = make_private_compatible(teacher)
-    if TEACHER_STATE in context.state:
-        teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
+    stored = client.state.get(TEACHER_STATE)
+    if isinstance(stored, ArrayRecord):
+        teacher.load_state_dict(stored.to_torch_state_dict())
     return teacher
 
 
-def _digest(teacher: torch.nn.Module, consensus: ArrayRecord, task: ClientTask, identity: NodeIdentity) -> None:
+def digest(teacher: torch.nn.Module, consensus: ArrayRecord, client: ClientRound) -> None:
     """Fit the teacher to the server's aggregated soft labels on their transfer inputs."""
     positions = consensus[TRANSFER_INDICES].numpy()
     targets = torch.from_numpy(consensus[SOFT_LABELS_ARRAY].numpy().copy())
-    inputs = public_inputs(task.split_spec(data_root=identity.data_root), positions).images
     distill(
         teacher,
-        inputs,
+        public_inputs(client.split, positions).images,
         targets,
-        epochs=task.digest_epochs,
-        temperature=task.temperature,
-        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_DIGEST),
-        max_shift=task.augment_shift,
+        epochs=client.run.strategy.digest_epochs,
+        temperature=client.run.temperature,
+        settings=client.settings,
+        generator=client.generator(TEACHER_DIGEST),
+        max_shift=client.run.augment_shift,
     )
 
 
-def _teacher_for_round(
-    message: Message, context: Context, task: ClientTask, identity: NodeIdentity, *, remember: bool
-) -> tuple[torch.nn.Module, int, float]:
+def teacher_for_round(client: ClientRound, *, remember: bool) -> tuple[torch.nn.Module, float]:
     """This round's teacher, trained now unless the synthesize query already trained it.
 
     ``remember`` (the query) leaves a note that the round's training is done; the train message
     that follows uses the note up, so a later run in the same context trains afresh.
-    Returns the teacher, the number of private examples and the last training loss.
+    Returns the teacher and its last training loss.
     """
-    teacher = _restore_teacher(task, identity, context)
-    done = context.state.get(TEACHER_ROUND_STATE)
-    if not remember and TEACHER_ROUND_STATE in context.state:
-        del context.state[TEACHER_ROUND_STATE]
-    if isinstance(done, ConfigRecord) and int(done["round"]) == task.server_round:
-        return teacher, int(done["num-examples"]), float(done["train-loss"])
-    if CONSENSUS_KEY in message.content:
-        _digest(teacher, message.content[CONSENSUS_KEY], task, identity)
-    num_examples, loss = _train_locally(teacher, task, identity, context)
-    context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
+    teacher = restore_teacher(client)
+    done = client.state.get(TEACHER_ROUND_STATE)
+    if not remember and TEACHER_ROUND_STATE in client.state:
+        del client.state[TEACHER_ROUND_STATE]
+    if isinstance(done, ConfigRecord) and done["round"] == client.task.server_round:
+        return teacher, float(done["train-loss"])  # type: ignore[arg-type]
+    consensus = client.message.content.get(CONSENSUS_KEY)
+    if isinstance(consensus, ArrayRecord):
+        digest(teacher, consensus, client)
+    loss = train_locally(teacher, client)
+    client.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
     if remember:
-        context.state[TEACHER_ROUND_STATE] = ConfigRecord(
-            {"round": task.server_round, "num-examples": num_examples, "train-loss": float(loss)}
-        )
-    return teacher, num_examples, loss
+        client.state[TEACHER_ROUND_STATE] = ConfigRecord({"round": client.task.server_round, "train-loss": float(loss)})
+    return teacher, loss
 
 
-def _transfer_inputs(message: Message, task: ClientTask, identity: NodeIdentity) -> torch.Tensor:
+def transfer_inputs(client: ClientRound) -> torch.Tensor:
     """The inputs to label: sent by value (synthetic pool) or as indices into the public set."""
-    record = message.content[TRANSFER_KEY]
-    spec = task.split_spec(data_root=identity.data_root)
+    record = client.message.content[TRANSFER_KEY]
     if TRANSFER_IMAGES in record:
-        return to_tensor(record[TRANSFER_IMAGES].numpy(), info_for(spec))
-    return public_inputs(spec, record[TRANSFER_INDICES].numpy()).images
+        return to_tensor(record[TRANSFER_IMAGES].numpy(), client.info)
+    return public_inputs(client.split, record[TRANSFER_INDICES].numpy()).images
 
 
-def _soft_labels(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
-    teacher, num_examples, loss = _teacher_for_round(message, context, task, identity, remember=False)
+def soft_labels(client: ClientRound) -> RecordDict:
+    teacher, loss = teacher_for_round(client, remember=False)
     logits = attacked_logits(
-        predict_logits(teacher, _transfer_inputs(message, task, identity)),
-        _attacks(task, identity),
-        scale=task.attack_scale,
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, ATTACK_NOISE),
+        predict_logits(teacher, transfer_inputs(client)),
+        client.attack,
+        scale=client.run.attack.scale,
+        generator=client.generator(ATTACK_NOISE),
     )
-    probs = soften(logits, task.temperature).numpy()
-    epsilon = None
-    if task.privacy_mechanism == "dpsgd":
-        # Training without noise (ε = inf) records nothing: its guarantee is none, not zero.
-        no_noise = math.isinf(task.privacy_epsilon)
-        epsilon = math.inf if no_noise else client_ledger(context).epsilon(task.privacy_delta)
+    probs = soften(logits, client.run.temperature).numpy()
+    privacy = client.run.privacy
+    shared = client_privacy.shared_rows(
+        probs,
+        client.run,
+        noise_std=client.task.privacy_noise_std,
+        noise_shares=client.task.privacy_noise_shares,
+        rng=client.rng(CLIENT_NOISE),
+    )
     return soft_label_reply(
-        _shared_rows(probs, task, identity),
-        num_examples=num_examples,
-        client_id=identity.client_id,
-        train_loss=loss,
-        epsilon=epsilon,
+        shared,
+        num_examples=len(client.partition),
+        client_id=client.client_id,
+        # The training loss is a statistic of private data: it is noised by nothing, so it stays home.
+        train_loss=None if privacy.enabled else loss,
+        epsilon=client_privacy.reported_epsilon(client.run, client.state) if privacy.mechanism == "dpsgd" else None,
     )
 
 
-def _shared_rows(probs: np.ndarray, task: ClientTask, identity: NodeIdentity) -> np.ndarray:
-    """What leaves the client for the transfer inputs under the run's privacy mechanism."""
-    if task.privacy_mechanism == "gnmax":
-        return one_hot(probs.argmax(axis=-1), probs.shape[-1])  # a vote, nothing more
-    if task.privacy_mechanism == "gaussian" and task.privacy_noise_std > 0:
-        clipped = clip_rows(probs, task.privacy_clip_norm)
-        noise = gaussian_noise_share(
-            clipped.shape,
-            noise_std=task.privacy_noise_std,
-            num_shares=task.privacy_noise_shares,
-            rng=numpy_generator(task.seed, task.server_round, identity.client_id, CLIENT_NOISE),
-        )
-        return (clipped + noise).astype(np.float32)
-    return probs
-
-
-def _weights(message: Message, task: ClientTask, identity: NodeIdentity) -> RecordDict:
+def weights(client: ClientRound) -> RecordDict:
     """FedAvg's local step: start from the global weights, train, send the weights back."""
-    spec = task.split_spec(data_root=identity.data_root)
-    info = info_for(spec)
-    model = build_model(task.student_model, input_shape=info.input_shape, num_classes=info.num_classes)
-    model.load_state_dict(message.content[WEIGHTS_KEY].to_torch_state_dict())
-    num_examples, loss = _train_locally(model, task, identity)
-    metrics = MetricRecord({NUM_EXAMPLES: num_examples, CLIENT_ID: identity.client_id, "train-loss": loss})
+    model = build_model(
+        client.run.student_model, input_shape=client.info.input_shape, num_classes=client.info.num_classes
+    )
+    model.load_state_dict(client.message.content[WEIGHTS_KEY].to_torch_state_dict())
+    loss = train_locally(model, client)
+    metrics = MetricRecord({NUM_EXAMPLES: len(client.partition), CLIENT_ID: client.client_id, "train-loss": loss})
     return RecordDict({WEIGHTS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
 
 
-def _class_logits(message: Message, context: Context, task: ClientTask, identity: NodeIdentity) -> RecordDict:
-    """FD's local step: train toward the global per-class logits, reply with this client's own."""
-    teacher = _restore_teacher(task, identity, context)
-    spec = task.split_spec(data_root=identity.data_root)
-    num_classes = info_for(spec).num_classes
+def class_logits(client: ClientRound) -> RecordDict:
+    """FD's local step: train toward the others' per-class logits, reply with this client's own."""
+    teacher = restore_teacher(client)
+    run = client.run
     class_probs = None
-    if CLASS_LOGITS_KEY in message.content:
-        record = message.content[CLASS_LOGITS_KEY]
+    record = client.message.content.get(CLASS_LOGITS_KEY)
+    if isinstance(record, ArrayRecord):
         global_logits = torch.from_numpy(record[LOGITS].numpy().copy())
         missing = torch.from_numpy(record[COUNTS].numpy() == 0)
-        class_probs = soften(torch.nan_to_num(global_logits), task.temperature)
+        class_probs = soften(torch.nan_to_num(global_logits), run.temperature)
         class_probs[missing] = float("nan")
-    partition = _nonempty_partition(spec, identity.client_id)
+    partition = client.partition
     loss = train_with_class_targets(
         teacher,
         partition.images,
         partition.labels,
         class_probs=class_probs,
-        weight=task.regularizer_weight,
-        temperature=task.temperature,
-        epochs=task.local_epochs,
-        settings=OptimizerSettings(lr=task.lr, batch_size=task.batch_size),
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN),
-        max_shift=task.augment_shift,
+        weight=run.strategy.regularizer_weight,
+        temperature=run.temperature,
+        epochs=run.local_epochs,
+        settings=client.settings,
+        generator=client.generator(TEACHER_TRAIN),
+        max_shift=run.augment_shift,
     )
-    context.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
-    logits, counts = class_mean_logits(teacher, partition.images, partition.labels, num_classes=num_classes)
-    metrics = MetricRecord({NUM_EXAMPLES: len(partition), CLIENT_ID: identity.client_id, "train-loss": loss})
-    return RecordDict(
-        {CLASS_LOGITS_KEY: class_logits_record(logits.numpy(), counts.numpy()), METRICS_KEY: metrics}
-    )
+    client.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
+    logits, counts = class_mean_logits(teacher, partition.images, partition.labels, num_classes=client.info.num_classes)
+    metrics = MetricRecord({NUM_EXAMPLES: len(partition), CLIENT_ID: client.client_id, "train-loss": loss})
+    return RecordDict({CLASS_LOGITS_KEY: class_logits_record(logits.numpy(), counts.numpy()), METRICS_KEY: metrics})
 
 
-def _class_counts(task: ClientTask, identity: NodeIdentity, num_classes: int) -> torch.Tensor:
-    partition = _nonempty_partition(task.split_spec(data_root=identity.data_root), identity.client_id)
-    return torch.bincount(partition.labels, minlength=num_classes).to(torch.float64)
+def class_prior(client: ClientRound) -> list[float]:
+    """The class mix to synthesize. A teacher's own class counts are a statistic of its private
+    data, so under privacy the mix is uniform (nothing about it is released); without privacy
+    the teacher synthesizes the classes it learned in the proportions it saw them (the counts
+    stay on the client: the reply carries unlabelled images only)."""
+    num_classes = client.info.num_classes
+    if client.run.privacy.enabled:
+        return [1.0] * num_classes
+    return torch.bincount(client.partition.labels, minlength=num_classes).to(torch.float64).tolist()
 
 
 @app.query("synthesize")
 def synthesize(message: Message, context: Context) -> Message:
     """Invert this round's teacher into synthetic inputs (data-free transfer); no real data leaves."""
-    torch.set_num_threads(1)
-    task = ClientTask.from_record(message.content[TASK_KEY])
-    identity = node_identity(context, task)
-    torch.manual_seed(derive_seed(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN))
-    teacher, _, _ = _teacher_for_round(message, context, task, identity, remember=True)
-    info = info_for(task.split_spec(data_root=identity.data_root))
+    client = ClientRound.open(message, context)
+    teacher, _ = teacher_for_round(client, remember=True)
     started = time.perf_counter()
     statistics = None
-    if task.privacy_feature_releases:
-        statistics = _private_feature_statistics(teacher, task, identity, context, info)
+    if client.task.feature_releases:
+        statistics = client_privacy.private_feature_statistics(
+            teacher,
+            client.partition,
+            client.run,
+            client.state,
+            info=client.info,
+            feature_releases=client.task.feature_releases,
+            reference_generator=client.generator(FEATURE_REFERENCE),
+            noise_rng=client.rng(FEATURE_NOISE),
+        )
     synthesizer = build_synthesizer(
-        task.synthesis_method,
+        client.run.synthesis.method,
         teacher,
-        input_shape=info.input_shape,
-        num_classes=info.num_classes,
-        steps=task.synthesis_steps,
-        pixel_mean=info.mean,
-        pixel_std=info.std,
+        input_shape=client.info.input_shape,
+        num_classes=client.info.num_classes,
+        steps=client.run.synthesis.steps,
+        pixel_mean=client.info.mean,
+        pixel_std=client.info.std,
         statistics=statistics,
-        # Synthesize the classes this teacher learned, in the proportions it saw them; the
-        # proportions stay on the client (the reply carries unlabelled images only).
-        class_prior=_class_counts(task, identity, info.num_classes).tolist(),
+        class_prior=class_prior(client),
     )
-    images, _ = synthesizer.sample(
-        task.synthesis_per_client,
-        generator=torch_generator(task.seed, task.server_round, identity.client_id, SYNTHESIS),
-    )
-    reply = synthetic_reply(
-        to_uint8(images, info), client_id=identity.client_id, seconds=time.perf_counter() - started
-    )
-    return Message(reply, reply_to=message)
+    images, _ = synthesizer.sample(client.run.synthesis.per_client, generator=client.generator(SYNTHESIS))
+    seconds = time.perf_counter() - started
+    return client.reply(synthetic_reply(to_uint8(images, client.info), client_id=client.client_id, seconds=seconds))
 
 
 @app.evaluate()
 def evaluate_teacher(message: Message, context: Context) -> Message:
-    """Accuracy of this client's own model on the test split (for strategies without a student)."""
-    torch.set_num_threads(1)
-    task = ClientTask.from_record(message.content[TASK_KEY])
-    identity = node_identity(context, task)
-    if TEACHER_STATE not in context.state:
+    """Accuracy of this client's own model on the test split (for strategies without a student).
+
+    ``num-examples`` is the client's number of private training examples: the weight of its
+    accuracy in the round's mean.
+    """
+    client = ClientRound.open(message, context)
+    if TEACHER_STATE not in client.state:
         raise ValueError("this client has not trained a model yet; evaluate after a train round.")
-    teacher = _restore_teacher(task, identity, context)
-    test = evaluation_split(task.split_spec(data_root=identity.data_root))
+    teacher = restore_teacher(client)
+    test = evaluation_split(client.split)
     result = evaluate(teacher, test.images, test.labels)
     metrics = MetricRecord(
-        {"accuracy": result.accuracy, "loss": result.loss, NUM_EXAMPLES: len(test), CLIENT_ID: identity.client_id}
+        {
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            NUM_EXAMPLES: len(client.partition),
+            CLIENT_ID: client.client_id,
+        }
     )
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
+    return client.reply(RecordDict({METRICS_KEY: metrics}))
+
+
+HANDLERS = {"soft-labels": soft_labels, "weights": weights, "class-logits": class_logits}
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train locally; reply with soft labels (distillation) or weights (FedAvg baseline)."""
-    # Simulated clients share the machine's cores; intra-op threads would only contend.
-    torch.set_num_threads(1)
-    task = ClientTask.from_record(message.content[TASK_KEY])
-    identity = node_identity(context, task)
-    # Dropout draws from the global stream; seed it so a client's round is reproducible.
-    torch.manual_seed(derive_seed(task.seed, task.server_round, identity.client_id, TEACHER_TRAIN))
-    if task.mode == "soft-labels":
-        return Message(_soft_labels(message, context, task, identity), reply_to=message)
-    if task.mode == "weights":
-        return Message(_weights(message, task, identity), reply_to=message)
-    if task.mode == "class-logits":
-        return Message(_class_logits(message, context, task, identity), reply_to=message)
-    raise ValueError(
-        f"unknown task mode {task.mode!r}; expected 'soft-labels', 'weights' or 'class-logits'."
-    )
+    """Train locally; reply with soft labels, weights or class logits, as the strategy asks."""
+    client = ClientRound.open(message, context)
+    return client.reply(HANDLERS[client.task.mode](client))

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -20,24 +20,25 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.checkpoint import Checkpoint, ResumeError, load_checkpoint, save_checkpoint
 from fedkd.config import ClientTask, RunConfig
-from fedkd.distillation import Evaluation, OptimizerSettings, evaluate
-from fedkd.local_data import LabeledTensors, evaluation_split, info_for, public_inputs, split_for
-from federation.metered_grid import MeteredGrid
+from fedkd.distillation import Evaluation, evaluate
+from fedkd.local_data import evaluation_split, info_for, split_for
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
 from fedkd.seeding import STUDENT_INIT, derive_seed
-from fedkd.student import Student
-from strategies.aggregation import get_aggregator
-from strategies.dsfl import DSFL
-from strategies.ensemble_distillation import EnsembleDistillation
-from strategies.fd import FederatedDistillation
-from strategies.feddf import FedDF, SeededFedAvg
-from strategies.fedmd import FedMD
-from strategies.private_aggregation import ServerPrivacy
-from strategies.sampling import ClientSampling, sample_size
-from strategies.synthetic_transfer import SyntheticTransfer
+from federation.metered_grid import MeteredGrid, Traffic
+from strategies.registry import CheckpointableStrategy, build_strategy, check_run
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class NodeStateGrid(Protocol):
+    """A grid that holds its simulated clients' state and can hand it over and back (the
+    in-process engine): checkpoints then carry the clients' teachers and ledgers too."""
+
+    def node_states(self) -> dict[int, RecordDict]: ...
+
+    def restore_node_states(self, states: dict[int, RecordDict]) -> None: ...
 
 # Flower's FedAvg reports the weighted mean of every client metric; an id has no mean.
 _FEDAVG_DROPPED_METRICS = ("client-id", "num-examples")
@@ -47,146 +48,54 @@ class RecordedStrategy(Strategy):
     """Wraps a strategy and keeps its latest aggregated train metrics for the round record."""
 
     def __init__(self, inner: Strategy, *, rounds_done: int = 0) -> None:
-        self.inner = inner
+        if not isinstance(inner, CheckpointableStrategy):
+            raise TypeError(f"{type(inner).__name__} does not implement CheckpointableStrategy.")
+        self.inner: CheckpointableStrategy = inner
+        self.flower: Strategy = inner
         # On resume Flower counts rounds from 1 again; the strategy and its seeds see the real ones.
         self.rounds_done = rounds_done
         self.latest_train_metrics: dict[str, Any] = {}
         self.latest_evaluate_metrics: dict[str, Any] = {}
 
     def summary(self) -> None:
-        self.inner.summary()
+        self.flower.summary()
 
-    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.latest_train_metrics = {}
-        return self.inner.configure_train(server_round + self.rounds_done, arrays, config, grid)
+        return self.flower.configure_train(server_round + self.rounds_done, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
-        arrays, metrics = self.inner.aggregate_train(server_round + self.rounds_done, replies)
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.flower.aggregate_train(server_round + self.rounds_done, replies)
         self.latest_train_metrics = dict(metrics or {})
         return arrays, metrics
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-        return self.inner.configure_evaluate(server_round + self.rounds_done, arrays, config, grid)
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.flower.configure_evaluate(server_round + self.rounds_done, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
-        metrics = self.inner.aggregate_evaluate(server_round + self.rounds_done, replies)
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self.flower.aggregate_evaluate(server_round + self.rounds_done, replies)
         self.latest_evaluate_metrics = dict(metrics or {})
         return metrics
 
     def state_records(self) -> dict[str, Any]:
-        """The inner strategy's state across rounds ({} for one that keeps none beyond the arrays)."""
-        state = getattr(self.inner, "state_records", None)
-        return state() if callable(state) else {}
+        return self.inner.state_records()
 
     def load_state_records(self, state: dict[str, Any]) -> None:
-        load = getattr(self.inner, "load_state_records", None)
-        if callable(load):
-            load(state)
+        self.inner.load_state_records(state)
 
     def privacy_state(self) -> dict[str, Any] | None:
-        state = getattr(self.inner, "privacy_state", None)
-        return state() if callable(state) else None
+        return self.inner.privacy_state()
 
     @property
     def evaluates_on_clients(self) -> bool:
         """True for strategies without a global model (FD): the clients report accuracy."""
-        return bool(getattr(self.inner, "evaluates_on_clients", False))
-
-
-# What each strategy asks its clients to do in a train message (see fedkd.config.ClientTask).
-CLIENT_MODES = {
-    "ensemble_distillation": "soft-labels",
-    "fedmd": "soft-labels",
-    "dsfl": "soft-labels",
-    "fd": "class-logits",
-    "feddf": "weights",
-    "fedavg": "weights",
-}
-
-
-def _server_student(config: RunConfig, student: torch.nn.Module) -> Student:
-    if config.transfer == "synthetic":
-        # No public set exists; the strategy hands the student each round's synthetic pool.
-        info = info_for(config.split_spec())
-        transfer = LabeledTensors(
-            torch.empty((0, *info.input_shape)), torch.empty((0,), dtype=torch.int64)
-        )
-    else:
-        transfer = public_inputs(config.split_spec())
-    return Student(
-        student,
-        transfer.images,
-        temperature=config.temperature,
-        epochs=config.distill_epochs,
-        settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
-        seed=config.seed,
-        alpha=config.kd_alpha,
-        transfer_labels=transfer.labels if config.public_labels else None,
-        max_shift=config.augment_shift,
-    )
-
-
-def build_strategy(config: RunConfig, student: torch.nn.Module) -> Strategy:
-    """The server strategy named by ``config.strategy.name``."""
-    info = info_for(config.split_spec())
-    name = config.strategy.name
-    if name in ("fedavg", "feddf"):
-        fedavg_kwargs = dict(
-            fraction_train=config.strategy.fraction_train,
-            min_train_nodes=config.strategy.min_replies, min_available_nodes=config.num_clients,
-            seed=config.seed,
-        )
-        if name == "fedavg":
-            return SeededFedAvg(fraction_evaluate=0.0, **fedavg_kwargs)
-        return FedDF(
-            student=_server_student(config, student),
-            make_model=lambda: build_model(
-                config.student_model, input_shape=info.input_shape, num_classes=info.num_classes
-            ),
-            **fedavg_kwargs,
-        )
-    common = dict(
-        num_classes=info.num_classes,
-        sampling=ClientSampling(
-            fraction=config.strategy.fraction_train, min_available_nodes=config.num_clients, seed=config.seed
-        ),
-        min_replies=config.strategy.min_replies,
-    )
-    if name == "fd":
-        return FederatedDistillation(**common)
-    server_student = _server_student(config, student)
-    distillation = dict(
-        common,
-        student=server_student,
-        transfer_indices=np.arange(len(server_student.transfer_inputs)),
-        aggregator=get_aggregator(config.strategy.aggregator),
-    )
-    if config.privacy.mechanism == "dpsgd":
-        distillation["client_privacy_delta"] = config.privacy.delta
-    if config.transfer == "synthetic":
-        return EnsembleDistillation(
-            synthetic=SyntheticTransfer(
-                info=info,
-                per_client=config.synthesis.per_client,
-                keep_pools=config.synthesis.keep_pools,
-                timeout=config.round_timeout,
-            ),
-            **distillation,
-        )
-    if config.privacy.on_server:
-        server_privacy = ServerPrivacy(
-            config.privacy,
-            rounds=config.rounds,
-            num_public=len(server_student.transfer_inputs),
-            expected_clients=sample_size(config.num_clients, config.strategy.fraction_train),
-            seed=config.seed,
-        )
-        return EnsembleDistillation(server_privacy=server_privacy, **distillation)
-    if name == "fedmd":
-        return FedMD(**distillation)
-    if name == "dsfl":
-        return DSFL(sharpen_temperature=config.strategy.sharpen_temperature, **distillation)
-    return EnsembleDistillation(**distillation)
+        return self.inner.evaluates_on_clients
 
 
 class RoundRecorder:
@@ -236,7 +145,9 @@ class RoundRecorder:
         self._round_started = time.perf_counter()
         return MetricRecord({"student-accuracy": result.accuracy, "student-loss": result.loss})
 
-    def _record(self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, traffic) -> None:  # type: ignore[no-untyped-def]
+    def _record(
+        self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, traffic: Traffic
+    ) -> None:
         train = self.strategy.latest_train_metrics
         rejected = int(train.get("rejected", 0))
         failed_nodes = sorted(set(traffic.failed_nodes))  # a node can fail a query and a train message
@@ -291,7 +202,9 @@ def print_progress(total_rounds: int) -> Callable[[dict[str, Any]], None]:
 
 
 def check_data(config: RunConfig) -> None:
-    """Load the dataset and split it, so bad names, paths or sizes fail before any training."""
+    """Check the strategy supports the run, then load the dataset and split it, so bad names,
+    paths or sizes fail before any training."""
+    check_run(config)
     spec = config.split_spec()
     info_for(spec)
     split_for(spec)
@@ -321,7 +234,7 @@ def run_federation(
         num_classes=info.num_classes,
         seed=derive_seed(config.seed, STUDENT_INIT),
     )
-    inner = build_strategy(config, student)
+    inner = build_strategy(config, info=info, student_model=student)
     checkpoint = _resumable_checkpoint(folder, config, grid) if resume else None
     if folder is not None and checkpoint is None:
         folder.write_config(config)
@@ -337,12 +250,12 @@ def run_federation(
         if len(initial_arrays) > 0:
             student.load_state_dict(initial_arrays.to_torch_state_dict())
         if checkpoint.nodes:
-            grid.restore_node_states(checkpoint.nodes)  # type: ignore[attr-defined]
+            assert isinstance(grid, NodeStateGrid)  # checked by _resumable_checkpoint
+            grid.restore_node_states(checkpoint.nodes)
         logger.warning("resuming %s after round %d of %d", folder.path, checkpoint.server_round, config.rounds)
         if checkpoint.server_round >= config.rounds:
             return previous_rows
     metered = MeteredGrid(grid)
-    node_states = getattr(grid, "node_states", None)
     recorder = RoundRecorder(
         config=config,
         student=student,
@@ -350,10 +263,10 @@ def run_federation(
         strategy=strategy,
         folder=folder,
         on_round=on_round,
-        node_states=node_states if callable(node_states) else None,
+        node_states=grid.node_states if isinstance(grid, NodeStateGrid) else None,
         previous_rows=previous_rows,
     )
-    task = ClientTask.from_run(config, mode=CLIENT_MODES[config.strategy.name], server_round=0).to_record()
+    task = ClientTask(mode=check_run(config).client_mode, server_round=0, run=config).to_record()
     task.pop("server-round")  # each strategy stamps the round itself
     strategy.start(
         grid=metered,
@@ -382,7 +295,7 @@ def _resumable_checkpoint(folder: RunFolder | None, config: RunConfig, grid: Gri
     if checkpoint is None:
         logger.warning("%s holds no checkpoint yet; starting the run from round 1.", folder.path)
         return None
-    if checkpoint.nodes and not callable(getattr(grid, "restore_node_states", None)):
+    if checkpoint.nodes and not isinstance(grid, NodeStateGrid):
         raise ResumeError(
             "this checkpoint holds the simulated clients' state, which only the in-process engine can "
             "restore; resume with engine=inprocess."

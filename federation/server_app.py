@@ -8,6 +8,8 @@ engine, ``run_simulation``) build the app with :func:`make_server_app` instead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from flwr.app import Context
@@ -31,12 +33,14 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds))
 
 
-def make_server_app(config: RunConfig, *, run_dir: str | Path) -> ServerApp:
+def make_server_app(
+    config: RunConfig, *, run_dir: str | Path, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> ServerApp:
     """A ServerApp with the config bound in, for runtimes that drop the run config."""
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds))
+        run_federation(grid, config, run_dir=run_dir, on_round=on_round or print_progress(config.rounds))
 
     return bound

@@ -15,34 +15,50 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedkd.checkpoint import ResumeError
-from fedkd.config import RunConfig, run_config_from_mapping
+from fedkd.config import RunConfig
 from fedkd.results import RunFolder, format_bytes
-
-logger = logging.getLogger("fedkd")
-
-# Keys of the Hydra config that steer this entry point rather than the run.
-LAUNCHER_KEYS = ("verbose", "rerun", "resume")
+from fedkd.tracking import TensorBoardLogger, round_callbacks
+from federation.hydra_schema import register_configs, sim_config_from_hydra
 
 
 def simulate(
-    config: RunConfig, *, run_dir: str | Path, verbose: bool = False, resume: bool = False
+    config: RunConfig,
+    *,
+    run_dir: str | Path,
+    verbose: bool = False,
+    resume: bool = False,
+    logger: str = "jsonl",
 ) -> list[dict[str, Any]]:
     """Run ``config`` with its engine and write the run folder; returns the per-round rows.
 
     ``resume`` continues an interrupted run in ``run_dir`` from its last checkpoint (in-process
-    engine: Ray's simulated clients cannot be given their state back).
+    engine: Ray's simulated clients cannot be given their state back). ``logger="tensorboard"``
+    also writes each round into TensorBoard event files in the run folder.
     """
+    tensorboard = TensorBoardLogger(run_dir) if logger == "tensorboard" else None
+    try:
+        return _simulate(config, run_dir=run_dir, verbose=verbose, resume=resume, tensorboard=tensorboard)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+
+
+def _simulate(
+    config: RunConfig, *, run_dir: str | Path, verbose: bool, resume: bool, tensorboard: TensorBoardLogger | None
+) -> list[dict[str, Any]]:
     from federation.client_app import app as client_app
     from federation.run import print_progress, run_federation
 
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    progress = print_progress(config.rounds)
+    on_round = progress if tensorboard is None else round_callbacks(progress, tensorboard)
     transfer = (
         f", data-free ({config.synthesis.method}, {config.synthesis.per_client} synthetic inputs per client)"
         if config.transfer == "synthetic"
@@ -57,7 +73,7 @@ def simulate(
         from federation.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app, num_nodes=config.num_clients)
-        return run_federation(grid, config, run_dir=run_dir, on_round=print_progress(config.rounds), resume=resume)
+        return run_federation(grid, config, run_dir=run_dir, on_round=on_round, resume=resume)
     if resume:
         raise ResumeError(
             "resume=true needs engine=inprocess: Flower's Ray engine cannot give its simulated clients "
@@ -70,7 +86,7 @@ def simulate(
     from federation.server_app import make_server_app
 
     run_simulation(
-        server_app=make_server_app(config, run_dir=run_dir),
+        server_app=make_server_app(config, run_dir=run_dir, on_round=on_round),
         client_app=client_app,
         num_supernodes=config.num_clients,
         backend_config={
@@ -81,33 +97,32 @@ def simulate(
     return read_metrics(run_dir)
 
 
+register_configs()
+
+
 @hydra.main(version_base=None, config_path="pkg://experiments.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    values = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(values, dict)
-    verbose = bool(values.pop("verbose", False))
-    rerun = bool(values.pop("rerun", False))
-    resume = bool(values.pop("resume", False))
-    for key in LAUNCHER_KEYS:
-        values.pop(key, None)
     from federation.run import check_data
 
     try:
-        config = run_config_from_mapping(values)
+        sim = sim_config_from_hydra(cfg)
+        config = sim.run_config()
         check_data(config)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"fedkd-sim: invalid configuration: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"invalid configuration: {error}")
     run_dir = HydraConfig.get().runtime.output_dir
     started = time.perf_counter()
-    finished = None if rerun else RunFolder(run_dir).finished_rows(config)
+    finished = None if sim.rerun else RunFolder(run_dir).finished_rows(config)
     if finished is not None:
         print(f"fedkd: {run_dir} already holds this finished run; kept it (rerun=true redoes it).", flush=True)
     try:
-        rows = finished if finished is not None else simulate(config, run_dir=run_dir, verbose=verbose, resume=resume)
+        rows = (
+            finished
+            if finished is not None
+            else simulate(config, run_dir=run_dir, verbose=sim.verbose, resume=sim.resume, logger=sim.logger)
+        )
     except ResumeError as error:
-        print(f"fedkd-sim: cannot resume: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"cannot resume: {error}")
     if not rows:
         print("fedkd-sim: no round finished.", file=sys.stderr)
         raise SystemExit(1)
@@ -122,8 +137,59 @@ def _hydra_main(cfg: DictConfig) -> float:
     return float(last["student_accuracy"])
 
 
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit code 2: the command line asked for something invalid."""
+    print(f"fedkd-sim: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config the command line asks for, before Hydra runs it, so that a bad key or
+    value (``rounds=abc``) ends in one line and exit code 2 rather than Hydra's traceback.
+
+    Sweeps (``-m``) are checked by Hydra itself, job by job.
+    """
+    if any(arg in ("-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg") for arg in argv):
+        return
+    config_name, overrides, args = "config", [], iter(argv)
+    for arg in args:
+        if arg in ("--config-name", "-cn"):
+            config_name = next(args, config_name)
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif arg in ("--config-path", "-cp", "--config-dir", "-cd"):
+            next(args, None)
+        elif not arg.startswith("-") and not arg.startswith("hydra.") and not arg.startswith("hydra/"):
+            overrides.append(arg)
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module(config_module="experiments.conf", version_base=None):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        sim_config_from_hydra(cfg)
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(f"invalid configuration: {_first_line(error)}")
+    except ValueError as error:
+        fail(f"invalid configuration: {error}")
+
+
+def _first_line(error: BaseException) -> str:
+    """Hydra's error and its cause, each cut to its first line ("Error merging override
+    rounds=abc: Value 'abc' of type 'str' could not be converted to Integer")."""
+    parts = []
+    while error is not None and len(parts) < 2:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if lines and lines[0] not in parts:
+            parts.append(lines[0])
+        error = error.__cause__  # type: ignore[assignment]
+    return ": ".join(parts) or type(error).__name__
+
+
 def main() -> None:
     """Console-script entry point."""
+    check_overrides(sys.argv[1:])
     _hydra_main()
 
 

@@ -84,10 +84,21 @@ def consensus_record(indices: np.ndarray, probs: np.ndarray) -> ArrayRecord:
 
 
 def soft_label_reply(
-    probs: np.ndarray, *, num_examples: int, client_id: int, train_loss: float, epsilon: float | None = None
+    probs: np.ndarray,
+    *,
+    num_examples: int,
+    client_id: int,
+    train_loss: float | None = None,
+    epsilon: float | None = None,
 ) -> RecordDict:
-    """The whole content of a client's soft-label reply (``epsilon``: its DP-SGD budget spent so far)."""
-    metrics: dict[str, int | float] = {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id, "train-loss": float(train_loss)}
+    """The whole content of a client's soft-label reply.
+
+    ``train_loss`` is computed on private data: it is left out (``None``) under any privacy
+    mechanism. ``epsilon`` is the client's DP-SGD budget spent so far.
+    """
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id}
+    if train_loss is not None:
+        metrics["train-loss"] = float(train_loss)
     if epsilon is not None:
         metrics[EPSILON] = float(epsilon)
     return RecordDict(

@@ -12,34 +12,31 @@ from fedkd.seeding import DISTILL, torch_generator
 
 
 class Student:
-    """A student model, its transfer inputs and its optimizer, kept across rounds.
+    """A student model and how it distills, kept across rounds.
+
+    What it learns from each round (inputs and targets) comes from the strategy's transfer
+    source (``strategies.transfer``); the student holds no data of its own.
 
     Parameters
     ----------
     model : nn.Module
         The student network; trained in place.
-    transfer_inputs : torch.Tensor
-        Normalized transfer inputs, in the order the clients label them.
-    transfer_labels : torch.Tensor, optional
-        Public labels; only given when the run allows the server to use them.
+    alpha : float
+        Weight of the distillation term; ``1 - alpha`` weighs cross-entropy on ``labels``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        transfer_inputs: torch.Tensor,
         *,
         temperature: float,
         epochs: int,
         settings: OptimizerSettings,
         seed: int,
         alpha: float = 1.0,
-        transfer_labels: torch.Tensor | None = None,
         max_shift: float = 0.0,
     ) -> None:
         self.model = model
-        self.transfer_inputs = transfer_inputs
-        self.transfer_labels = transfer_labels
         self.temperature = temperature
         self.epochs = epochs
         self.settings = settings
@@ -47,18 +44,29 @@ class Student:
         self.alpha = alpha
         self.max_shift = max_shift
 
-    def learn(self, soft_labels: np.ndarray, *, server_round: int) -> float:
-        """Distill the aggregated soft labels into the student; returns the last epoch's loss."""
+    def learn(
+        self,
+        inputs: torch.Tensor,
+        soft_labels: np.ndarray,
+        *,
+        server_round: int,
+        labels: torch.Tensor | None = None,
+    ) -> float:
+        """Distill the soft labels on ``inputs`` into the student; returns the last epoch's loss.
+
+        ``labels`` (public labels, only where the run allows the server to use them) add the
+        ``1 - alpha`` cross-entropy term.
+        """
         return distill(
             self.model,
-            self.transfer_inputs,
+            inputs,
             torch.from_numpy(np.ascontiguousarray(soft_labels, dtype=np.float32)),
             epochs=self.epochs,
             temperature=self.temperature,
             settings=self.settings,
             generator=torch_generator(self.seed, server_round, DISTILL),
             alpha=self.alpha,
-            labels=self.transfer_labels,
+            labels=labels,
             max_shift=self.max_shift,
             # A fresh Adam each round: the targets change between rounds, and second moments
             # estimated on round 1's near-uniform soft labels make later steps far too large.

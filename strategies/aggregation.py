@@ -13,8 +13,10 @@ The aggregators fall into three families:
 * robust, coordinate-wise statistics that bound the influence of a few bad clients:
   :func:`median`, :func:`trimmed_mean`.
 
-:func:`sharpen` is a post-step on one ``(N, C)`` matrix; :func:`entropy_reduction` (DS-FL's
-entropy reduction aggregation, ``"era"``) is the weighted mean followed by it.
+:func:`entropy_reduce` and :func:`sharpen` are post-steps on one ``(N, C)`` matrix:
+:func:`entropy_reduction` (DS-FL's entropy reduction aggregation, ``"era"``) is the weighted
+mean followed by the first, ``softmax(p̄ / T)``; :func:`power_sharpened` by the second,
+``softmax(log p̄ / T)``.
 """
 
 from __future__ import annotations
@@ -291,12 +293,48 @@ def trimmed_mean(
     return _renormalize_rows(trimmed).astype(np.float32)
 
 
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be a positive finite number, got {temperature}; "
+            "use T < 1 to sharpen (DS-FL uses 0.1)."
+        )
+
+
+def entropy_reduce(probs: NDArray[np.floating], *, temperature: float) -> NDArray[np.float32]:
+    """DS-FL's entropy reduction of averaged probabilities: ``softmax(p̄ / T)``.
+
+    Itahara et al. (2021), Eq. (9): the averaged soft labels themselves are the logits of a
+    temperature softmax; T < 1 lowers their entropy. Since rows lie in [0, 1], the largest
+    possible ratio between two outputs is ``exp(1 / T)`` (e^10 at DS-FL's T = 0.1), which keeps
+    every class alive, unlike :func:`sharpen`.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (N, C)
+        Probability rows (the aggregate).
+    temperature : float
+        Positive and finite; DS-FL uses 0.1.
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Probability rows with the same argmax.
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"entropy_reduce takes one (inputs, classes) matrix, got shape {probs.shape}.")
+    _check_temperature(temperature)
+    scaled = probs.astype(np.float64) / temperature
+    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def sharpen(probs: NDArray[np.floating], *, temperature: float) -> NDArray[np.float32]:
     """Raise each row to the power ``1 / temperature`` and renormalize: ``softmax(log(p) / T)``.
 
-    This is the entropy reduction step of DS-FL (Itahara et al., 2021): sharpening the
-    aggregated soft labels (T < 1) undoes the flattening that averaging non-IID clients causes.
-    T = 1 leaves rows unchanged (up to renormalization), T > 1 softens them.
+    A much harsher sharpening than DS-FL's :func:`entropy_reduce`: at T = 0.1 a class with a
+    tenth of the top probability keeps 1e-10 of it. Offered as the ``power_sharpened``
+    aggregator; T = 1 leaves rows unchanged (up to renormalization), T > 1 softens them.
 
     Parameters
     ----------
@@ -317,11 +355,7 @@ def sharpen(probs: NDArray[np.floating], *, temperature: float) -> NDArray[np.fl
     """
     if probs.ndim != 2:
         raise ValueError(f"sharpen takes one (inputs, classes) matrix, got shape {probs.shape}.")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"temperature must be a positive finite number, got {temperature}; "
-            "use T < 1 to sharpen (DS-FL uses 0.1), T = 1 to leave rows as they are."
-        )
+    _check_temperature(temperature)
     logits = np.log(np.clip(probs.astype(np.float64), _TINY, None))
     # Shifting by the row maximum before dividing by T keeps every exponent ≤ 0 even for tiny T,
     # so nothing overflows to inf (which would turn into NaN on renormalization).
@@ -335,7 +369,7 @@ def entropy_reduction(
     *,
     temperature: float = 0.1,
 ) -> NDArray[np.float32]:
-    """DS-FL's entropy reduction aggregation (ERA): :func:`weighted_mean`, then :func:`sharpen`.
+    """DS-FL's entropy reduction aggregation (ERA): :func:`weighted_mean`, then :func:`entropy_reduce`.
 
     Parameters
     ----------
@@ -344,19 +378,32 @@ def entropy_reduction(
     weights : ndarray, shape (K,)
         Non-negative per-client weights (e.g. partition sizes), not all zero.
     temperature : float, default 0.1
-        Sharpening temperature; DS-FL's value is the default.
+        Entropy-reduction temperature; DS-FL's value is the default.
 
     Returns
     -------
     ndarray of float32, shape (N, C)
-        Sharpened probability rows.
+        Entropy-reduced probability rows.
     """
-    # The mean is sharpened from float64, not from weighted_mean's float32 output, so that the
-    # power 1/T does not amplify float32 rounding.
+    return entropy_reduce(_float64_mean(soft_labels, weights), temperature=temperature)
+
+
+def power_sharpened(
+    soft_labels: NDArray[np.floating],
+    weights: NDArray[np.floating],
+    *,
+    temperature: float = 0.1,
+) -> NDArray[np.float32]:
+    """:func:`weighted_mean`, then :func:`sharpen` (``softmax(log p̄ / T)``): a harsher variant of ERA."""
+    return sharpen(_float64_mean(soft_labels, weights), temperature=temperature)
+
+
+def _float64_mean(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float64]:
+    # Sharpened from float64, not from weighted_mean's float32 output, so that a small T does
+    # not amplify float32 rounding.
     _check_stack(soft_labels, weights)
     normalized = weights.astype(np.float64) / weights.sum(dtype=np.float64)
-    averaged = np.tensordot(normalized, soft_labels.astype(np.float64), axes=1)
-    return sharpen(averaged, temperature=temperature)
+    return np.tensordot(normalized, soft_labels.astype(np.float64), axes=1)
 
 
 AGGREGATORS: dict[str, Aggregator] = {
@@ -367,7 +414,10 @@ AGGREGATORS: dict[str, Aggregator] = {
     "median": median,
     "trimmed_mean": trimmed_mean,
     "era": entropy_reduction,
+    "power_sharpened": power_sharpened,
 }
+# Aggregators that already reduce entropy: DS-FL would reduce it a second time.
+ENTROPY_REDUCING = ("era", "power_sharpened")
 
 
 def get_aggregator(name: str) -> Aggregator:

@@ -1,11 +1,11 @@
 """DS-FL: distillation-based semi-supervised federated learning.
 
 Clients send soft labels on the unlabeled open (public) set. The server aggregates them with
-*entropy reduction aggregation* (ERA): the average is sharpened, ``softmax(log p̄ / T_ERA)``
-with ``T_ERA < 1`` (the paper uses 0.1). Sharpening pushes the global soft labels towards low
-entropy, which the authors show speeds up and stabilizes training on non-IID data. The
-sharpened labels travel down; every client distills them into its model before its next local
-training, and the server distills them into the global student.
+*entropy reduction aggregation* (ERA): the averaged probabilities are the logits of a
+temperature softmax, ``softmax(p̄ / T)`` with ``T < 1`` (the paper uses 0.1). Lowering the
+entropy of the global soft labels speeds up and stabilizes training on non-IID data. The
+entropy-reduced labels travel down; every client distills them into its model before its next
+local training, and the server distills them into the global student.
 
 What crosses the wire: up, an ``N × C`` float32 soft-label matrix and three scalars; down, the
 task config, N int32 indices and (from round 2) the ``N × C`` float32 global soft labels.
@@ -14,34 +14,65 @@ Reference
 ---------
 Itahara, Nishio, Koda, Morikura, Yamamoto, "Distillation-Based Semi-Supervised Federated
 Learning for Communication-Efficient Collaborative Training with Non-IID Private Data",
-IEEE Transactions on Mobile Computing, 2021.
+IEEE Transactions on Mobile Computing, 2021 (ERA: Section IV-B, Eq. 9).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from numpy.typing import NDArray
 
-from strategies.aggregation import Aggregator, sharpen
-from strategies.ensemble_distillation import EnsembleDistillation
+from fedkd.config import RunConfig
+from strategies.aggregation import ENTROPY_REDUCING, Aggregator, entropy_reduce
+from strategies.ensemble_distillation import client_privacy_delta
+from strategies.fedmd import FedMD
+from strategies.registry import BuildContext, StrategySpec, register
 
 
 def entropy_reduced(aggregator: Aggregator, *, temperature: float) -> Aggregator:
-    """``aggregator`` followed by ERA sharpening at ``temperature``."""
+    """``aggregator`` followed by ERA at ``temperature``."""
 
     def aggregate(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float32]:
-        return sharpen(aggregator(soft_labels, weights), temperature=temperature)
+        return entropy_reduce(aggregator(soft_labels, weights), temperature=temperature)
 
     aggregate.__name__ = f"era({getattr(aggregator, '__name__', 'aggregate')}, T={temperature})"
     return aggregate
 
 
-class DSFL(EnsembleDistillation):
-    """Ensemble distillation with entropy-reduction aggregation; global labels travel down."""
+class DSFL(FedMD):
+    """FedMD's consensus loop with entropy-reduction aggregation."""
 
-    shares_consensus = True
 
-    def __init__(self, *, aggregator: Aggregator, sharpen_temperature: float = 0.1, **kwargs: Any) -> None:
-        super().__init__(aggregator=entropy_reduced(aggregator, temperature=sharpen_temperature), **kwargs)
+def build(context: BuildContext) -> DSFL:
+    temperature = context.config.strategy.sharpen_temperature
+    return DSFL(
+        student=context.student(),
+        source=context.public_transfer(entropy_reduced(context.aggregator, temperature=temperature)),
+        num_classes=context.info.num_classes,
+        sampling=context.sampling,
+        min_replies=context.config.strategy.min_replies,
+        client_privacy_delta=client_privacy_delta(context),
+    )
+
+
+def refuse_double_reduction(config: RunConfig) -> None:
+    if config.strategy.aggregator in ENTROPY_REDUCING:
+        raise ValueError(
+            f"strategy=dsfl already reduces entropy; strategy.aggregator={config.strategy.aggregator} would do it "
+            "twice. Use the average it reduces (strategy.aggregator=weighted or mean), or "
+            f"strategy=ensemble_distillation strategy.aggregator={config.strategy.aggregator}."
+        )
+
+
+register(
+    StrategySpec(
+        name="dsfl",
+        client_mode="soft-labels",
+        build=build,
+        privacy=("dpsgd",),
+        attacks=True,
+        aggregators=True,
+        needs_public_set=True,
+        extra_check=refuse_double_reduction,
+    )
+)

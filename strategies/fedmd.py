@@ -21,10 +21,50 @@ Workshop on Federated Learning. Consensus = unweighted mean (use ``aggregator=me
 
 from __future__ import annotations
 
-from strategies.ensemble_distillation import EnsembleDistillation
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from fedkd.messages import CONSENSUS_KEY, consensus_record
+from strategies.ensemble_distillation import EnsembleDistillation, client_privacy_delta
+from strategies.registry import BuildContext, StrategySpec, register
+from strategies.transfer import PublicTransfer
 
 
 class FedMD(EnsembleDistillation):
-    """Ensemble distillation whose consensus travels down to be digested by every client."""
+    """Ensemble distillation on the public set whose consensus travels down to every client."""
 
     shares_consensus = True
+
+    def __init__(self, *, source: PublicTransfer, **kwargs: Any) -> None:
+        super().__init__(source=source, **kwargs)
+        self.public = source
+
+    def consensus_records(self) -> dict[str, ArrayRecord]:
+        if self.consensus is None:
+            return {}
+        return {CONSENSUS_KEY: consensus_record(self.public.indices, self.consensus)}
+
+
+def build(context: BuildContext) -> FedMD:
+    return FedMD(
+        student=context.student(),
+        source=context.public_transfer(),
+        num_classes=context.info.num_classes,
+        sampling=context.sampling,
+        min_replies=context.config.strategy.min_replies,
+        client_privacy_delta=client_privacy_delta(context),
+    )
+
+
+register(
+    StrategySpec(
+        name="fedmd",
+        client_mode="soft-labels",
+        build=build,
+        privacy=("dpsgd",),
+        attacks=True,
+        aggregators=True,
+        needs_public_set=True,
+    )
+)

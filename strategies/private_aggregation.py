@@ -1,6 +1,6 @@
 """Private release of the aggregated soft labels on the server (``privacy=gaussian|gnmax``).
 
-Each round the server asks for labels on a fresh batch of ``privacy.queries`` public inputs (a
+:class:`PrivateRelease` is a transfer source (``strategies.transfer``). Each round the server asks for labels on a fresh batch of ``privacy.queries`` public inputs (a
 seeded permutation of the public set, cycled), releases their aggregate through the mechanism,
 and records the release in its :class:`~fedkd.privacy.accountant.PrivacyLedger`. The noise
 multiplier is calibrated once, for every release of the run, so the ledger ends within the
@@ -13,13 +13,19 @@ DP-SGD (``privacy=dpsgd``) needs nothing here: clients account for themselves an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
-from fedkd.config import PrivacyConfig
+from fedkd.checkpoint import arrays_record
+from fedkd.messages import TRANSFER_KEY, transfer_record
 from fedkd.privacy.accountant import PrivacyLedger, calibrate_noise_multiplier
+from fedkd.privacy.config import PrivacyConfig
 from fedkd.privacy.mechanisms import (
     GNMAX_SENSITIVITY,
     gaussian_mean,
@@ -29,6 +35,7 @@ from fedkd.privacy.mechanisms import (
     vote_counts,
 )
 from fedkd.seeding import PRIVACY_NOISE, PRIVACY_QUERIES, numpy_generator
+from strategies.transfer import DistillationSet, RoundTransfer, StateRecords, stored, stored_count
 
 
 class ServerPrivacy:
@@ -117,6 +124,97 @@ class ServerPrivacy:
         if self.noise_multiplier == 0:
             return math.inf
         return self.ledger.epsilon(self.config.delta)
+
+
+class PrivateRelease:
+    """Transfer source for server-side DP: each round a fresh batch of public inputs is labelled
+    and its aggregate released through the mechanism; the student learns from every released
+    batch so far (post-processing costs no privacy).
+
+    Parameters
+    ----------
+    privacy : ServerPrivacy
+        The mechanism, its calibrated noise, the query order and the ledger.
+    inputs : torch.Tensor
+        The normalized public inputs the queries are drawn from.
+    indices : np.ndarray
+        Their positions in the public split.
+    """
+
+    def __init__(self, *, privacy: ServerPrivacy, inputs: torch.Tensor, indices: NDArray[np.integer]) -> None:
+        self.privacy = privacy
+        self.inputs = inputs
+        self.indices = np.asarray(indices)
+        self._round_positions: NDArray[np.int64] | None = None
+        self._released: list[tuple[NDArray[np.int64], NDArray[np.float32]]] = []
+
+    @property
+    def probabilities(self) -> bool:
+        # Clients that add their own noise share send rows that are no longer probabilities.
+        return not self.privacy.noise_at_clients
+
+    def describe(self) -> str:
+        privacy = self.privacy
+        return (
+            f"privacy={privacy.config.mechanism}: {privacy.queries} queries per round, noise multiplier "
+            f"{privacy.noise_multiplier:.4g} (noise std {privacy.noise_std:.4g}) for ε={privacy.config.epsilon} "
+            f"at δ={privacy.config.delta:g} over the run"
+        )
+
+    def prepare(
+        self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord
+    ) -> RoundTransfer:
+        self._round_positions = self.privacy.query_positions(server_round)
+        return RoundTransfer(
+            {TRANSFER_KEY: transfer_record(self.indices[self._round_positions])},
+            num_inputs=len(self._round_positions),
+            task=self.privacy.client_task(),
+        )
+
+    def distillation_set(
+        self, soft_labels: NDArray[np.float32], weights: NDArray[np.float64], *, server_round: int
+    ) -> DistillationSet:
+        if self._round_positions is None:
+            raise RuntimeError("distillation_set() before the round's queries were chosen.")
+        released = self.privacy.release(soft_labels, server_round=server_round)
+        self._released.append((self._round_positions, released))
+        return DistillationSet(self._released_inputs(), np.concatenate([labels for _, labels in self._released]), released)
+
+    def _released_inputs(self) -> torch.Tensor:
+        positions = np.concatenate([batch for batch, _ in self._released])
+        return self.inputs[torch.from_numpy(positions)]
+
+    def round_metrics(self) -> dict[str, Any]:
+        released = sum(len(batch) for batch, _ in self._released)
+        return {"distill-inputs": released, "epsilon": self.privacy.epsilon(), "delta": self.privacy.config.delta}
+
+    def privacy_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the accounting."""
+        return {
+            "mechanism": self.privacy.config.mechanism,
+            "noise_multiplier": self.privacy.noise_multiplier,
+            "ledger": self.privacy.ledger.to_record(),
+            "delta": self.privacy.config.delta,
+        }
+
+    def state_records(self) -> StateRecords:
+        arrays: dict[str, np.ndarray] = {}
+        for index, (positions, labels) in enumerate(self._released):
+            arrays[f"released-positions-{index}"], arrays[f"released-labels-{index}"] = positions, labels
+        return {
+            "released": arrays_record(arrays),
+            "released-count": ConfigRecord({"batches": len(self._released)}),
+            "server-ledger": ConfigRecord(self.privacy.ledger.to_record()),
+        }
+
+    def load_state_records(self, state: StateRecords) -> None:
+        released = stored(state, "released", ArrayRecord)
+        count = stored_count(state, "released-count", "batches")
+        self._released = [
+            (released[f"released-positions-{i}"].numpy(), released[f"released-labels-{i}"].numpy())
+            for i in range(count)
+        ]
+        self.privacy.ledger = PrivacyLedger.from_record(stored(state, "server-ledger", ConfigRecord))
 
 
 class WorstClientEpsilon:

@@ -22,15 +22,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from numpy.typing import NDArray
 
+from fedkd.checkpoint import arrays_record
 from fedkd.data import DatasetInfo, to_tensor
-from fedkd.messages import CLIENT_ID, METRICS_KEY, SYNTHESIZE_MESSAGE, SYNTHETIC_KEY, TASK_KEY, TRANSFER_IMAGES
-from strategies.validation import InvalidReply
+from fedkd.messages import (
+    SYNTHESIZE_MESSAGE,
+    SYNTHETIC_KEY,
+    TASK_KEY,
+    TRANSFER_IMAGES,
+    TRANSFER_KEY,
+    synthetic_transfer_record,
+)
+from strategies.aggregation import Aggregator
+from strategies.transfer import DistillationSet, RoundTransfer, StateRecords, stored, stored_count
+from strategies.validation import InvalidReply, Triage, log_reasons, triage
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +57,14 @@ class SyntheticPool:
     rejected: list[str]
 
 
-def validate_synthetic_images(
-    images: np.ndarray, *, input_shape: Sequence[int], max_count: int
-) -> np.ndarray:
+def validate_synthetic_images(images: np.ndarray, *, input_shape: Sequence[int], max_count: int) -> np.ndarray:
     """Return ``images`` if they are 1..max_count uint8 inputs of ``input_shape``, else raise."""
     shape = tuple(input_shape)
     if images.dtype != np.uint8:
         raise InvalidReply(f"synthetic images must be uint8 pixels, got dtype {images.dtype}.")
     if images.ndim != 4 or tuple(images.shape[1:]) != shape:
         raise InvalidReply(
-            f"synthetic images must have shape (n, {', '.join(map(str, shape))}), "
-            f"got {tuple(images.shape)}."
+            f"synthetic images must have shape (n, {', '.join(map(str, shape))}), got {tuple(images.shape)}."
         )
     if not 1 <= len(images) <= max_count:
         raise InvalidReply(f"expected 1..{max_count} synthetic images, got {len(images)}.")
@@ -66,33 +75,23 @@ def pool_synthetic_replies(
     replies: Iterable[Message], *, input_shape: Sequence[int], max_per_client: int
 ) -> SyntheticPool:
     """Validate the clients' synthetic inputs and concatenate them in client-id order."""
-    accepted: list[tuple[int, np.ndarray]] = []
-    failed: list[str] = []
-    rejected: list[str] = []
-    for reply in replies:
-        source = f"node {reply.metadata.src_node_id}"
-        if reply.has_error():
-            failed.append(f"{source}: {reply.error.reason}")
-            continue
-        try:
-            images = reply.content[SYNTHETIC_KEY][TRANSFER_IMAGES].numpy()
-            images = validate_synthetic_images(images, input_shape=input_shape, max_count=max_per_client)
-            accepted.append((int(reply.content[METRICS_KEY][CLIENT_ID]), images))
-        except (KeyError, TypeError, ValueError) as error:
-            rejected.append(f"{source}: {error}")
-    accepted.sort(key=lambda item: item[0])
+
+    def parse(reply: Message) -> np.ndarray:
+        images = reply.content[SYNTHETIC_KEY][TRANSFER_IMAGES].numpy()
+        return validate_synthetic_images(images, input_shape=input_shape, max_count=max_per_client)
+
+    sorted_out: Triage[np.ndarray] = triage(replies, parse)
     channels, height, width = tuple(input_shape)
     images = (
-        np.concatenate([images for _, images in accepted])
-        if accepted
+        np.concatenate(sorted_out.payloads)
+        if sorted_out.accepted
         else np.zeros((0, channels, height, width), dtype=np.uint8)
     )
-    return SyntheticPool(images, [client for client, _ in accepted], failed, rejected)
+    return SyntheticPool(images, sorted_out.client_ids, sorted_out.failed, sorted_out.rejected)
 
 
-@dataclass(frozen=True)
 class SyntheticTransfer:
-    """Asks the sampled clients for synthetic inputs and pools them.
+    """Transfer source that asks the sampled clients for synthetic inputs and pools them.
 
     Parameters
     ----------
@@ -100,6 +99,8 @@ class SyntheticTransfer:
         Shape and normalization the synthetic inputs must have (no data is loaded).
     per_client : int
         How many inputs a client is asked for (more are rejected).
+    aggregator : Aggregator
+        Combines the clients' soft labels on the pool.
     keep_pools : bool
         Distill on every round's pool so far, each with the soft labels it got in its round
         (the memory bank of CMI and Fast-DFKD), rather than on this round's pool only. Costs
@@ -108,10 +109,28 @@ class SyntheticTransfer:
         Seconds to wait for the clients' answers.
     """
 
-    info: DatasetInfo
-    per_client: int
-    keep_pools: bool = True
-    timeout: float = 3600.0
+    probabilities = True
+
+    def __init__(
+        self,
+        *,
+        info: DatasetInfo,
+        per_client: int,
+        aggregator: Aggregator,
+        keep_pools: bool = True,
+        timeout: float = 3600.0,
+    ) -> None:
+        self.info = info
+        self.per_client = per_client
+        self.aggregator = aggregator
+        self.keep_pools = keep_pools
+        self.timeout = timeout
+        self._round_inputs: torch.Tensor | None = None
+        self._rejected = 0
+        self._bank: list[tuple[torch.Tensor, NDArray[np.float32]]] = []
+
+    def describe(self) -> str:
+        return f"synthetic transfer, {self.per_client} inputs per client, keep_pools={self.keep_pools}"
 
     def decode(self, images: np.ndarray) -> torch.Tensor:
         """The pooled uint8 images as normalized inputs for the student."""
@@ -123,6 +142,49 @@ class SyntheticTransfer:
             for node_id in node_ids
         ]
         replies = grid.send_and_receive(queries, timeout=self.timeout)
-        return pool_synthetic_replies(
-            replies, input_shape=self.info.input_shape, max_per_client=self.per_client
-        )
+        return pool_synthetic_replies(replies, input_shape=self.info.input_shape, max_per_client=self.per_client)
+
+    def prepare(
+        self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord
+    ) -> RoundTransfer | None:
+        pool = self.gather(grid, node_ids, task)
+        log_reasons(logger, server_round, "synthesis failed", pool.failed)
+        log_reasons(logger, server_round, "synthetic inputs rejected", pool.rejected)
+        self._rejected = len(pool.rejected)
+        if len(pool.images) == 0:
+            logger.warning("round %d: no client sent synthetic inputs; nothing to label.", server_round)
+            self._round_inputs = None
+            return None
+        self._round_inputs = self.decode(pool.images)
+        return RoundTransfer({TRANSFER_KEY: synthetic_transfer_record(pool.images)}, num_inputs=len(pool.images))
+
+    def distillation_set(
+        self, soft_labels: NDArray[np.float32], weights: NDArray[np.float64], *, server_round: int
+    ) -> DistillationSet:
+        if self._round_inputs is None:
+            raise RuntimeError("distillation_set() before a round's pool was gathered.")
+        aggregate = self.aggregator(soft_labels, weights)
+        if not self.keep_pools:
+            return DistillationSet(self._round_inputs, aggregate, aggregate=aggregate)
+        self._bank.append((self._round_inputs, aggregate))
+        inputs = torch.cat([pool for pool, _ in self._bank])
+        targets = np.concatenate([labels for _, labels in self._bank])
+        return DistillationSet(inputs, targets, aggregate=aggregate)
+
+    def round_metrics(self) -> dict[str, Any]:
+        inputs = 0 if self._round_inputs is None else len(self._round_inputs)
+        return {"synthetic-inputs": inputs, "synthesis-rejected": self._rejected}
+
+    def state_records(self) -> StateRecords:
+        arrays: dict[str, np.ndarray] = {}
+        for index, (inputs, labels) in enumerate(self._bank):
+            arrays[f"bank-inputs-{index}"], arrays[f"bank-labels-{index}"] = inputs.numpy(), labels
+        return {"bank": arrays_record(arrays), "bank-size": ConfigRecord({"pools": len(self._bank)})}
+
+    def load_state_records(self, state: StateRecords) -> None:
+        bank = stored(state, "bank", ArrayRecord)
+        size = stored_count(state, "bank-size", "pools")
+        self._bank = [
+            (torch.from_numpy(bank[f"bank-inputs-{i}"].numpy().copy()), bank[f"bank-labels-{i}"].numpy())
+            for i in range(size)
+        ]

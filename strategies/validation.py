@@ -1,12 +1,23 @@
-"""Checks on what clients send back; a bad reply is rejected with a reason, never trusted."""
+"""Checks on what clients send back; a bad reply is rejected with a reason, never trusted.
+
+:func:`triage` is the one place a strategy splits a round's replies into accepted payloads,
+failures (the client raised or timed out) and rejections (the reply was malformed).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
+from flwr.app import Message
 from numpy.typing import NDArray
+
+from fedkd.messages import CLIENT_ID, METRICS_KEY
+
+Payload = TypeVar("Payload")
 
 # At hundreds of clients a bad round would otherwise print hundreds of lines.
 MAX_REASONS_LOGGED = 5
@@ -52,3 +63,52 @@ def validate_soft_labels(
     if worst > tolerance:
         raise InvalidReply(f"soft-label rows must sum to 1; the worst row is off by {worst:.3g}.")
     return probs.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class Triage(Generic[Payload]):
+    """One round's replies, sorted out. ``accepted`` is in client-id order, so an aggregate does
+    not depend on the order in which replies arrived."""
+
+    accepted: list[tuple[int, Payload]]
+    failed: list[str]
+    rejected: list[str]
+    rejected_nodes: list[int]
+
+    @property
+    def payloads(self) -> list[Payload]:
+        return [payload for _, payload in self.accepted]
+
+    @property
+    def client_ids(self) -> list[int]:
+        return [client for client, _ in self.accepted]
+
+    def log(self, logger: logging.Logger, server_round: int, *, what: str = "reply") -> None:
+        log_reasons(logger, server_round, "client failed", self.failed)
+        log_reasons(logger, server_round, f"{what} rejected", self.rejected)
+
+
+def triage(replies: Iterable[Message], parse: Callable[[Message], Payload]) -> Triage[Payload]:
+    """Split ``replies`` into parsed payloads, failures and rejections.
+
+    ``parse`` turns a reply's content into the strategy's payload and raises ``KeyError``,
+    ``TypeError`` or ``ValueError`` (:class:`InvalidReply`) for a reply it cannot use; the client
+    id is read from the reply's metrics.
+    """
+    accepted: list[tuple[int, Payload]] = []
+    failed: list[str] = []
+    rejected: list[str] = []
+    rejected_nodes: list[int] = []
+    for reply in replies:
+        source = f"node {reply.metadata.src_node_id}"
+        if reply.has_error():
+            failed.append(f"{source}: {reply.error.reason}")
+            continue
+        try:
+            client_id = int(reply.content[METRICS_KEY][CLIENT_ID])
+            accepted.append((client_id, parse(reply)))
+        except (KeyError, TypeError, ValueError) as error:
+            rejected.append(f"{source}: {error}")
+            rejected_nodes.append(int(reply.metadata.src_node_id))
+    accepted.sort(key=lambda item: item[0])
+    return Triage(accepted, failed, rejected, sorted(rejected_nodes))

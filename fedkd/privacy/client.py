@@ -1,0 +1,148 @@
+"""A client's side of differential privacy: its ledger, its DP-SGD training, its private feature
+statistics, and what leaves it under each mechanism.
+
+The ClientApp calls these; every noisy step or release is recorded in the client's
+:class:`~fedkd.privacy.accountant.PrivacyLedger`, which persists in the node's state across
+rounds, so its ε accumulates over the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from numpy.typing import NDArray
+from torch import nn
+
+from fedkd.config import RunConfig
+from fedkd.data import DatasetInfo
+from fedkd.distillation import OptimizerSettings
+from fedkd.local_data import LabeledTensors
+from fedkd.privacy.accountant import PrivacyLedger
+from fedkd.privacy.dpsgd import NoisePlan, calibrate_for_run, train_dp_sgd
+from fedkd.privacy.feature_statistics import (
+    per_sample_moments,
+    reference_scales,
+    release_feature_statistics,
+    statistics_layout,
+)
+from fedkd.privacy.mechanisms import clip_rows, gaussian_noise_share, one_hot
+from generators.hooks import SuppliedStatistics
+
+# The client's ledger in its node state: every noisy step of every round so far.
+LEDGER_STATE = "privacy-ledger"
+
+
+def client_ledger(state: RecordDict) -> PrivacyLedger:
+    """This node's ledger (empty before its first private round)."""
+    record = state.get(LEDGER_STATE)
+    if not isinstance(record, ConfigRecord):
+        return PrivacyLedger()
+    return PrivacyLedger.from_record(record)
+
+
+def store_ledger(state: RecordDict, ledger: PrivacyLedger) -> None:
+    state[LEDGER_STATE] = ConfigRecord(ledger.to_record())
+
+
+def reported_epsilon(run: RunConfig, state: RecordDict) -> float:
+    """The ε this client has spent so far; training without noise (ε = inf) records nothing:
+    its guarantee is none, not zero."""
+    if math.isinf(run.privacy.epsilon):
+        return math.inf
+    return client_ledger(state).epsilon(run.privacy.delta)
+
+
+def noise_plan(run: RunConfig, *, num_examples: int, feature_releases: int) -> NoisePlan:
+    """Noise for every epoch of the whole run (and its feature releases), calibrated once."""
+    return calibrate_for_run(
+        target_epsilon=run.privacy.epsilon,
+        delta=run.privacy.delta,
+        num_examples=num_examples,
+        batch_size=run.batch_size,
+        epochs_in_run=run.rounds * run.local_epochs,
+        feature_releases=feature_releases,
+    )
+
+
+def train_privately(
+    model: nn.Module,
+    partition: LabeledTensors,
+    run: RunConfig,
+    state: RecordDict,
+    *,
+    feature_releases: int,
+    generator: torch.Generator,
+) -> float:
+    """DP-SGD for this round's local epochs; the steps go into the node's ledger."""
+    ledger = client_ledger(state)
+    loss = train_dp_sgd(
+        model,
+        partition.images,
+        partition.labels,
+        epochs=run.local_epochs,
+        settings=OptimizerSettings(lr=run.lr, batch_size=run.batch_size),
+        generator=generator,
+        noise_multiplier=noise_plan(run, num_examples=len(partition), feature_releases=feature_releases).training,
+        max_grad_norm=run.privacy.max_grad_norm,
+        ledger=ledger,
+        max_shift=run.augment_shift,
+    )
+    store_ledger(state, ledger)
+    return loss
+
+
+def private_feature_statistics(
+    teacher: nn.Module,
+    partition: LabeledTensors,
+    run: RunConfig,
+    state: RecordDict,
+    *,
+    info: DatasetInfo,
+    feature_releases: int,
+    reference_generator: torch.Generator,
+    noise_rng: np.random.Generator,
+) -> SuppliedStatistics:
+    """This round's feature statistics of the private partition, released under the Gaussian
+    mechanism and recorded in the ledger beside the DP-SGD steps."""
+    noise_multiplier = noise_plan(run, num_examples=len(partition), feature_releases=feature_releases).features
+    statistics = release_feature_statistics(
+        per_sample_moments(teacher, partition.images),
+        statistics_layout(teacher),
+        scales=reference_scales(
+            teacher,
+            input_shape=info.input_shape,
+            pixel_mean=info.mean,
+            pixel_std=info.std,
+            generator=reference_generator,
+        ),
+        clip_norm=run.privacy.feature_clip_norm,
+        noise_multiplier=noise_multiplier,
+        rng=noise_rng,
+    )
+    if noise_multiplier > 0:
+        ledger = client_ledger(state)
+        ledger.record(noise_multiplier=noise_multiplier, sample_rate=1.0)
+        store_ledger(state, ledger)
+    return statistics
+
+
+def shared_rows(
+    probs: NDArray[np.floating],
+    run: RunConfig,
+    *,
+    noise_std: float,
+    noise_shares: int,
+    rng: np.random.Generator,
+) -> NDArray[np.float32]:
+    """What leaves the client for the transfer inputs under the run's privacy mechanism."""
+    mechanism = run.privacy.mechanism
+    if mechanism == "gnmax":
+        return one_hot(np.asarray(probs).argmax(axis=-1), probs.shape[-1])  # a vote, nothing more
+    if mechanism == "gaussian" and noise_std > 0:
+        clipped = clip_rows(probs, run.privacy.clip_norm)
+        noise = gaussian_noise_share(clipped.shape, noise_std=noise_std, num_shares=noise_shares, rng=rng)
+        return (clipped + noise).astype(np.float32)
+    return np.asarray(probs, dtype=np.float32)

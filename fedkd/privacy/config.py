@@ -1,0 +1,60 @@
+"""Privacy settings of a run (``privacy=<mechanism>``); ε and δ bound the whole run.
+
+Which strategies accept which mechanism is declared by each strategy (``strategies.registry``);
+this module only checks the values themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PRIVACY_MECHANISMS = ("none", "dpsgd", "gaussian", "gnmax")
+NOISE_LOCATIONS = ("server", "clients")
+# Mechanisms the server applies to a fresh batch of ``queries`` public inputs per round.
+SERVER_MECHANISMS = ("gaussian", "gnmax")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy for the run; the defaults are the ``privacy=none`` group."""
+
+    mechanism: str = "none"  # none | dpsgd (teachers) | gaussian (aggregate) | gnmax (noisy votes)
+    epsilon: float = 2.0  # target ε at the end of the run; inf trains the same way without noise
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # dpsgd: per-example gradient clip
+    clip_norm: float = 1.0  # gaussian: L2 bound on each soft-label row (≥ 1 leaves probabilities as they are)
+    noise_at: str = "server"  # gaussian: server (central DP) | clients (each adds its share)
+    queries: int = 100  # gaussian, gnmax: transfer inputs released per round
+    # dpsgd with transfer=synthetic: L2 bound on each example's feature moments, in units of
+    # each layer's data-independent reference scale (see fedkd.privacy.feature_statistics)
+    feature_clip_norm: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in PRIVACY_MECHANISMS:
+            raise ValueError(f"Unknown privacy mechanism {self.mechanism!r}; choose one of {list(PRIVACY_MECHANISMS)}.")
+        if self.noise_at not in NOISE_LOCATIONS:
+            raise ValueError(f"Unknown privacy.noise_at {self.noise_at!r}; choose one of {list(NOISE_LOCATIONS)}.")
+        if not self.epsilon > 0 or math.isnan(self.epsilon):
+            raise ValueError(f"privacy.epsilon must be > 0 (inf for no noise), got {self.epsilon}.")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"privacy.delta must lie in (0, 1), got {self.delta}; 1e-5 is usual for MNIST.")
+        positive = {
+            "max_grad_norm": self.max_grad_norm,
+            "clip_norm": self.clip_norm,
+            "feature_clip_norm": self.feature_clip_norm,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"privacy.{name} must be > 0, got {value}.")
+        if self.queries < 1:
+            raise ValueError(f"privacy.queries must be ≥ 1, got {self.queries}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mechanism != "none"
+
+    @property
+    def on_server(self) -> bool:
+        """Mechanisms that release the aggregate of a fresh batch of ``queries`` inputs per round."""
+        return self.mechanism in SERVER_MECHANISMS
