@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,9 @@ from fedkd.config import (
     run_config_from_mapping,
     run_config_to_flower,
 )
+from fedkd.config import GROUPS
+
+GROUPS_PRIMARY = {group: primary for group, (_, primary) in GROUPS.items()}
 
 
 def test_defaults_are_valid_and_quick():
@@ -36,7 +40,6 @@ def test_defaults_are_valid_and_quick():
         ({"engine": "spark"}, "engine"),
         ({"lr": 0.0}, "lr"),
         ({"transfer": "web"}, "Unknown transfer"),
-        ({"transfer": "synthetic", "strategy": StrategyConfig(name="fedmd")}, "ensemble_distillation"),
         ({"transfer": "synthetic", "public_labels": True}, "public_labels=false"),
     ],
 )
@@ -50,8 +53,6 @@ def test_invalid_run_config_names_value_and_fix(kwargs, match):
     [
         (PartitionConfig, {"alpha": 0.0}, "alpha must be > 0"),
         (PartitionConfig, {"scheme": "shards"}, "Unknown partition scheme"),
-        (StrategyConfig, {"name": "fedsomething"}, "Unknown strategy"),
-        (StrategyConfig, {"aggregator": "max"}, "Unknown aggregator"),
         (StrategyConfig, {"fraction_train": 0.0}, "fraction_train"),
         (SynthesisConfig, {"method": "gan"}, "Unknown synthesis method"),
         (SynthesisConfig, {"per_client": 0}, "per_client"),
@@ -102,24 +103,24 @@ def test_flower_config_ignores_output_dir():
 
 
 def test_client_task_round_trips_through_a_record():
-    task = ClientTask.from_run(RunConfig(), mode="soft-labels", server_round=4)
+    task = ClientTask(mode="soft-labels", server_round=4, run=RunConfig())
     record = task.to_record()
     assert all(isinstance(v, (int, float, str, bool)) for v in record.values())
     assert ClientTask.from_record(record) == task
 
 
 def test_client_task_missing_keys_are_named():
-    record = ClientTask.from_run(RunConfig(), mode="soft-labels", server_round=1).to_record()
-    del record["temperature"]
-    with pytest.raises(ValueError, match="temperature"):
+    record = ClientTask(mode="soft-labels", server_round=1, run=RunConfig()).to_record()
+    del record["server-round"]
+    with pytest.raises(ValueError, match="server-round"):
         ClientTask.from_record(record)
 
 
 def test_split_spec_agrees_between_server_and_client():
     config = RunConfig(num_clients=5, seed=3)
-    task = ClientTask.from_run(config, mode="soft-labels", server_round=1)
-    assert task.split_spec() == config.split_spec()
-    assert task.split_spec(data_root="/elsewhere").data_root == "/elsewhere"
+    task = ClientTask(mode="soft-labels", server_round=1, run=config)
+    assert task.run.split_spec() == config.split_spec()
+    assert task.run.split_spec(data_root="/elsewhere").data_root == "/elsewhere"
 
 
 def test_config_is_frozen():
@@ -135,24 +136,52 @@ def test_the_three_default_configs_agree():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from federation.sim import LAUNCHER_KEYS
+    from federation.hydra_schema import sim_config_from_hydra
 
     root = Path(__file__).resolve().parents[1]
     flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert run_config_from_flower(flower) == RunConfig()
+    assert {key: value for key, value in flower.items() if key != "output-dir"} == run_config_to_flower(RunConfig())
     with initialize_config_module(config_module="experiments.conf", version_base=None):
         cfg = compose(config_name="config", overrides=["data_root=''"])
-    values = OmegaConf.to_container(cfg, resolve=True)
-    for key in LAUNCHER_KEYS:  # how fedkd-sim runs, not what it runs
-        values.pop(key)
-    assert run_config_from_mapping(values) == RunConfig()
+    assert sim_config_from_hydra(cfg).run_config() == RunConfig()
+
+
+GROUP_FILES = sorted((Path(__file__).resolve().parents[1] / "experiments" / "conf").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_every_group_file_names_its_choice_and_lists_only_what_differs(path):
+    """Defaults live in the dataclasses; a group file that repeated one would drift from it."""
+    import yaml
+
+    from fedkd.config import GROUPS
+
+    values = yaml.safe_load(path.read_text())
+    schema, primary = GROUPS[path.parent.name]
+    assert values[primary] == path.stem
+    defaults = schema()
+    repeated = [key for key, value in values.items() if key != primary and getattr(defaults, key) == value]
+    assert not repeated, f"{path} repeats the defaults of {repeated}; delete those lines"
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_every_group_file_composes_into_a_valid_run(path):
+    from hydra import compose, initialize_config_module
+
+    from federation.hydra_schema import sim_config_from_hydra
+
+    with initialize_config_module(config_module="experiments.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=[f"{path.parent.name}={path.stem}", "data_root=''"])
+    config = sim_config_from_hydra(cfg).run_config()
+    assert getattr(getattr(config, path.parent.name), GROUPS_PRIMARY[path.parent.name]) == path.stem
 
 
 def test_synthetic_transfer_has_no_public_set_and_ignores_public_size():
     config = RunConfig(transfer="synthetic", public_size=1000)
     assert config.split_spec().public_size == 0
-    task = ClientTask.from_run(config, mode="soft-labels", server_round=1)
-    assert task.split_spec() == config.split_spec()
+    task = ClientTask(mode="soft-labels", server_round=1, run=config)
+    assert task.run.split_spec() == config.split_spec()
 
 
 def test_synthesis_settings_travel_through_flower_and_hydra_configs():

@@ -83,7 +83,7 @@ def test_replies_hold_exactly_the_soft_labels_of_the_requested_inputs_and_no_wei
 
 def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
     grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
-    task = ClientTask.from_run(TINY, mode="soft-labels", server_round=1).to_record()
+    task = ClientTask(mode="soft-labels", server_round=1, run=TINY).to_record()
     wanted = np.array([7, 3, 250])
     message = Message(
         RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(wanted)}),
@@ -99,7 +99,7 @@ def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
 
 def test_out_of_range_transfer_indices_come_back_as_an_error_reply():
     grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
-    task = ClientTask.from_run(TINY, mode="soft-labels", server_round=1).to_record()
+    task = ClientTask(mode="soft-labels", server_round=1, run=TINY).to_record()
     message = Message(
         RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(np.array([0, 10_000]))}),
         dst_node_id=1,

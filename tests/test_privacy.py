@@ -270,6 +270,6 @@ def test_bad_privacy_values_name_the_key(kwargs, match):
 def test_dpsgd_with_synthetic_transfer_releases_feature_statistics_every_round():
     config = RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"), transfer="synthetic", rounds=4)
     assert config.releases_feature_statistics
-    task = ClientTask.from_run(config, mode="soft-labels", server_round=1)
+    task = ClientTask(mode="soft-labels", server_round=1, run=config)
     assert task.privacy_feature_releases == 4
-    assert ClientTask.from_run(RunConfig(privacy=PrivacyConfig(mechanism="dpsgd")), mode="soft-labels", server_round=1).privacy_feature_releases == 0
+    assert ClientTask(mode="soft-labels", server_round=1, run=RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"))).feature_releases == 0

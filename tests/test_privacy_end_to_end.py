@@ -10,7 +10,8 @@ import pytest
 from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.client_app import PRIVACY_LEDGER_STATE, app as client_app
+from federation.client_app import app as client_app
+from fedkd.privacy.client import LEDGER_STATE as PRIVACY_LEDGER_STATE
 from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, SynthesisConfig
 from federation.run import run_federation
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TRANSFER_INDICES, TRANSFER_KEY

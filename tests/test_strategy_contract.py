@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.distillation import OptimizerSettings
@@ -22,11 +22,14 @@ from fedkd.messages import CLIENT_ID, METRICS_KEY, NUM_EXAMPLES, WEIGHTS_KEY, cl
 from fedkd.models import build_model
 from fedkd.student import Student
 from strategies.aggregation import get_aggregator
-from strategies.dsfl import DSFL
+from strategies.dsfl import DSFL, entropy_reduced
 from strategies.ensemble_distillation import EnsembleDistillation
 from strategies.fd import FederatedDistillation
+from strategies.fedavg import SeededFedAvg
 from strategies.feddf import FedDF
 from strategies.fedmd import FedMD
+from strategies.registry import CheckpointableStrategy, strategy_names
+from strategies.transfer import PublicTransfer
 
 NUM_INPUTS, NUM_CLASSES, SHAPE = 12, 10, (1, 28, 28)
 
@@ -42,8 +45,12 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def _student() -> Student:
+    return Student(_model(), temperature=1.0, epochs=1, settings=OptimizerSettings(batch_size=4), seed=0)
+
+
+def _public(aggregator: str = "weighted") -> PublicTransfer:
     inputs = torch.randn(NUM_INPUTS, *SHAPE, generator=torch.Generator().manual_seed(0))
-    return Student(_model(), inputs, temperature=1.0, epochs=1, settings=OptimizerSettings(batch_size=4), seed=0)
+    return PublicTransfer(inputs=inputs, indices=np.arange(NUM_INPUTS), aggregator=get_aggregator(aggregator))
 
 
 def _soft_label_content(client_id: int) -> RecordDict:
@@ -72,25 +79,41 @@ class Case:
     content: Callable[[int], RecordDict]
 
 
-_distillation = dict(transfer_indices=np.arange(NUM_INPUTS), num_classes=NUM_CLASSES)
 CASES = {
     "ensemble_distillation": Case(
-        lambda: EnsembleDistillation(student=_student(), aggregator=get_aggregator("weighted"), **_distillation),
+        lambda: EnsembleDistillation(student=_student(), source=_public(), num_classes=NUM_CLASSES),
         _soft_label_content,
     ),
     "fedmd": Case(
-        lambda: FedMD(student=_student(), aggregator=get_aggregator("mean"), **_distillation), _soft_label_content
+        lambda: FedMD(student=_student(), source=_public("mean"), num_classes=NUM_CLASSES), _soft_label_content
     ),
     "dsfl": Case(
-        lambda: DSFL(student=_student(), aggregator=get_aggregator("weighted"), **_distillation), _soft_label_content
+        lambda: DSFL(
+            student=_student(),
+            source=PublicTransfer(
+                inputs=_public().inputs,
+                indices=np.arange(NUM_INPUTS),
+                aggregator=entropy_reduced(get_aggregator("weighted"), temperature=0.1),
+            ),
+            num_classes=NUM_CLASSES,
+        ),
+        _soft_label_content,
     ),
     "fd": Case(lambda: FederatedDistillation(num_classes=NUM_CLASSES), _class_logit_content),
     "feddf": Case(
-        lambda: FedDF(student=_student(), make_model=_model, min_train_nodes=1, min_available_nodes=1),
+        lambda: FedDF(
+            student=_student(), transfer=_public(), make_model=_model, min_train_nodes=1, min_available_nodes=1
+        ),
         _weights_content,
     ),
-    "fedavg": Case(lambda: FedAvg(min_train_nodes=1, min_available_nodes=1), _weights_content),
+    "fedavg": Case(lambda: SeededFedAvg(min_train_nodes=1, min_available_nodes=1), _weights_content),
 }
+
+
+def test_every_registered_strategy_honours_the_contract():
+    assert sorted(CASES) == strategy_names()
+    for case in CASES.values():
+        assert isinstance(case.build(), CheckpointableStrategy)
 
 
 def _reply(content: RecordDict | None, node_id: int) -> Message:
@@ -110,7 +133,10 @@ def _outcome(strategy: Strategy, result: tuple) -> list[np.ndarray]:
     arrays, _ = result
     if arrays is not None:
         return [array.numpy() for array in arrays.values()]
-    return [np.nan_to_num(strategy.global_logits)]  # FD keeps its aggregate, returns no arrays
+    # FD keeps its aggregate and returns no arrays: compare the targets it would send down.
+    assert isinstance(strategy, FederatedDistillation)
+    targets = strategy.targets_for(sorted(strategy.contributions))
+    return [np.nan_to_num(logits) for logits, _ in targets.values()]
 
 
 def _snapshot(replies: list[Message]) -> list[bytes]:
