@@ -210,6 +210,13 @@ class RunConfig:
 
     def _check_privacy(self) -> None:
         privacy = self.privacy
+        if self.transfer == "synthetic" and privacy.enabled and privacy.mechanism != "dpsgd":
+            raise ValueError(
+                f"privacy={privacy.mechanism} with transfer=synthetic is not supported: the synthetic "
+                "inputs come from the teachers and their feature statistics, which only privacy=dpsgd "
+                "protects (DP-SGD teachers, privately released statistics). Use privacy=dpsgd or "
+                "transfer=public."
+            )
         if privacy.on_server and privacy.queries > self.public_size:
             raise ValueError(
                 f"privacy.queries={privacy.queries} exceeds public_size={self.public_size}; "

@@ -251,17 +251,20 @@ def test_sharpen_rejects_a_stack():
 
 
 def test_era_by_hand():
-    # weighted mean (see above): (0.625, 0.375) and (0.325, 0.675); T = 0.1 raises to the 10th:
-    # input 0: ratio 0.375/0.625 = 0.6 -> class 0 = 1 / (1 + 0.6^10)
-    # input 1: ratio 0.325/0.675 = 13/27 -> class 0 = r / (1 + r), r = (13/27)^10
-    r = (13 / 27) ** 10
-    expected = [[1 / (1 + 0.6**10), 0.6**10 / (1 + 0.6**10)], [r / (1 + r), 1 / (1 + r)]]
-    np.testing.assert_allclose(AGGREGATORS["era"](*_three_clients()), expected, rtol=1e-6)
-    np.testing.assert_allclose(
-        entropy_reduction(*_three_clients(), temperature=1.0),
-        [[0.625, 0.375], [0.325, 0.675]],
-        rtol=1e-6,
-    )
+    # weighted mean (see above): (0.625, 0.375) and (0.325, 0.675); DS-FL's ERA is softmax(p̄ / T):
+    # input 0 at T = 0.1: softmax(6.25, 3.75) -> class 0 = 1 / (1 + e^-2.5)
+    # input 1 at T = 0.1: softmax(3.25, 6.75) -> class 0 = 1 / (1 + e^3.5)
+    a, b = 1 / (1 + np.exp(-2.5)), 1 / (1 + np.exp(3.5))
+    np.testing.assert_allclose(AGGREGATORS["era"](*_three_clients()), [[a, 1 - a], [b, 1 - b]], rtol=1e-6)
+    # at T = 1: softmax(0.625, 0.375) -> 1 / (1 + e^-0.25); much softer than the mean itself
+    c = 1 / (1 + np.exp(-0.25))
+    np.testing.assert_allclose(entropy_reduction(*_three_clients(), temperature=1.0)[0], [c, 1 - c], rtol=1e-6)
+
+
+def test_power_sharpened_by_hand():
+    # weighted mean (0.625, 0.375): raised to the 10th and renormalized -> 1 / (1 + 0.6^10)
+    result = AGGREGATORS["power_sharpened"](*_three_clients())
+    np.testing.assert_allclose(result[0], [1 / (1 + 0.6**10), 0.6**10 / (1 + 0.6**10)], rtol=1e-6)
 
 
 # --- the contract every registered aggregator keeps -------------------------------------------

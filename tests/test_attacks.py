@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from strategies.registry import check_run
+
 import dataclasses
 import math
 
@@ -55,7 +57,7 @@ def test_each_logit_attack_does_what_it_says():
 )
 def test_attacks_the_run_cannot_simulate_fail_with_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        RunConfig(**kwargs)
+        check_run(RunConfig(**kwargs))
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from strategies.registry import check_run
+
 import math
 
 import numpy as np
@@ -248,7 +250,7 @@ def test_dp_sgd_changes_the_weights_and_is_reproducible():
 )
 def test_unsupported_privacy_settings_fail_with_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        RunConfig(**kwargs)
+        check_run(RunConfig(**kwargs))
 
 
 @pytest.mark.parametrize(
@@ -271,5 +273,5 @@ def test_dpsgd_with_synthetic_transfer_releases_feature_statistics_every_round()
     config = RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"), transfer="synthetic", rounds=4)
     assert config.releases_feature_statistics
     task = ClientTask(mode="soft-labels", server_round=1, run=config)
-    assert task.privacy_feature_releases == 4
+    assert task.feature_releases == 4
     assert ClientTask(mode="soft-labels", server_round=1, run=RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"))).feature_releases == 0
