@@ -38,7 +38,7 @@ from fedkd.config import PartitionConfig, RunConfig
 from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soften, train_supervised
 from federation.run import _server_student, run_federation
 from federation.inprocess import InProcessGrid
-from fedkd.local_data import evaluation_split, info_for, private_partition, public_inputs
+from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.models import build_model, model_for_client
 from fedkd.seeding import STUDENT_INIT, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
 from strategies.aggregation import get_aggregator

@@ -17,7 +17,7 @@ import torch
 
 from fedkd.config import PartitionConfig, RunConfig
 from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
-from fedkd.local_data import evaluation_split, info_for, private_partition
+from fedkd.data.local import evaluation_split, info_for, private_partition
 from fedkd.models import build_model
 from fedkd.results import RunFolder
 from fedkd.seeding import STUDENT_INIT, TEACHER_TRAIN, derive_seed, torch_generator

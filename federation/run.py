@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from fedkd.checkpoint import Checkpoint, ResumeError, load_checkpoint, save_checkpoint
 from fedkd.config import ClientTask, RunConfig
 from fedkd.distillation import Evaluation, OptimizerSettings, evaluate
-from fedkd.local_data import LabeledTensors, evaluation_split, info_for, public_inputs, split_for
+from fedkd.data.local import LabeledTensors, evaluation_split, info_for, public_inputs, split_for
 from federation.metered_grid import MeteredGrid
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
