@@ -38,9 +38,9 @@ from fedkd.config import PartitionConfig, RunConfig
 from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soften, train_supervised
 from federation.run import _server_student, run_federation
 from federation.inprocess import InProcessGrid
-from fedkd.local_data import evaluation_split, info_for, private_partition, public_inputs
+from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.models import build_model, model_for_client
-from fedkd.seeding import STUDENT_INIT, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 from strategies.aggregation import get_aggregator
 
 
@@ -89,7 +89,7 @@ def floor_run(config: RunConfig) -> list[float]:
     aggregator = get_aggregator(config.strategy.aggregator)
     student_model = build_model(
         config.student_model, input_shape=info.input_shape, num_classes=info.num_classes,
-        seed=derive_seed(config.seed, STUDENT_INIT),
+        seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
     student = _server_student(config, student_model)
     teachers: dict[int, torch.nn.Module] = {}
@@ -109,13 +109,13 @@ def floor_run(config: RunConfig) -> list[float]:
             if teacher is None:
                 teacher = build_model(
                     model_for_client(config.client_models, client), input_shape=info.input_shape,
-                    num_classes=info.num_classes, seed=derive_seed(config.seed, client, TEACHER_INIT),
+                    num_classes=info.num_classes, seed=derive_seed(config.seed, client, SeedPurpose.TEACHER_INIT),
                 )
                 teachers[client] = teacher
-            torch.manual_seed(derive_seed(config.seed, server_round, client, TEACHER_TRAIN))
+            torch.manual_seed(derive_seed(config.seed, server_round, client, SeedPurpose.TEACHER_TRAIN))
             train_supervised(
                 teacher, partition.images, partition.labels, epochs=config.local_epochs, settings=settings,
-                generator=torch_generator(config.seed, server_round, client, TEACHER_TRAIN),
+                generator=torch_generator(config.seed, server_round, client, SeedPurpose.TEACHER_TRAIN),
                 max_shift=config.augment_shift,
             )
             soft_labels.append(soften(predict_logits(teacher, transfer), config.temperature).numpy())

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 
 from fedkd.config import RunConfig
 from fedkd.distillation import OptimizerSettings, train_supervised
-from fedkd.local_data import info_for, private_partition
+from fedkd.data.local import info_for, private_partition
 from fedkd.models import build_model
 
 

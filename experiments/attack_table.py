@@ -14,9 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
-from fedkd.results import read_metrics
+from fedkd.results import iter_run_folders
 
 AGGREGATORS = ("mean", "median", "trimmed_mean")
 KINDS = ("random", "flip", "scale", "nan")
@@ -25,14 +23,8 @@ KINDS = ("random", "flip", "scale", "nan")
 def collect(root: Path) -> dict[tuple[str, float, str], float]:
     """(kind, fraction, aggregator) → final student accuracy."""
     found = {}
-    for config_path in sorted(root.glob("*/config.yaml")):
-        config = yaml.safe_load(config_path.read_text())
-        metrics = config_path.parent / "metrics.jsonl"
-        if not metrics.exists():
-            continue
-        rows = read_metrics(metrics)
-        if len(rows) < config["rounds"]:
-            continue
+    for run in iter_run_folders(root):
+        config, rows = run.config, run.rows
         attack = config.get("attack") or {"kind": "none", "fraction": 0.0}
         key = (str(attack["kind"]), float(attack["fraction"]), config["strategy"]["aggregator"])
         found[key] = rows[-1]["student_accuracy"]

@@ -17,10 +17,10 @@ import torch
 
 from fedkd.config import PartitionConfig, RunConfig
 from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
-from fedkd.local_data import evaluation_split, info_for, private_partition
+from fedkd.data.local import evaluation_split, info_for, private_partition
 from fedkd.models import build_model
 from fedkd.results import RunFolder
-from fedkd.seeding import STUDENT_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     test = evaluation_split(spec)
     model = build_model(
         config.student_model, input_shape=info.input_shape, num_classes=info.num_classes,
-        seed=derive_seed(config.seed, STUDENT_INIT),
+        seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
     folder = RunFolder(args.out)
     folder.write_config(config, extra={"method": "centralized", "epochs": args.epochs})
@@ -63,7 +63,7 @@ def main() -> None:
         train_supervised(
             model, images, labels, epochs=1,
             settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
-            generator=torch_generator(config.seed, epoch, TEACHER_TRAIN),
+            generator=torch_generator(config.seed, epoch, SeedPurpose.TEACHER_TRAIN),
             max_shift=config.augment_shift, optimizer=optimizer,
         )
         result = evaluate(model, test.images, test.labels)

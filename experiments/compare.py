@@ -15,9 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from fedkd.results import format_bytes, read_metrics
+from fedkd.results import format_bytes, iter_run_folders
 
 STRATEGY_ORDER = ["ensemble_distillation", "fedmd", "dsfl", "fd", "feddf", "fedavg"]
 
@@ -25,11 +24,8 @@ STRATEGY_ORDER = ["ensemble_distillation", "fedmd", "dsfl", "fd", "feddf", "feda
 def collect(sweep: Path) -> list[dict]:
     """One entry per finished run: its settings and its per-round series."""
     runs = []
-    for metrics_path in sorted(sweep.glob("*/metrics.jsonl")):
-        config = yaml.safe_load((metrics_path.parent / "config.yaml").read_text())
-        rows = read_metrics(metrics_path)
-        if len(rows) < config["rounds"]:
-            continue  # unfinished run
+    for run in iter_run_folders(sweep):
+        config, rows = run.config, run.rows
         runs.append(
             {
                 "dataset": config["dataset"],

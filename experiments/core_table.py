@@ -8,9 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
-from fedkd.results import format_bytes, read_metrics
+from fedkd.results import FinishedRun, format_bytes, iter_run_folders
 
 METHOD_NAMES = {
     "ensemble_distillation": "FD student (soft labels only)",
@@ -19,9 +17,8 @@ METHOD_NAMES = {
 }
 
 
-def describe(run_dir: Path) -> dict:
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = read_metrics(run_dir)
+def describe(run: FinishedRun) -> dict:
+    config, rows = run.config, run.rows
     method = config.get("method") or config["strategy"]["name"]
     clients = max(rows[-1]["clients"], 1)
     return {
@@ -55,9 +52,9 @@ def markdown(entries: list[dict]) -> str:
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/core")
-    runs = sorted(path.parent for path in root.glob("*/metrics.jsonl"))
+    runs = list(iter_run_folders(root))
     if not runs:
-        raise SystemExit(f"no run folders with metrics.jsonl under {root}")
+        raise SystemExit(f"no finished run folders under {root}")
     order = list(METHOD_NAMES.values())
 
     def position(entry: dict) -> tuple:

@@ -27,7 +27,7 @@ from fedkd.data import load_dataset, to_tensor, to_uint8
 from fedkd.distillation import OptimizerSettings, distill, evaluate, predict_logits, soften, train_supervised
 from fedkd.models import build_model, count_parameters
 from fedkd.results import RunFolder
-from fedkd.seeding import DISTILL, STUDENT_INIT, SYNTHESIS, TEACHER_INIT, TEACHER_TRAIN, derive_seed, torch_generator
+from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 from generators.image_grid import save_class_grid
 from generators.registry import SYNTHESIZERS, build_synthesizer
 
@@ -75,12 +75,12 @@ def main() -> None:
 
     teacher = build_model(
         args.teacher, input_shape=info.input_shape, num_classes=info.num_classes,
-        seed=derive_seed(args.seed, TEACHER_INIT),
+        seed=derive_seed(args.seed, SeedPurpose.TEACHER_INIT),
     )
     started = time.perf_counter()
     train_supervised(
         teacher, train_images, train_labels, epochs=args.teacher_epochs, settings=settings,
-        generator=torch_generator(args.seed, TEACHER_TRAIN), max_shift=0.1,
+        generator=torch_generator(args.seed, SeedPurpose.TEACHER_TRAIN), max_shift=0.1,
     )
     teacher_accuracy = evaluate(teacher, test_images, test_labels).accuracy
     print(
@@ -94,7 +94,9 @@ def main() -> None:
         steps=args.steps, pixel_mean=info.mean, pixel_std=info.std,
     )
     started = time.perf_counter()
-    synthetic, targets = synthesizer.sample(args.num_synthetic, generator=torch_generator(args.seed, SYNTHESIS))
+    synthetic, targets = synthesizer.sample(
+        args.num_synthetic, generator=torch_generator(args.seed, SeedPurpose.SYNTHESIS)
+    )
     # The student sees the inputs as they would cross the wire: 8-bit pixels.
     pixels = to_uint8(synthetic, info)
     synthetic = to_tensor(pixels, info)
@@ -133,20 +135,20 @@ def main() -> None:
 
     student = build_model(
         args.student, input_shape=info.input_shape, num_classes=info.num_classes,
-        seed=derive_seed(args.seed, STUDENT_INIT),
+        seed=derive_seed(args.seed, SeedPurpose.STUDENT_INIT),
     )
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
     for epoch in range(1, args.distill_epochs + 1):
         started = time.perf_counter()
         if resample and epoch > 1:
             fresh, _ = synthesizer.sample(
-                args.num_synthetic, generator=torch_generator(args.seed, epoch, SYNTHESIS)
+                args.num_synthetic, generator=torch_generator(args.seed, epoch, SeedPurpose.SYNTHESIS)
             )
             synthetic = to_tensor(to_uint8(fresh, info), info)
             soft_labels = soften(predict_logits(teacher, synthetic), args.temperature)
         loss = distill(
             student, synthetic, soft_labels, epochs=1, temperature=args.temperature, settings=settings,
-            generator=torch_generator(args.seed, epoch, DISTILL), max_shift=0.1, optimizer=optimizer,
+            generator=torch_generator(args.seed, epoch, SeedPurpose.DISTILL), max_shift=0.1, optimizer=optimizer,
         )
         result = evaluate(student, test_images, test_labels)
         row = {

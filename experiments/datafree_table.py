@@ -13,9 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from fedkd.results import format_bytes, read_metrics
+from fedkd.results import format_bytes, iter_run_folders, read_config
 
 
 def federated_table(root: Path) -> str:
@@ -23,12 +21,8 @@ def federated_table(root: Path) -> str:
         "| dataset | transfer | accuracy per round | final | up / client / round | down / client / round | wall time |",
         "|---|---|---|---|---|---|---|",
     ]
-    for metrics in sorted(root.glob("federated-*/metrics.jsonl")):
-        run = metrics.parent
-        config = yaml.safe_load((run / "config.yaml").read_text())
-        rows = read_metrics(run)
-        if len(rows) < config["rounds"]:
-            continue  # unfinished
+    for run in iter_run_folders(root, "federated-*"):
+        config, rows = run.config, run.rows
         clients = max(rows[-1]["clients"], 1)
         per_round = ", ".join(f"{row['student_accuracy']:.4f}" for row in rows)
         lines.append(
@@ -48,7 +42,7 @@ def central_table(root: Path) -> str:
     ]
     for summary_path in sorted(root.glob("central-*/summary.json")):
         summary = json.loads(summary_path.read_text())
-        config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
+        config = read_config(summary_path.parent)
         inputs = f"{summary['num_synthetic']:,}" + (
             " fresh per epoch" if summary.get("resample_every_epoch") else ", reused every epoch"
         )

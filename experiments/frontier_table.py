@@ -14,9 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
-
-from fedkd.results import read_metrics
+from fedkd.results import iter_run_folders
 
 MECHANISMS = ("dpsgd", "gaussian", "gnmax")
 # Published MNIST results at δ = 1e-5, drawn beside the frontier for scale (centralized training
@@ -35,15 +33,11 @@ LABELS = {
 def collect(root: Path) -> dict[str, dict[float, tuple[float, float | None]]]:
     """mechanism → target ε → (final accuracy, spent ε); unfinished runs are left out."""
     found: dict[str, dict[float, tuple[float, float | None]]] = {}
-    for config_path in sorted(root.glob("*/config.yaml")):
-        config = yaml.safe_load(config_path.read_text())
+    for run in iter_run_folders(root):
+        config, rows = run.config, run.rows
         privacy = config.get("privacy") or {}
         mechanism = privacy.get("mechanism")
-        metrics = config_path.parent / "metrics.jsonl"
-        if mechanism not in MECHANISMS or not metrics.exists():
-            continue
-        rows = read_metrics(metrics)
-        if len(rows) < config["rounds"]:
+        if mechanism not in MECHANISMS:
             continue
         target = float(privacy["epsilon"])
         spent = rows[-1].get("epsilon")

@@ -35,7 +35,7 @@ from fedkd.distillation import (
     train_supervised,
     train_with_class_targets,
 )
-from fedkd.local_data import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
+from fedkd.data.local import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
 from fedkd.messages import (
     CLASS_LOGITS_KEY,
     CLIENT_ID,

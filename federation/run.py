@@ -20,8 +20,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.checkpoint import Checkpoint, ResumeError, load_checkpoint, save_checkpoint
 from fedkd.config import ClientTask, RunConfig
+from fedkd.data.local import evaluation_split, info_for, split_for
 from fedkd.distillation import Evaluation, evaluate
-from fedkd.local_data import evaluation_split, info_for, split_for
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
 from fedkd.seeding import STUDENT_INIT, derive_seed

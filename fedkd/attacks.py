@@ -23,7 +23,7 @@ import functools
 import numpy as np
 import torch
 
-from fedkd.seeding import ATTACK_SELECTION, derive_seed
+from fedkd.seeding import SeedPurpose, derive_seed
 
 ATTACK_KINDS = ("none", "random", "flip", "scale", "nan")
 # Kinds that change the shared logits (``flip`` changes the training labels instead).
@@ -36,7 +36,7 @@ def malicious_clients(num_clients: int, fraction: float, seed: int) -> frozenset
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"attack.fraction must lie in [0, 1], got {fraction}.")
     count = int(round(fraction * num_clients))
-    rng = np.random.default_rng(derive_seed(seed, ATTACK_SELECTION))
+    rng = np.random.default_rng(derive_seed(seed, SeedPurpose.ATTACK_SELECTION))
     return frozenset(int(client) for client in rng.choice(num_clients, size=count, replace=False))
 
 

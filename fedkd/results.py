@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class RunFolder:
         if not config_path.exists():
             return None
         try:
-            return run_config_from_mapping(yaml.safe_load(config_path.read_text()) or {})
+            return run_config_from_mapping(read_config(self.path))
         except (TypeError, ValueError):
             return None
 
@@ -103,6 +104,35 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A run folder's ``config.yaml`` as written: the resolved settings and any extras (``method``...)."""
+    return yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """One finished run read back from its folder, for the result tables."""
+
+    path: Path
+    config: dict[str, Any]  # as in read_config
+    rows: list[dict[str, Any]]  # every round's metrics, in order
+
+
+def iter_run_folders(root: str | Path, pattern: str = "*") -> Iterator[FinishedRun]:
+    """The finished runs in the folders under ``root`` whose names match ``pattern``, sorted by name.
+
+    A folder counts when it holds a ``config.yaml`` and a ``metrics.jsonl`` with at least
+    ``rounds`` rows; folders without them (plots, other outputs) and unfinished runs are skipped.
+    """
+    for folder in sorted(Path(root).glob(pattern)):
+        if not (folder / CONFIG_FILE).is_file() or not (folder / METRICS_FILE).is_file():
+            continue
+        config = read_config(folder)
+        rows = read_metrics(folder)
+        if len(rows) >= config["rounds"]:
+            yield FinishedRun(path=folder, config=config, rows=rows)
 
 
 def format_bytes(count: float) -> str:

@@ -6,6 +6,8 @@ run whatever the execution engine or the order in which clients happen to run.
 
 from __future__ import annotations
 
+from enum import IntEnum, unique
+
 import numpy as np
 import torch
 
@@ -26,9 +28,43 @@ def numpy_generator(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, *parts))
 
 
-# Purposes, so that two draws in the same round and client never share a stream.
-(
-    TEACHER_INIT, TEACHER_TRAIN, STUDENT_INIT, DISTILL, SAMPLE_CLIENTS, TEACHER_DIGEST, SYNTHESIS,
-    PRIVACY_NOISE, PRIVACY_QUERIES, CLIENT_NOISE, FEATURE_NOISE, FEATURE_REFERENCE, ATTACK_SELECTION,
-    ATTACK_NOISE,
-) = range(14)
+@unique
+class SeedPurpose(IntEnum):
+    """What a draw is for, so that two draws in the same round and client never share a stream.
+
+    The value is part of the derived seed: a new purpose takes the next unused value, and an
+    existing one never changes, or every run would draw differently from then on.
+    """
+
+    TEACHER_INIT = 0
+    TEACHER_TRAIN = 1
+    STUDENT_INIT = 2
+    DISTILL = 3
+    SAMPLE_CLIENTS = 4
+    TEACHER_DIGEST = 5
+    SYNTHESIS = 6
+    PRIVACY_NOISE = 7
+    PRIVACY_QUERIES = 8
+    CLIENT_NOISE = 9
+    FEATURE_NOISE = 10
+    FEATURE_REFERENCE = 11
+    ATTACK_SELECTION = 12
+    ATTACK_NOISE = 13
+
+
+# The members under their former module-level names, still imported by federation/ and
+# strategies/; remove these once those use SeedPurpose.
+TEACHER_INIT = SeedPurpose.TEACHER_INIT
+TEACHER_TRAIN = SeedPurpose.TEACHER_TRAIN
+STUDENT_INIT = SeedPurpose.STUDENT_INIT
+DISTILL = SeedPurpose.DISTILL
+SAMPLE_CLIENTS = SeedPurpose.SAMPLE_CLIENTS
+TEACHER_DIGEST = SeedPurpose.TEACHER_DIGEST
+SYNTHESIS = SeedPurpose.SYNTHESIS
+PRIVACY_NOISE = SeedPurpose.PRIVACY_NOISE
+PRIVACY_QUERIES = SeedPurpose.PRIVACY_QUERIES
+CLIENT_NOISE = SeedPurpose.CLIENT_NOISE
+FEATURE_NOISE = SeedPurpose.FEATURE_NOISE
+FEATURE_REFERENCE = SeedPurpose.FEATURE_REFERENCE
+ATTACK_SELECTION = SeedPurpose.ATTACK_SELECTION
+ATTACK_NOISE = SeedPurpose.ATTACK_NOISE

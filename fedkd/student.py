@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedkd.distillation import OptimizerSettings, distill
-from fedkd.seeding import DISTILL, torch_generator
+from fedkd.seeding import SeedPurpose, torch_generator
 
 
 class Student:
@@ -64,7 +64,7 @@ class Student:
             epochs=self.epochs,
             temperature=self.temperature,
             settings=self.settings,
-            generator=torch_generator(self.seed, server_round, DISTILL),
+            generator=torch_generator(self.seed, server_round, SeedPurpose.DISTILL),
             alpha=self.alpha,
             labels=labels,
             max_shift=self.max_shift,

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from fedkd.config import RunConfig
 from fedkd.data import DatasetInfo
 from fedkd.distillation import OptimizerSettings
-from fedkd.local_data import public_inputs
+from fedkd.data.local import public_inputs
 from fedkd.student import Student
 from strategies.aggregation import AGGREGATORS, Aggregator, get_aggregator
 from strategies.sampling import ClientSampling, sample_size

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedkd import data
+from fedkd.data import embedded, hub
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -88,19 +89,11 @@ def test_digits_is_cached_deterministic_and_read_only(digits: data.Dataset) -> N
     assert data.load_dataset("digits") is digits
     # data_root plays no part for the embedded set, so it shares the entry.
     assert data.load_dataset("digits", data_root="/nowhere") is digits
-    fresh_train, fresh_test = data._load_digits()
+    fresh_train, fresh_test = embedded.load_digits()
     assert np.array_equal(fresh_train.labels, digits.train.labels)
     assert np.array_equal(fresh_test.images, digits.test.images)
     with pytest.raises(ValueError):
         digits.train.images[0, 0, 0, 0] = 1
-
-
-def test_subset_copies_selected_rows(digits: data.Dataset) -> None:
-    part = digits.train.subset(np.array([3, 1]))
-    assert len(part) == 2
-    assert np.array_equal(part.labels, digits.train.labels[[3, 1]])
-    with pytest.raises(ValueError, match="integer"):
-        digits.train.subset(np.array([0.5]))
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +217,7 @@ def test_hub_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hub_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=0.0: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=0.0: False)
     datasets = pytest.importorskip("datasets")
     if datasets.config.HF_HUB_OFFLINE:
         pytest.skip("datasets was imported in offline mode; covered by the offline test")
@@ -351,12 +344,6 @@ def test_federated_split_is_cached_and_read_only(labels: np.ndarray) -> None:
     assert data.federated_split(changed, num_clients=8, public_size=100, scheme="dirichlet") is not first
     with pytest.raises(ValueError):
         first.client_indices[0][0] = 0
-
-
-def test_federated_split_for_uses_dataset(digits: data.Dataset) -> None:
-    split = data.federated_split_for("digits", num_clients=10, public_size=400, scheme="iid")
-    assert split is data.federated_split(digits.train.labels, num_clients=10, public_size=400, scheme="iid")
-    assert max(int(c.max()) for c in split.client_indices) < len(digits.train)
 
 
 def test_federated_split_validation(labels: np.ndarray) -> None:

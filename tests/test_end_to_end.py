@@ -15,7 +15,7 @@ from fedkd.config import ClientTask, PartitionConfig, RunConfig, StrategyConfig
 from fedkd.distillation import predict_logits, soften
 from federation.run import run_federation
 from federation.inprocess import InProcessGrid
-from fedkd.local_data import info_for, public_inputs
+from fedkd.data.local import info_for, public_inputs
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TASK_KEY, TRANSFER_KEY, transfer_record
 from fedkd.models import build_model, model_for_client
 from fedkd.results import read_metrics

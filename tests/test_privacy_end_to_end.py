@@ -17,7 +17,7 @@ from federation.run import run_federation
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TRANSFER_INDICES, TRANSFER_KEY
 from fedkd.privacy.accountant import PrivacyLedger
 from fedkd.privacy.dpsgd import batches_per_epoch
-from fedkd.local_data import private_partition
+from fedkd.data.local import private_partition
 from grids import RecordingGrid
 
 

@@ -1,7 +1,7 @@
 import dataclasses
 
 from fedkd.config import RunConfig
-from fedkd.results import RunFolder, format_bytes, progress_line, read_metrics
+from fedkd.results import RunFolder, format_bytes, iter_run_folders, progress_line, read_metrics
 
 
 def _finished_folder(tmp_path, config):
@@ -47,6 +47,25 @@ def test_a_folder_holding_something_else_is_not_a_finished_run(tmp_path):
     folder = _finished_folder(tmp_path, config)
     (tmp_path / "config.yaml").write_text("method: centralized\nepochs: 3\n")
     assert folder.finished_rows(config) is None
+
+
+def test_iter_run_folders_yields_the_finished_runs_by_name(tmp_path):
+    config = RunConfig(rounds=2)
+    for name in ("b", "a"):
+        _finished_folder(tmp_path / name, config)
+    RunFolder(tmp_path / "a").write_config(config, extra={"method": "centralized"})
+    unfinished = RunFolder(tmp_path / "c")
+    unfinished.write_config(config)
+    unfinished.start_metrics()
+    unfinished.append_metrics({"round": 1})
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "table.md").write_text("")
+
+    runs = list(iter_run_folders(tmp_path))
+    assert [run.path.name for run in runs] == ["a", "b"]
+    assert runs[0].config["method"] == "centralized" and runs[0].config["rounds"] == 2
+    assert [row["round"] for row in runs[1].rows] == [1, 2]
+    assert [run.path.name for run in iter_run_folders(tmp_path, "b*")] == ["b"]
 
 
 def test_progress_line_is_one_short_line():

@@ -7,7 +7,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from federation.client_app import app as client_app
 from fedkd.config import PartitionConfig, RunConfig, SynthesisConfig
-from fedkd import local_data
+from fedkd.data import local as local_data
 from federation.run import run_federation
 from federation.inprocess import InProcessGrid
 from fedkd.messages import (

@@ -19,7 +19,7 @@ from torch import nn
 from fedkd.config import RunConfig
 from fedkd.data import DatasetInfo
 from fedkd.distillation import OptimizerSettings
-from fedkd.local_data import LabeledTensors
+from fedkd.data.local import LabeledTensors
 from fedkd.privacy.accountant import PrivacyLedger
 from fedkd.privacy.dpsgd import NoisePlan, calibrate_for_run, train_dp_sgd
 from fedkd.privacy.feature_statistics import (

@@ -1,6 +1,6 @@
 """The tensors one participant works with: a client's private partition, the public transfer
-inputs, the test split. Built from :mod:`fedkd.data` and cached per process, so hundreds of
-simulated clients in one process share one copy of the dataset and one partitioning."""
+inputs, the test split. Built from the rest of :mod:`fedkd.data` and cached per process, so
+hundreds of simulated clients in one process share one copy of the dataset and one partitioning."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import numpy as np
 import torch
 
 from fedkd.config import SplitSpec
-from fedkd.data import Dataset, DatasetInfo, FederatedSplit, federated_split, load_dataset, to_tensor
+from fedkd.data.arrays import Dataset, DatasetInfo
+from fedkd.data.partition import FederatedSplit, federated_split
+from fedkd.data.registry import load_dataset
+from fedkd.data.tensors import to_tensor
 
 
 def dataset_for(spec: SplitSpec) -> Dataset:
