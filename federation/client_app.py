@@ -57,19 +57,7 @@ from fedkd.messages import (
 from fedkd.models import build_model, model_for_client
 from fedkd.privacy import client as client_privacy
 from fedkd.privacy.dpsgd import make_private_compatible
-from fedkd.seeding import (
-    ATTACK_NOISE,
-    CLIENT_NOISE,
-    FEATURE_NOISE,
-    FEATURE_REFERENCE,
-    SYNTHESIS,
-    TEACHER_DIGEST,
-    TEACHER_INIT,
-    TEACHER_TRAIN,
-    derive_seed,
-    numpy_generator,
-    torch_generator,
-)
+from fedkd.seeding import SeedPurpose, derive_seed, numpy_generator, torch_generator
 from generators.registry import build_synthesizer
 
 TEACHER_STATE = "teacher"
@@ -114,7 +102,7 @@ class ClientRound:
         data_root = node_config.get("data-root")
         opened = cls(message, context, task, int(node_config["partition-id"]), str(data_root) if data_root else None)
         # Dropout draws from the global stream; seed it so a client's round is reproducible.
-        torch.manual_seed(opened.seed(TEACHER_TRAIN))
+        torch.manual_seed(opened.seed(SeedPurpose.TEACHER_TRAIN))
         return opened
 
     @property
@@ -159,13 +147,13 @@ class ClientRound:
     def settings(self) -> OptimizerSettings:
         return OptimizerSettings(lr=self.run.lr, batch_size=self.run.batch_size)
 
-    def seed(self, purpose: int) -> int:
+    def seed(self, purpose: SeedPurpose) -> int:
         return derive_seed(self.run.seed, self.task.server_round, self.client_id, purpose)
 
-    def generator(self, purpose: int) -> torch.Generator:
+    def generator(self, purpose: SeedPurpose) -> torch.Generator:
         return torch_generator(self.run.seed, self.task.server_round, self.client_id, purpose)
 
-    def rng(self, purpose: int) -> np.random.Generator:
+    def rng(self, purpose: SeedPurpose) -> np.random.Generator:
         return numpy_generator(self.run.seed, self.task.server_round, self.client_id, purpose)
 
     def reply(self, content: RecordDict) -> Message:
@@ -184,7 +172,7 @@ def train_locally(model: torch.nn.Module, client: ClientRound) -> float:
             client.run,
             client.state,
             feature_releases=client.task.feature_releases,
-            generator=client.generator(TEACHER_TRAIN),
+            generator=client.generator(SeedPurpose.TEACHER_TRAIN),
         )
     return train_supervised(
         model,
@@ -192,7 +180,7 @@ def train_locally(model: torch.nn.Module, client: ClientRound) -> float:
         partition.labels,
         epochs=client.run.local_epochs,
         settings=client.settings,
-        generator=client.generator(TEACHER_TRAIN),
+        generator=client.generator(SeedPurpose.TEACHER_TRAIN),
         max_shift=client.run.augment_shift,
     )
 
@@ -204,7 +192,7 @@ def restore_teacher(client: ClientRound) -> torch.nn.Module:
         model_for_client(run.client_models, client.client_id),
         input_shape=client.info.input_shape,
         num_classes=client.info.num_classes,
-        seed=derive_seed(run.seed, client.client_id, TEACHER_INIT),
+        seed=derive_seed(run.seed, client.client_id, SeedPurpose.TEACHER_INIT),
     )
     if run.privacy.mechanism == "dpsgd":
         teacher = make_private_compatible(teacher)
@@ -225,7 +213,7 @@ def digest(teacher: torch.nn.Module, consensus: ArrayRecord, client: ClientRound
         epochs=client.run.strategy.digest_epochs,
         temperature=client.run.temperature,
         settings=client.settings,
-        generator=client.generator(TEACHER_DIGEST),
+        generator=client.generator(SeedPurpose.TEACHER_DIGEST),
         max_shift=client.run.augment_shift,
     )
 
@@ -267,7 +255,7 @@ def soft_labels(client: ClientRound) -> RecordDict:
         predict_logits(teacher, transfer_inputs(client)),
         client.attack,
         scale=client.run.attack.scale,
-        generator=client.generator(ATTACK_NOISE),
+        generator=client.generator(SeedPurpose.ATTACK_NOISE),
     )
     probs = soften(logits, client.run.temperature).numpy()
     privacy = client.run.privacy
@@ -276,7 +264,7 @@ def soft_labels(client: ClientRound) -> RecordDict:
         client.run,
         noise_std=client.task.privacy_noise_std,
         noise_shares=client.task.privacy_noise_shares,
-        rng=client.rng(CLIENT_NOISE),
+        rng=client.rng(SeedPurpose.CLIENT_NOISE),
     )
     return soft_label_reply(
         shared,
@@ -320,7 +308,7 @@ def class_logits(client: ClientRound) -> RecordDict:
         temperature=run.temperature,
         epochs=run.local_epochs,
         settings=client.settings,
-        generator=client.generator(TEACHER_TRAIN),
+        generator=client.generator(SeedPurpose.TEACHER_TRAIN),
         max_shift=run.augment_shift,
     )
     client.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
@@ -355,8 +343,8 @@ def synthesize(message: Message, context: Context) -> Message:
             client.state,
             info=client.info,
             feature_releases=client.task.feature_releases,
-            reference_generator=client.generator(FEATURE_REFERENCE),
-            noise_rng=client.rng(FEATURE_NOISE),
+            reference_generator=client.generator(SeedPurpose.FEATURE_REFERENCE),
+            noise_rng=client.rng(SeedPurpose.FEATURE_NOISE),
         )
     synthesizer = build_synthesizer(
         client.run.synthesis.method,
@@ -369,7 +357,7 @@ def synthesize(message: Message, context: Context) -> Message:
         statistics=statistics,
         class_prior=class_prior(client),
     )
-    images, _ = synthesizer.sample(client.run.synthesis.per_client, generator=client.generator(SYNTHESIS))
+    images, _ = synthesizer.sample(client.run.synthesis.per_client, generator=client.generator(SeedPurpose.SYNTHESIS))
     seconds = time.perf_counter() - started
     return client.reply(synthetic_reply(to_uint8(images, client.info), client_id=client.client_id, seconds=seconds))
 

@@ -24,7 +24,7 @@ from fedkd.data.local import evaluation_split, info_for, split_for
 from fedkd.distillation import Evaluation, evaluate
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
-from fedkd.seeding import STUDENT_INIT, derive_seed
+from fedkd.seeding import SeedPurpose, derive_seed
 from federation.metered_grid import MeteredGrid, Traffic
 from strategies.registry import CheckpointableStrategy, build_strategy, check_run
 
@@ -232,7 +232,7 @@ def run_federation(
         config.student_model,
         input_shape=info.input_shape,
         num_classes=info.num_classes,
-        seed=derive_seed(config.seed, STUDENT_INIT),
+        seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
     inner = build_strategy(config, info=info, student_model=student)
     checkpoint = _resumable_checkpoint(folder, config, grid) if resume else None

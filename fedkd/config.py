@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedkd.attacks import ATTACK_KINDS
+from fedkd.data.partition import PARTITION_SCHEMES
 from fedkd.models import check_model_name
 from fedkd.privacy.config import PrivacyConfig
 
-PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 ENGINES = ("inprocess", "ray")
 # Where the transfer inputs come from: a public split, or synthesized from the teachers.
 TRANSFER_SOURCES = ("public", "synthetic")

@@ -50,21 +50,3 @@ class SeedPurpose(IntEnum):
     FEATURE_REFERENCE = 11
     ATTACK_SELECTION = 12
     ATTACK_NOISE = 13
-
-
-# The members under their former module-level names, still imported by federation/ and
-# strategies/; remove these once those use SeedPurpose.
-TEACHER_INIT = SeedPurpose.TEACHER_INIT
-TEACHER_TRAIN = SeedPurpose.TEACHER_TRAIN
-STUDENT_INIT = SeedPurpose.STUDENT_INIT
-DISTILL = SeedPurpose.DISTILL
-SAMPLE_CLIENTS = SeedPurpose.SAMPLE_CLIENTS
-TEACHER_DIGEST = SeedPurpose.TEACHER_DIGEST
-SYNTHESIS = SeedPurpose.SYNTHESIS
-PRIVACY_NOISE = SeedPurpose.PRIVACY_NOISE
-PRIVACY_QUERIES = SeedPurpose.PRIVACY_QUERIES
-CLIENT_NOISE = SeedPurpose.CLIENT_NOISE
-FEATURE_NOISE = SeedPurpose.FEATURE_NOISE
-FEATURE_REFERENCE = SeedPurpose.FEATURE_REFERENCE
-ATTACK_SELECTION = SeedPurpose.ATTACK_SELECTION
-ATTACK_NOISE = SeedPurpose.ATTACK_NOISE

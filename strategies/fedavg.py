@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedkd.messages import CLIENT_ID, METRICS_KEY
-from fedkd.seeding import SAMPLE_CLIENTS, derive_seed
+from fedkd.seeding import SeedPurpose, derive_seed
 from strategies.registry import BuildContext, StateRecords, StrategySpec, register
 
 
@@ -47,7 +47,7 @@ class SeededFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        random.seed(derive_seed(self.seed, server_round, SAMPLE_CLIENTS))
+        random.seed(derive_seed(self.seed, server_round, SeedPurpose.SAMPLE_CLIENTS))
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(

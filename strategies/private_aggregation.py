@@ -34,7 +34,7 @@ from fedkd.privacy.mechanisms import (
     sum_sensitivity,
     vote_counts,
 )
-from fedkd.seeding import PRIVACY_NOISE, PRIVACY_QUERIES, numpy_generator
+from fedkd.seeding import SeedPurpose, numpy_generator
 from strategies.transfer import DistillationSet, RoundTransfer, StateRecords, stored, stored_count
 
 
@@ -70,7 +70,7 @@ class ServerPrivacy:
             target_epsilon=config.epsilon, delta=config.delta, sample_rate=1.0, steps=releases
         )
         self.ledger = PrivacyLedger()
-        self._order = numpy_generator(seed, PRIVACY_QUERIES).permutation(num_public)
+        self._order = numpy_generator(seed, SeedPurpose.PRIVACY_QUERIES).permutation(num_public)
 
     @property
     def queries(self) -> int:
@@ -100,7 +100,7 @@ class ServerPrivacy:
 
     def release(self, shared: NDArray[np.floating], *, server_round: int) -> NDArray[np.float32]:
         """The private ``(N, C)`` targets from the clients' ``(K, N, C)`` shares; records the release."""
-        rng = numpy_generator(self.seed, server_round, PRIVACY_NOISE)
+        rng = numpy_generator(self.seed, server_round, SeedPurpose.PRIVACY_NOISE)
         if self.config.mechanism == "gnmax":
             labels = gnmax_labels(vote_counts(shared), sigma=self.noise_std, rng=rng)
             targets = one_hot(labels, shared.shape[-1])

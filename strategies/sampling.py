@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.serverapp import Grid
 
-from fedkd.seeding import SAMPLE_CLIENTS, numpy_generator
+from fedkd.seeding import SeedPurpose, numpy_generator
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def sample_node_ids(node_ids: Iterable[int], *, fraction: float, seed: int, serv
     size = sample_size(len(ordered), fraction)
     if size >= len(ordered):
         return ordered
-    rng = numpy_generator(seed, server_round, SAMPLE_CLIENTS)
+    rng = numpy_generator(seed, server_round, SeedPurpose.SAMPLE_CLIENTS)
     return sorted(rng.choice(ordered, size=size, replace=False).tolist())
 
 

@@ -46,8 +46,3 @@ def test_every_purpose_is_in_the_table() -> None:
 @pytest.mark.parametrize("purpose", list(SeedPurpose))
 def test_a_purpose_derives_the_seed_its_integer_does(purpose: SeedPurpose) -> None:
     assert derive_seed(3, 2, 1, purpose) == derive_seed(3, 2, 1, int(purpose))
-
-
-@pytest.mark.parametrize("purpose", list(SeedPurpose))
-def test_former_module_level_names_are_the_members(purpose: SeedPurpose) -> None:
-    assert getattr(seeding, purpose.name) is purpose

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -128,6 +128,19 @@ def _replies(case: Case, client_ids: list[int]) -> list[Message]:
     return [_reply(case.content(client_id), node_id=client_id + 1) for client_id in client_ids]
 
 
+class _Grid:
+    """Just enough of a Flower Grid for a strategy to configure a round (ten connected nodes)."""
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, 11))
+
+
+def _aggregate(strategy: Strategy, replies: list[Message]) -> tuple:
+    """One round as Flower runs it: configure, then aggregate the replies."""
+    strategy.configure_train(1, ArrayRecord(_model().state_dict()), ConfigRecord(), _Grid())
+    return strategy.aggregate_train(1, replies)
+
+
 def _outcome(strategy: Strategy, result: tuple) -> list[np.ndarray]:
     """The comparable result of a round: returned arrays, or the strategy's aggregate state."""
     arrays, _ = result
@@ -152,16 +165,16 @@ def case(request) -> Case:
 
 
 def test_no_replies_leave_the_round_without_a_result(case):
-    arrays, _ = case.build().aggregate_train(1, [])
+    arrays, _ = _aggregate(case.build(), [])
     assert arrays is None
 
 
 def test_error_replies_are_skipped(case):
     strategy = case.build()
-    arrays, _ = strategy.aggregate_train(1, [_reply(None, 1), _reply(None, 2)])
+    arrays, _ = _aggregate(strategy, [_reply(None, 1), _reply(None, 2)])
     assert arrays is None
     mixed = _replies(case, [0, 1]) + [_reply(None, 9)]
-    assert _outcome(strategy, strategy.aggregate_train(1, mixed))
+    assert _outcome(strategy, _aggregate(strategy, mixed))
 
 
 def test_client_order_does_not_change_the_result(case):
@@ -169,15 +182,15 @@ def test_client_order_does_not_change_the_result(case):
     shuffled = replies[:]
     random.Random(3).shuffle(shuffled)
     first, second = case.build(), case.build()
-    for a, b in zip(_outcome(first, first.aggregate_train(1, replies)), _outcome(second, second.aggregate_train(1, shuffled))):
+    for a, b in zip(_outcome(first, _aggregate(first, replies)), _outcome(second, _aggregate(second, shuffled))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_result(case):
     first, second = case.build(), case.build()
     for a, b in zip(
-        _outcome(first, first.aggregate_train(1, _replies(case, [0, 1, 2]))),
-        _outcome(second, second.aggregate_train(1, _replies(case, [0, 1, 2]))),
+        _outcome(first, _aggregate(first, _replies(case, [0, 1, 2]))),
+        _outcome(second, _aggregate(second, _replies(case, [0, 1, 2]))),
     ):
         np.testing.assert_array_equal(a, b)
 
@@ -185,5 +198,5 @@ def test_same_seed_same_result(case):
 def test_replies_are_not_mutated(case):
     replies = _replies(case, [0, 1, 2])
     before = _snapshot(replies)
-    case.build().aggregate_train(1, replies)
+    _aggregate(case.build(), replies)
     assert _snapshot(replies) == before
