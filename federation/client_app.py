@@ -107,9 +107,11 @@ def node_identity(context: Context, task: ClientTask) -> NodeIdentity:
     num_partitions = int(node_config.get("num-partitions", task.num_clients))
     if num_partitions != task.num_clients:
         raise ValueError(
-            f"this federation has {num_partitions} nodes but the run expects num-clients="
-            f"{task.num_clients}; make them equal (flwr run: --federation-config "
-            f"'num-supernodes={task.num_clients}')."
+            f"this node holds partition {node_config['partition-id']} of num-partitions="
+            f"{num_partitions} but the run expects num-clients={task.num_clients}; make them "
+            f"equal: flwr run . --federation-config \"num-supernodes={task.num_clients}\" or "
+            f"--run-config \"num-clients={num_partitions}\" (a deployment: start each SuperNode "
+            f"with --node-config 'partition-id=<k> num-partitions={task.num_clients}')."
         )
     data_root = node_config.get("data-root")
     return NodeIdentity(int(node_config["partition-id"]), str(data_root) if data_root else None)

@@ -135,10 +135,13 @@ def test_the_three_default_configs_agree():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    from federation.server_app import SERVER_APP_KEYS
     from federation.sim import LAUNCHER_KEYS
 
     root = Path(__file__).resolve().parents[1]
     flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    for key in SERVER_APP_KEYS:  # how the ServerApp runs, not what it runs
+        flower.pop(key)
     assert run_config_from_flower(flower) == RunConfig()
     with initialize_config_module(config_module="experiments.conf", version_base=None):
         cfg = compose(config_name="config", overrides=["data_root=''"])
