@@ -95,9 +95,11 @@ class ClientRound:
         num_partitions = int(node_config.get("num-partitions", num_clients))
         if num_partitions != num_clients:
             raise ValueError(
-                f"this federation has {num_partitions} nodes but the run expects num-clients={num_clients}; "
-                f"make them equal (flwr run: --federation-config 'num-supernodes={num_clients}', or "
-                f"--run-config 'num-clients={num_partitions}')."
+                f"this node holds partition {node_config['partition-id']} of num-partitions="
+                f"{num_partitions} but the run expects num-clients={num_clients}; make them "
+                f'equal: flwr run . --federation-config "num-supernodes={num_clients}" or '
+                f'--run-config "num-clients={num_partitions}" (a deployment: start each SuperNode '
+                f"with --node-config 'partition-id=<k> num-partitions={num_clients}')."
             )
         data_root = node_config.get("data-root")
         opened = cls(message, context, task, int(node_config["partition-id"]), str(data_root) if data_root else None)

@@ -165,6 +165,9 @@ class RunConfig:
     # Seconds the server waits for a round's replies; later ones count as failed (in-process:
     # each client's own time is measured, since clients run one after another).
     round_timeout: float = 3600.0
+    # Seconds a deployment's ServerApp waits for num_clients SuperNodes before it gives up with
+    # the fix (a local simulation's nodes are all there at once; see federation.nodes).
+    node_wait_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         # Hydra and Flower hand lists over; the run config is a value, so hold a tuple.
@@ -190,6 +193,8 @@ class RunConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if not self.round_timeout > 0:
             raise ValueError(f"round_timeout must be > 0 seconds, got {self.round_timeout}.")
+        if not self.node_wait_timeout >= 0:
+            raise ValueError(f"node_wait_timeout must be ≥ 0 seconds, got {self.node_wait_timeout}.")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must lie in [0, 1], got {self.kd_alpha}.")
         if self.kd_alpha < 1.0 and not self.public_labels:
