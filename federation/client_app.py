@@ -51,6 +51,7 @@ from fedkd.messages import (
     TRANSFER_KEY,
     WEIGHTS_KEY,
     class_logits_record,
+    number,
     soft_label_reply,
     synthetic_reply,
 )
@@ -232,7 +233,7 @@ def teacher_for_round(client: ClientRound, *, remember: bool) -> tuple[torch.nn.
     if not remember and TEACHER_ROUND_STATE in client.state:
         del client.state[TEACHER_ROUND_STATE]
     if isinstance(done, ConfigRecord) and done["round"] == client.task.server_round:
-        return teacher, float(done["train-loss"])  # type: ignore[arg-type]
+        return teacher, number(done, "train-loss")
     consensus = client.message.content.get(CONSENSUS_KEY)
     if isinstance(consensus, ArrayRecord):
         digest(teacher, consensus, client)

@@ -68,7 +68,10 @@ def register_configs() -> None:
 
 def sim_config_from_hydra(cfg: DictConfig) -> SimConfig:
     """The typed config from Hydra's composed one (raises ``ValueError`` on bad values)."""
-    values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    container = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(container, dict):
+        raise ValueError("the composed configuration is not a mapping of keys to values.")
+    values: dict[str, Any] = {str(key): value for key, value in container.items()}
     values.pop("hydra", None)
     from fedkd.config import run_config_from_mapping
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedkd.messages import payload_bytes
 
@@ -57,11 +58,11 @@ class MeteredGrid(Grid):
         self._traffic.replies += len(replies)
         return replies
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]
+    def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         return self.inner.run
 
     def create_message(

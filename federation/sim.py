@@ -178,12 +178,13 @@ def check_overrides(argv: list[str]) -> None:
 def _first_line(error: BaseException) -> str:
     """Hydra's error and its cause, each cut to its first line ("Error merging override
     rounds=abc: Value 'abc' of type 'str' could not be converted to Integer")."""
-    parts = []
-    while error is not None and len(parts) < 2:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    parts: list[str] = []
+    cause: BaseException | None = error
+    while cause is not None and len(parts) < 2:
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
         if lines and lines[0] not in parts:
             parts.append(lines[0])
-        error = error.__cause__  # type: ignore[assignment]
+        cause = cause.__cause__
     return ": ".join(parts) or type(error).__name__
 
 

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedkd.messages import array_record, config_record, number, values
 
 CHECKPOINT_FILE = "checkpoint.fkd"
 _META, _ARRAYS, _RNG = "meta", "arrays", "rng"
@@ -48,7 +50,10 @@ class Checkpoint:
 
 def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` into ``folder`` atomically; returns the file's path."""
-    numpy_state = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)
+    if not isinstance(numpy_state, tuple):  # legacy=True gives the MT19937 tuple
+        raise RuntimeError("NumPy's global generator is not MT19937; it cannot be checkpointed.")
+    _, numpy_keys, position, has_gauss, gauss = numpy_state
     records = RecordDict(
         {
             _META: ConfigRecord({"round": checkpoint.server_round, "nodes": sorted(checkpoint.nodes)}),
@@ -56,9 +61,9 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
             _RNG: ArrayRecord(
                 {
                     "torch": Array(torch.get_rng_state().numpy()),
-                    "numpy-keys": Array(np.asarray(numpy_state[1])),
-                    "numpy-position": Array(np.asarray([numpy_state[2], numpy_state[3]], dtype=np.int64)),
-                    "numpy-gauss": Array(np.asarray([numpy_state[4]], dtype=np.float64)),
+                    "numpy-keys": Array(np.asarray(numpy_keys)),
+                    "numpy-position": Array(np.asarray([position, has_gauss], dtype=np.int64)),
+                    "numpy-gauss": Array(np.asarray([gauss], dtype=np.float64)),
                 }
             ),
         }
@@ -66,8 +71,8 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
     for key, record in checkpoint.strategy.items():
         records[_STRATEGY_PREFIX + key] = record
     for node_id, state in checkpoint.nodes.items():
-        for key, record in state.items():
-            records[f"{_NODE_PREFIX}{node_id}:{key}"] = record
+        for name, node_record in state.items():
+            records[f"{_NODE_PREFIX}{node_id}:{name}"] = node_record
     path = Path(folder) / CHECKPOINT_FILE
     partial = path.with_suffix(".fkd.partial")
     partial.write_bytes(recorddict_to_proto(records).SerializeToString())
@@ -85,8 +90,9 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
     try:
         proto.ParseFromString(path.read_bytes())
         records = recorddict_from_proto(proto)
-        meta = records[_META]
-        rng = records[_RNG]
+        meta = config_record(records, _META)
+        rng = array_record(records, _RNG)
+        arrays = array_record(records, _ARRAYS)
     except Exception as error:  # noqa: BLE001 - any decoding failure means the same thing
         raise ResumeError(
             f"{path} is not a readable fedkd checkpoint ({type(error).__name__}: {error}); "
@@ -97,15 +103,15 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
     np.random.set_state(
         ("MT19937", rng["numpy-keys"].numpy(), position, has_gauss, float(rng["numpy-gauss"].numpy()[0]))
     )
-    nodes: dict[int, RecordDict] = {int(node): RecordDict() for node in meta["nodes"]}
+    nodes: dict[int, RecordDict] = {int(node): RecordDict() for node in values(meta, "nodes")}
     strategy: dict[str, Record] = {}
     for key, record in records.items():
-        if key.startswith(_STRATEGY_PREFIX):
+        if key.startswith(_STRATEGY_PREFIX) and not isinstance(record, MetricRecord):
             strategy[key[len(_STRATEGY_PREFIX) :]] = record
         elif key.startswith(_NODE_PREFIX):
             node, name = key[len(_NODE_PREFIX) :].split(":", 1)
             nodes[int(node)][name] = record
-    return Checkpoint(int(meta["round"]), records[_ARRAYS], strategy, nodes)
+    return Checkpoint(int(number(meta, "round")), arrays, strategy, nodes)
 
 
 def arrays_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

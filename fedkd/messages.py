@@ -31,8 +31,10 @@ Arrays travel as ``.npy`` bytes loaded with ``allow_pickle=False``: no pickle an
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues, RecordDict
 
 TASK_KEY = "config"
 TRANSFER_KEY = "transfer"
@@ -96,7 +98,7 @@ def soft_label_reply(
     ``train_loss`` is computed on private data: it is left out (``None``) under any privacy
     mechanism. ``epsilon`` is the client's DP-SGD budget spent so far.
     """
-    metrics: dict[str, int | float] = {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id}
+    metrics: dict[str, MetricRecordValues] = {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id}
     if train_loss is not None:
         metrics["train-loss"] = float(train_loss)
     if epsilon is not None:
@@ -140,3 +142,45 @@ def payload_bytes(content: RecordDict) -> int:
         elif isinstance(record, (ConfigRecord, MetricRecord)):
             total += sum(_value_bytes(value) for value in record.values())
     return total
+
+
+# Typed access to a RecordDict: Flower types ``content[key]`` as any of its three records, and a
+# malformed reply may hold the wrong one. Each raises ``TypeError`` (a rejected reply) if so.
+
+
+def array_record(content: RecordDict, key: str) -> ArrayRecord:
+    return _record(content, key, ArrayRecord)
+
+
+def metric_record(content: RecordDict, key: str) -> MetricRecord:
+    return _record(content, key, MetricRecord)
+
+
+def config_record(content: RecordDict, key: str) -> ConfigRecord:
+    return _record(content, key, ConfigRecord)
+
+
+_Record = TypeVar("_Record", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+def _record(content: RecordDict, key: str, kind: type[_Record]) -> _Record:
+    record = content[key]
+    if not isinstance(record, kind):
+        raise TypeError(f"{key!r} holds a {type(record).__name__}, expected a {kind.__name__}.")
+    return record
+
+
+def number(record: MetricRecord | ConfigRecord, key: str) -> float:
+    """A scalar metric or config value as a float (``TypeError`` if it is not a number)."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key!r} is {value!r}, expected a number.")
+    return float(value)
+
+
+def values(record: MetricRecord | ConfigRecord, key: str) -> list[Any]:
+    """A list-valued metric or config entry (``TypeError`` if it is not a list)."""
+    value = record[key]
+    if not isinstance(value, list):
+        raise TypeError(f"{key!r} is {value!r}, expected a list.")
+    return value

@@ -139,9 +139,10 @@ class ConditionalGenerator(nn.Module):
         hidden = self.project(noise * self.embed(targets))
         hidden = hidden.view(len(noise), self.width, *self.start)
         raw = self.body(hidden)
-        if self.low is None:
+        low, span = self.low, self.span
+        if not isinstance(low, torch.Tensor) or not isinstance(span, torch.Tensor):
             return raw
-        return self.low + self.span * torch.sigmoid(raw)
+        return low + span * torch.sigmoid(raw)
 
 
 class AmortizedGenerator:
@@ -224,7 +225,7 @@ class AmortizedGenerator:
         device = module_device(self.teacher)
         optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, betas=(0.5, 0.999))
         competing = student is not None and config.adi_weight > 0
-        frozen_modules = [self.teacher, student] if competing else [self.teacher]
+        frozen_modules = [self.teacher, student] if student is not None and competing else [self.teacher]
         self._loss_history = []
         hooks = (
             bn_statistics(self.teacher, targets=self.statistics)

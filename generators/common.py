@@ -22,14 +22,14 @@ MNIST_STD: tuple[float, ...] = (0.3081,)
 
 def is_count(value: object, *, minimum: int) -> bool:
     # bool is an Integral too, but `iterations=True` is a mistake, not a count.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum
 
 
 def module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

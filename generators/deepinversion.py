@@ -204,7 +204,7 @@ class DeepInversion:
         optimizer = torch.optim.Adam([pixels], lr=config.lr)
 
         competing = student is not None and config.adi_weight > 0
-        frozen_modules = [self.teacher, student] if competing else [self.teacher]
+        frozen_modules = [self.teacher, student] if student is not None and competing else [self.teacher]
         self._loss_history = []
         best_loss, best = math.inf, pixels.detach().clone()
         with frozen(frozen_modules), torch.enable_grad(), self._statistics_hooks() as stats:

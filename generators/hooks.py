@@ -49,7 +49,11 @@ def normalization_layers(model: nn.Module) -> list[nn.Module]:
 
 def layer_channels(layer: nn.Module) -> int:
     """Number of channels a normalization layer's input has."""
-    return int(layer.num_channels if isinstance(layer, nn.GroupNorm) else layer.num_features)
+    if isinstance(layer, nn.GroupNorm):
+        return layer.num_channels
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return layer.num_features
+    raise TypeError(f"{type(layer).__name__} is not a normalization layer fedkd knows.")
 
 
 def layer_weights(num_layers: int, *, first_multiplier: float) -> list[float]:
@@ -133,7 +137,9 @@ class RunningStatistics(_CopiedStatistics):
                     "DP-SGD teacher, or track_running_stats=False); supply them with "
                     "SuppliedStatistics (fedkd.privacy.feature_statistics releases them privately)."
                 )
-            statistics.append((layer.running_mean, layer.running_var))
+            mean, var = layer.running_mean, layer.running_var
+            assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)  # checked above
+            statistics.append((mean, var))
         return cls(statistics)
 
 

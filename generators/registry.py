@@ -41,13 +41,13 @@ def build_synthesizer(
     batch (``deepinversion``); ``pixel_mean``/``pixel_std`` are the data's normalization;
     ``class_prior`` weights the classes synthesized (uniform by default).
     """
-    normalization = dict(pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std))
+    mean, std = tuple(pixel_mean), tuple(pixel_std)
     if method == "generator":
         return AmortizedGenerator(
             teacher,
             input_shape=input_shape,
             num_classes=num_classes,
-            config=GeneratorConfig(steps=steps, **normalization),
+            config=GeneratorConfig(steps=steps, pixel_mean=mean, pixel_std=std),
             statistics=statistics,
             class_prior=class_prior,
         )
@@ -56,7 +56,7 @@ def build_synthesizer(
             teacher,
             input_shape=input_shape,
             num_classes=num_classes,
-            config=InversionConfig(iterations=steps, **normalization),
+            config=InversionConfig(iterations=steps, pixel_mean=mean, pixel_std=std),
             statistics=statistics,
             class_prior=class_prior,
         )

@@ -40,6 +40,10 @@ from fedkd.messages import (
     SOFT_LABELS_ARRAY,
     SOFT_LABELS_KEY,
     TASK_KEY,
+    array_record,
+    metric_record,
+    number,
+    values,
 )
 from fedkd.student import Student
 from strategies.private_aggregation import PrivateRelease, ServerPrivacy, WorstClientEpsilon
@@ -70,17 +74,17 @@ def parse_soft_label_replies(
     """
 
     def parse(reply: Message) -> SoftLabelReply:
-        metrics = reply.content[METRICS_KEY]
+        metrics = metric_record(reply.content, METRICS_KEY)
         probs = validate_soft_labels(
-            reply.content[SOFT_LABELS_KEY][SOFT_LABELS_ARRAY].numpy(),
+            array_record(reply.content, SOFT_LABELS_KEY)[SOFT_LABELS_ARRAY].numpy(),
             num_inputs=num_inputs,
             num_classes=num_classes,
             probabilities=probabilities,
         )
-        num_examples = int(metrics[NUM_EXAMPLES])
+        num_examples = int(number(metrics, NUM_EXAMPLES))
         if num_examples < 1:
             raise InvalidReply(f"num-examples must be ≥ 1, got {num_examples}.")
-        epsilon = float(metrics[EPSILON]) if EPSILON in metrics else None
+        epsilon = number(metrics, EPSILON) if EPSILON in metrics else None
         return SoftLabelReply(num_examples, probs, epsilon)
 
     return triage(replies, parse)
@@ -236,10 +240,8 @@ class EnsembleDistillation(Strategy):
             {key[len(prefix) :]: record for key, record in state.items() if key.startswith(prefix)}
         )
         epsilons = stored(state, "client-epsilons", ConfigRecord)
-        clients, values = epsilons["clients"], epsilons["epsilons"]
-        if isinstance(clients, list) and isinstance(values, list):
-            for client, epsilon in zip(clients, values):
-                self.client_epsilons.update(int(client), float(epsilon))
+        for client, epsilon in zip(values(epsilons, "clients"), values(epsilons, "epsilons"), strict=True):
+            self.client_epsilons.update(int(client), float(epsilon))
         consensus = state.get("consensus")
         if isinstance(consensus, ArrayRecord):
             self.consensus = consensus["probs"].numpy()

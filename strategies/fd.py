@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, MetricRecordValues, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from numpy.typing import NDArray
@@ -40,7 +40,10 @@ from fedkd.messages import (
     METRICS_KEY,
     NUM_EXAMPLES,
     TASK_KEY,
+    array_record,
     class_logits_record,
+    metric_record,
+    number,
 )
 from strategies.registry import BuildContext, StrategySpec, register
 from strategies.sampling import ClientSampling
@@ -120,7 +123,7 @@ class ClassLogitReply:
 
 def parse_class_logit_reply(reply: Message, *, num_classes: int) -> ClassLogitReply:
     """The reply's matrix and counts, or a ``ValueError`` saying what is wrong with them."""
-    record = reply.content[CLASS_LOGITS_KEY]
+    record = array_record(reply.content, CLASS_LOGITS_KEY)
     logits = record[LOGITS].numpy()
     counts = record[COUNTS].numpy()
     if logits.shape != (num_classes, num_classes) or not np.issubdtype(logits.dtype, np.floating):
@@ -194,7 +197,11 @@ class FederatedDistillation(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         parsed = triage(replies, lambda reply: parse_class_logit_reply(reply, num_classes=self.num_classes))
         parsed.log(logger, server_round)
-        metrics = {"clients": len(parsed.accepted), "failed": len(parsed.failed), "rejected": len(parsed.rejected)}
+        metrics: dict[str, MetricRecordValues] = {
+            "clients": len(parsed.accepted),
+            "failed": len(parsed.failed),
+            "rejected": len(parsed.rejected),
+        }
         if len(parsed.accepted) >= self.min_replies:
             # Summed in client-id order (triage sorts), so the targets ignore arrival order.
             self.contributions = {reply.node_id: reply for reply in parsed.payloads}
@@ -236,12 +243,12 @@ class FederatedDistillation(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Test accuracy and loss averaged over the clients, weighted by their training examples."""
-        results = [reply.content[METRICS_KEY] for reply in replies if not reply.has_error()]
+        results = [metric_record(reply.content, METRICS_KEY) for reply in replies if not reply.has_error()]
         if not results:
             return None
-        weights = np.array([float(r[NUM_EXAMPLES]) for r in results])
-        accuracy = float(np.average([float(r["accuracy"]) for r in results], weights=weights))
-        loss = float(np.average([float(r["loss"]) for r in results], weights=weights))
+        weights = np.array([number(r, NUM_EXAMPLES) for r in results])
+        accuracy = float(np.average([number(r, "accuracy") for r in results], weights=weights))
+        loss = float(np.average([number(r, "loss") for r in results], weights=weights))
         return MetricRecord({"accuracy": accuracy, "loss": loss, "evaluated": len(results)})
 
 

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedkd.messages import CLIENT_ID, METRICS_KEY
+from fedkd.messages import CLIENT_ID, METRICS_KEY, metric_record, number
 from fedkd.seeding import SeedPurpose, derive_seed
 from strategies.registry import BuildContext, StateRecords, StrategySpec, register
 
@@ -25,7 +25,7 @@ from strategies.registry import BuildContext, StateRecords, StrategySpec, regist
 def client_order(reply: Message) -> tuple[int, int]:
     """Sort key: client id, with error and malformed replies last."""
     try:
-        return (0, int(reply.content[METRICS_KEY][CLIENT_ID]))
+        return (0, int(number(metric_record(reply.content, METRICS_KEY), CLIENT_ID)))
     except (KeyError, TypeError, ValueError):
         return (1, reply.metadata.src_node_id)
 

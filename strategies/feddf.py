@@ -27,7 +27,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedkd.distillation import predict_logits, soften
-from fedkd.messages import WEIGHTS_KEY
+from fedkd.messages import WEIGHTS_KEY, array_record
 from fedkd.models import build_model
 from fedkd.student import Student
 from strategies.fedavg import SeededFedAvg, client_order, fedavg_settings
@@ -67,7 +67,7 @@ class FedDF(SeededFedAvg):
         logits = torch.zeros(0)
         model = self.make_model()
         for reply in replies:
-            model.load_state_dict(reply.content[WEIGHTS_KEY].to_torch_state_dict())
+            model.load_state_dict(array_record(reply.content, WEIGHTS_KEY).to_torch_state_dict())
             client_logits = predict_logits(model, self.transfer.inputs)
             logits = client_logits if logits.numel() == 0 else logits + client_logits
         return soften(logits / len(replies), self.student.temperature).numpy()

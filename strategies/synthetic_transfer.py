@@ -38,6 +38,7 @@ from fedkd.messages import (
     TASK_KEY,
     TRANSFER_IMAGES,
     TRANSFER_KEY,
+    array_record,
     synthetic_transfer_record,
 )
 from strategies.aggregation import Aggregator
@@ -77,7 +78,7 @@ def pool_synthetic_replies(
     """Validate the clients' synthetic inputs and concatenate them in client-id order."""
 
     def parse(reply: Message) -> np.ndarray:
-        images = reply.content[SYNTHETIC_KEY][TRANSFER_IMAGES].numpy()
+        images = array_record(reply.content, SYNTHETIC_KEY)[TRANSFER_IMAGES].numpy()
         return validate_synthetic_images(images, input_shape=input_shape, max_count=max_per_client)
 
     sorted_out: Triage[np.ndarray] = triage(replies, parse)

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Message
 from numpy.typing import NDArray
 
-from fedkd.messages import CLIENT_ID, METRICS_KEY
+from fedkd.messages import CLIENT_ID, METRICS_KEY, metric_record, number
 
 Payload = TypeVar("Payload")
 
@@ -105,7 +105,7 @@ def triage(replies: Iterable[Message], parse: Callable[[Message], Payload]) -> T
             failed.append(f"{source}: {reply.error.reason}")
             continue
         try:
-            client_id = int(reply.content[METRICS_KEY][CLIENT_ID])
+            client_id = int(number(metric_record(reply.content, METRICS_KEY), CLIENT_ID))
             accepted.append((client_id, parse(reply)))
         except (KeyError, TypeError, ValueError) as error:
             rejected.append(f"{source}: {error}")

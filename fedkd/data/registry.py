@@ -76,10 +76,11 @@ def _load_dataset_cached(name: str, root: str | None) -> Dataset:
         train, test = load_hub_dataset(name)
     mean, std = _channel_stats(train.images)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    _, channels, height, width = train.images.shape
     info = DatasetInfo(
         name=name,
         num_classes=num_classes,
-        input_shape=tuple(int(d) for d in train.images.shape[1:]),  # type: ignore[arg-type]
+        input_shape=(int(channels), int(height), int(width)),
         mean=mean,
         std=std,
     )

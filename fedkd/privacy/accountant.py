@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr.app import ConfigRecordValues
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -72,7 +73,7 @@ class PrivacyLedger:
         accountant.history = list(self.history)
         return accountant
 
-    def to_record(self) -> dict[str, list[Any]]:
+    def to_record(self) -> dict[str, ConfigRecordValues]:
         """Flat lists that fit a Flower ``ConfigRecord`` or JSON."""
         return {
             "noise-multipliers": [float(sigma) for sigma, _, _ in self.history],

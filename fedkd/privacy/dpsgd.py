@@ -164,7 +164,15 @@ def train_dp_sgd(
     return last_epoch_loss
 
 
-def _private_epochs(model, optimizer, loader, *, epochs: int, generator: torch.Generator, max_shift: float) -> float:  # type: ignore[no-untyped-def]
+def _private_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    generator: torch.Generator,
+    max_shift: float,
+) -> float:
     model.train()
     last_epoch_loss = float("nan")
     for _ in range(epochs):
