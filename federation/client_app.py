@@ -271,7 +271,8 @@ def soft_labels(client: ClientRound) -> RecordDict:
     )
     return soft_label_reply(
         shared,
-        num_examples=len(client.partition),
+        # The partition size is the aggregation weight; under privacy=… public_sizes=false it is not sent.
+        num_examples=len(client.partition) if not privacy.enabled or privacy.public_sizes else 1,
         client_id=client.client_id,
         # The training loss is a statistic of private data: it is noised by nothing, so it stays home.
         train_loss=None if privacy.enabled else loss,

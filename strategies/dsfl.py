@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from fedkd.config import RunConfig
 from strategies.aggregation import ENTROPY_REDUCING, Aggregator, entropy_reduce
-from strategies.ensemble_distillation import client_privacy_delta
+from strategies.ensemble_distillation import client_privacy
 from strategies.fedmd import FedMD
 from strategies.registry import BuildContext, StrategySpec, register
 
@@ -51,7 +51,7 @@ def build(context: BuildContext) -> DSFL:
         num_classes=context.info.num_classes,
         sampling=context.sampling,
         min_replies=context.config.strategy.min_replies,
-        client_privacy_delta=client_privacy_delta(context),
+        client_privacy=client_privacy(context),
     )
 
 

@@ -45,6 +45,7 @@ from fedkd.messages import (
     number,
     values,
 )
+from fedkd.privacy.config import PrivacyConfig
 from fedkd.student import Student
 from strategies.private_aggregation import PrivateRelease, ServerPrivacy, WorstClientEpsilon
 from strategies.registry import BuildContext, StateRecords, StrategySpec, register
@@ -108,8 +109,8 @@ class EnsembleDistillation(Strategy):
         Which connected clients are asked each round.
     min_replies : int
         A round with fewer valid replies skips distillation and keeps the student as it was.
-    client_privacy_delta : float, optional
-        ``privacy=dpsgd``: clients report their ε; the round reports the worst at this δ.
+    client_privacy : PrivacyConfig, optional
+        ``privacy=dpsgd``: clients report their ε; the round reports the worst at the run's δ.
     """
 
     shares_consensus = False
@@ -123,14 +124,14 @@ class EnsembleDistillation(Strategy):
         num_classes: int,
         sampling: ClientSampling = ClientSampling(),
         min_replies: int = 1,
-        client_privacy_delta: float | None = None,
+        client_privacy: PrivacyConfig | None = None,
     ) -> None:
         self.student = student
         self.source = source
         self.num_classes = num_classes
         self.sampling = sampling
         self.min_replies = min_replies
-        self.client_privacy_delta = client_privacy_delta
+        self.client_privacy = client_privacy
         self.client_epsilons = WorstClientEpsilon()
         self.consensus: np.ndarray | None = None
         self._num_inputs = 0
@@ -205,19 +206,20 @@ class EnsembleDistillation(Strategy):
 
     def _client_privacy_metrics(self) -> dict[str, float]:
         """The worst ε any DP-SGD client has reported so far."""
-        if self.client_privacy_delta is None:
+        if self.client_privacy is None:
             return {}
-        return {"epsilon": self.client_epsilons.epsilon(), "delta": self.client_privacy_delta}
+        return {"epsilon": self.client_epsilons.epsilon(), "delta": self.client_privacy.delta}
 
     def privacy_state(self) -> dict[str, Any] | None:
         """What a checkpoint keeps of the accounting: the server's ledger, or each client's ε."""
         if isinstance(self.source, PrivateRelease):
             return self.source.privacy_state()
-        if self.client_privacy_delta is not None:
+        if self.client_privacy is not None:
             return {
                 "mechanism": "dpsgd",
                 "client_epsilon": {str(k): v for k, v in sorted(self.client_epsilons.by_client.items())},
-                "delta": self.client_privacy_delta,
+                "delta": self.client_privacy.delta,
+                "adjacency": self.client_privacy.adjacency,
             }
         return None
 
@@ -274,16 +276,17 @@ def transfer_source(context: BuildContext) -> TransferSource:
             rounds=config.rounds,
             num_public=len(public.inputs),
             expected_clients=context.expected_clients,
+            min_replies=config.strategy.min_replies,
             seed=config.seed,
         )
         return PrivateRelease(privacy=privacy, inputs=public.inputs, indices=public.indices)
     return context.public_transfer()
 
 
-def client_privacy_delta(context: BuildContext) -> float | None:
+def client_privacy(context: BuildContext) -> PrivacyConfig | None:
     """DP-SGD clients report their ε; the strategy reports the worst at the run's δ."""
     privacy = context.config.privacy
-    return privacy.delta if privacy.mechanism == "dpsgd" else None
+    return privacy if privacy.mechanism == "dpsgd" else None
 
 
 def build(context: BuildContext) -> EnsembleDistillation:
@@ -293,7 +296,7 @@ def build(context: BuildContext) -> EnsembleDistillation:
         num_classes=context.info.num_classes,
         sampling=context.sampling,
         min_replies=context.config.strategy.min_replies,
-        client_privacy_delta=client_privacy_delta(context),
+        client_privacy=client_privacy(context),
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedkd.messages import CONSENSUS_KEY, consensus_record
-from strategies.ensemble_distillation import EnsembleDistillation, client_privacy_delta
+from strategies.ensemble_distillation import EnsembleDistillation, client_privacy
 from strategies.registry import BuildContext, StrategySpec, register
 from strategies.transfer import PublicTransfer
 
@@ -53,7 +53,7 @@ def build(context: BuildContext) -> FedMD:
         num_classes=context.info.num_classes,
         sampling=context.sampling,
         min_replies=context.config.strategy.min_replies,
-        client_privacy_delta=client_privacy_delta(context),
+        client_privacy=client_privacy(context),
     )
 
 

@@ -51,12 +51,23 @@ class ServerPrivacy:
         Size of the public set the queries are drawn from.
     expected_clients : int
         Clients sampled per round (public); the Gaussian mean divides by it.
+    min_replies : int
+        The fewest replies a round accepts (``strategy.min_replies``). With the noise added by
+        the clients, each adds a share sized for this many, so any round that is released
+        carries at least the calibrated noise, however many clients drop out.
     seed : int
         Run seed: the query order and the noise are reproducible.
     """
 
     def __init__(
-        self, config: PrivacyConfig, *, rounds: int, num_public: int, expected_clients: int, seed: int
+        self,
+        config: PrivacyConfig,
+        *,
+        rounds: int,
+        num_public: int,
+        expected_clients: int,
+        seed: int,
+        min_replies: int = 1,
     ) -> None:
         if not config.on_server:
             raise ValueError(f"ServerPrivacy handles gaussian and gnmax, not {config.mechanism!r}.")
@@ -64,6 +75,7 @@ class ServerPrivacy:
             raise ValueError(f"privacy.queries={config.queries} exceeds the {num_public} public inputs.")
         self.config = config
         self.expected_clients = expected_clients
+        self.min_replies = max(1, min(min_replies, expected_clients))
         self.seed = seed
         releases = rounds if config.mechanism == "gaussian" else rounds * config.queries
         self.noise_multiplier = calibrate_noise_multiplier(
@@ -96,7 +108,10 @@ class ServerPrivacy:
         """Task keys the clients need: their noise share in the distributed Gaussian variant."""
         if not self.noise_at_clients:
             return {}
-        return {"privacy-noise-std": self.noise_std, "privacy-noise-shares": self.expected_clients}
+        # Shares sized for the fewest replies a released round can have: K ≥ min_replies shares of
+        # σ/√min_replies sum to σ·√(K/min_replies) ≥ σ. Sized for the expected count instead,
+        # every client that drops out would take its share of the noise with it.
+        return {"privacy-noise-std": self.noise_std, "privacy-noise-shares": self.min_replies}
 
     def release(self, shared: NDArray[np.floating], *, server_round: int) -> NDArray[np.float32]:
         """The private ``(N, C)`` targets from the clients' ``(K, N, C)`` shares; records the release."""
@@ -195,6 +210,7 @@ class PrivateRelease:
             "noise_multiplier": self.privacy.noise_multiplier,
             "ledger": self.privacy.ledger.to_record(),
             "delta": self.privacy.config.delta,
+            "adjacency": self.privacy.config.adjacency,
         }
 
     def state_records(self) -> StateRecords:

@@ -104,3 +104,24 @@ def test_dp_sgd_steps_carry_noise_where_the_data_gives_no_gradient():
 
     assert moved(0.0) == 0.0
     assert moved(1.0) > 0.005
+
+
+@pytest.mark.parametrize("replies", [2, 3, 5])
+def test_client_noise_stays_at_least_calibrated_when_clients_drop_out(replies):
+    """Each client's share is sized for the fewest replies a round accepts (min_replies = 2 of 5
+    expected), so however many answer, the released sum carries at least σ."""
+    config = PrivacyConfig(mechanism="gaussian", noise_at="clients", queries=4)
+    server = ServerPrivacy(config, rounds=1, num_public=4, expected_clients=5, seed=0, min_replies=2)
+    task = server.client_task()
+    run = RunConfig(privacy=config)
+    probs = np.full((DRAWS, 2), 0.5, dtype=np.float32)
+    total = sum(
+        shared_rows(
+            probs, run, noise_std=task["privacy-noise-std"], noise_shares=task["privacy-noise-shares"],
+            rng=np.random.default_rng(client),
+        )
+        for client in range(replies)
+    )
+    spread = (total - replies * probs).std()
+    assert spread >= 0.95 * server.noise_std
+    assert spread == pytest.approx(server.noise_std * math.sqrt(replies / 2), rel=0.1)

@@ -29,6 +29,10 @@ class PrivacyConfig:
     # dpsgd with transfer=synthetic: L2 bound on each example's feature moments, in units of
     # each layer's data-independent reference scale (see fedkd.privacy.feature_statistics)
     feature_clip_norm: float = 3.0
+    # Whether a client's partition size (num-examples, its aggregation weight) is sent. It is not
+    # noised: sent, it is public, and the guarantees hold for neighbours that differ in one record
+    # with the sizes known; false sends 1 and the server weighs every client alike.
+    public_sizes: bool = True
 
     def __post_init__(self) -> None:
         if self.mechanism not in PRIVACY_MECHANISMS:
@@ -49,6 +53,21 @@ class PrivacyConfig:
                 raise ValueError(f"privacy.{name} must be > 0, got {value}.")
         if self.queries < 1:
             raise ValueError(f"privacy.queries must be ≥ 1, got {self.queries}.")
+
+    @property
+    def adjacency(self) -> str:
+        """What the run's ε protects against, in words (written into privacy.json)."""
+        unit = {
+            "dpsgd": "one training record of one client",
+            "gnmax": "one training record of one client (it changes one teacher's vote)",
+            "gaussian": "one client's whole contribution",
+        }.get(self.mechanism, "nothing (no privacy)")
+        sizes = (
+            "; partition sizes (num-examples) are sent unnoised and treated as public"
+            if self.public_sizes
+            else "; partition sizes are not sent (every client weighs the same)"
+        )
+        return f"add or remove {unit}{sizes}"
 
     @property
     def enabled(self) -> bool:
