@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.config import RunConfig
 from fedkd.data import DatasetInfo
-from fedkd.distillation import OptimizerSettings
+from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.local_data import public_inputs
 from fedkd.student import Student
 from strategies.aggregation import AGGREGATORS, Aggregator, get_aggregator
@@ -94,6 +94,7 @@ class BuildContext:
             seed=config.seed,
             alpha=config.kd_alpha,
             max_shift=config.augment_shift,
+            semi=SemiSupervision() if config.semi_supervised else None,
         )
 
     def public_transfer(self, aggregator: Aggregator | None = None) -> PublicTransfer:
