@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
@@ -9,6 +13,18 @@ from torch import nn
 
 from fedkd.distillation import OptimizerSettings, SemiSupervision, distill, train_semi_supervised
 from fedkd.seeding import DISTILL, SEMI_SUPERVISED, torch_generator
+
+
+@contextlib.contextmanager
+def all_cores() -> Iterator[None]:
+    """Let torch use every core while the student trains. Simulated clients in this process set
+    one thread each (they share the cores); the server's student has the machine to itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Student:
@@ -65,18 +81,19 @@ class Student:
         """
         targets = torch.from_numpy(np.ascontiguousarray(soft_labels, dtype=np.float32))
         if self.semi is not None and unlabelled is not None:
-            return train_semi_supervised(
-                self.model,
-                inputs,
-                targets,
-                unlabelled,
-                epochs=self.epochs,
-                temperature=self.temperature,
-                settings=self.settings,
-                generator=torch_generator(self.seed, server_round, SEMI_SUPERVISED),
-                semi=self.semi,
-                max_shift=self.max_shift,
-            )
+            with all_cores():
+                return train_semi_supervised(
+                    self.model,
+                    inputs,
+                    targets,
+                    unlabelled,
+                    epochs=self.epochs,
+                    temperature=self.temperature,
+                    settings=self.settings,
+                    generator=torch_generator(self.seed, server_round, SEMI_SUPERVISED),
+                    semi=self.semi,
+                    max_shift=self.max_shift,
+                )
         return distill(
             self.model,
             inputs,

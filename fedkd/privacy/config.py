@@ -36,8 +36,8 @@ class PrivacyConfig:
     teachers_per_client: int = 1
     # pate: the Rényi order (fixed before looking at the votes) at which the data-dependent ε is
     # released through smooth sensitivity, and the release's noise scale σ_ss; β = 0.4 / order.
-    release_order: float = 20.0
-    release_sigma: float = 10.0
+    release_order: float = 14.0
+    release_sigma: float = 8.0
     # dpsgd with transfer=synthetic: L2 bound on each example's feature moments, in units of
     # each layer's data-independent reference scale (see fedkd.privacy.feature_statistics)
     feature_clip_norm: float = 3.0
