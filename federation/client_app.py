@@ -163,9 +163,12 @@ class ClientRound:
         return Message(content, reply_to=self.message)
 
 
-def train_locally(model: torch.nn.Module, client: ClientRound) -> float:
-    """E local epochs on this client's private partition; returns the last epoch's loss."""
-    partition = client.partition
+def train_locally(
+    model: torch.nn.Module, client: ClientRound, *, partition: LabeledTensors | None = None, teacher: int = 0
+) -> float:
+    """E local epochs on this client's private partition (or one teacher's shard of it);
+    returns the last epoch's loss."""
+    partition = client.partition if partition is None else partition
     if client.attack == "flip":
         partition = LabeledTensors(partition.images, flip_labels(partition.labels, client.info.num_classes))
     if client.run.privacy.mechanism == "dpsgd":
@@ -183,23 +186,38 @@ def train_locally(model: torch.nn.Module, client: ClientRound) -> float:
         partition.labels,
         epochs=client.run.local_epochs,
         settings=client.settings,
-        generator=client.generator(SeedPurpose.TEACHER_TRAIN),
+        generator=teacher_generator(client, teacher),
         max_shift=client.run.augment_shift,
     )
 
 
-def restore_teacher(client: ClientRound) -> torch.nn.Module:
-    """This client's teacher as it was at the end of its last round (fresh in round 1)."""
+def teacher_generator(client: ClientRound, teacher: int) -> torch.Generator:
+    # Teacher 0 keeps the stream a one-teacher client always had.
+    if teacher == 0:
+        return client.generator(SeedPurpose.TEACHER_TRAIN)
+    return torch_generator(client.run.seed, client.task.server_round, client.client_id, SeedPurpose.TEACHER_TRAIN, teacher)
+
+
+def teacher_state_key(teacher: int) -> str:
+    return TEACHER_STATE if teacher == 0 else f"{TEACHER_STATE}-{teacher}"
+
+
+def restore_teacher(client: ClientRound, teacher_index: int = 0) -> torch.nn.Module:
+    """This client's teacher (``teacher_index`` of its PATE teachers) as it was at the end of
+    its last round (fresh in round 1)."""
     run = client.run
+    per_client = run.privacy.teachers_per_client
+    init = (run.seed, client.client_id, SeedPurpose.TEACHER_INIT) + ((teacher_index,) if teacher_index else ())
     teacher = build_model(
-        model_for_client(run.client_models, client.client_id),
+        # Architectures go round-robin over every teacher of the federation.
+        model_for_client(run.client_models, client.client_id * per_client + teacher_index),
         input_shape=client.info.input_shape,
         num_classes=client.info.num_classes,
-        seed=derive_seed(run.seed, client.client_id, SeedPurpose.TEACHER_INIT),
+        seed=derive_seed(*init),
     )
     if run.privacy.mechanism == "dpsgd":
         teacher = make_private_compatible(teacher)
-    stored = client.state.get(TEACHER_STATE)
+    stored = client.state.get(teacher_state_key(teacher_index))
     if isinstance(stored, ArrayRecord):
         teacher.load_state_dict(stored.to_torch_state_dict())
     return teacher
@@ -252,7 +270,32 @@ def transfer_inputs(client: ClientRound) -> torch.Tensor:
     return public_inputs(client.split, record[TRANSFER_INDICES].numpy()).images
 
 
+def pate_votes(client: ClientRound) -> RecordDict:
+    """PATE: train each of this client's teachers on its own disjoint shard and reply with the
+    ``(N, C)`` count of their argmax votes (each row sums to ``privacy.teachers_per_client``)."""
+    run = client.run
+    inputs = transfer_inputs(client)
+    counts = np.zeros((len(inputs), client.info.num_classes), dtype=np.float32)
+    partition = client.partition
+    shards = client_privacy.teacher_shards(
+        len(partition),
+        run.privacy.teachers_per_client,
+        rng=numpy_generator(run.seed, client.client_id, SeedPurpose.TEACHER_SHARDS),
+    )
+    for index, shard in enumerate(shards):
+        rows = torch.from_numpy(shard)
+        teacher = restore_teacher(client, index)
+        train_locally(teacher, client, partition=LabeledTensors(partition.images[rows], partition.labels[rows]), teacher=index)
+        client.state[teacher_state_key(index)] = ArrayRecord(teacher.state_dict())
+        votes = predict_logits(teacher, inputs).argmax(dim=-1).numpy()
+        counts[np.arange(len(inputs)), votes] += 1.0
+    # The training loss is a statistic of private data: it stays home.
+    return soft_label_reply(counts, num_examples=len(partition), client_id=client.client_id, train_loss=None)
+
+
 def soft_labels(client: ClientRound) -> RecordDict:
+    if client.run.privacy.mechanism == "pate":
+        return pate_votes(client)
     teacher, loss = teacher_for_round(client, remember=False)
     logits = attacked_logits(
         predict_logits(teacher, transfer_inputs(client)),

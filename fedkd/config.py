@@ -160,6 +160,9 @@ class RunConfig:
     lr: float = 1e-3
     batch_size: int = 32
     augment_shift: float = 0.1
+    # The student also learns from the public inputs without targets (FixMatch, Sohn et al. 2020):
+    # with privacy=gaussian|gnmax|pate those not released, otherwise the transfer set itself.
+    semi_supervised: bool = False
     seed: int = 0
     engine: str = "inprocess"
     # Seconds the server waits for a round's replies; later ones count as failed (in-process:
@@ -204,6 +207,11 @@ class RunConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if self.semi_supervised and self.kd_alpha < 1.0:
+            raise ValueError(
+                f"semi_supervised=true with kd_alpha={self.kd_alpha}: the semi-supervised student does not "
+                "mix in public labels; set kd_alpha=1 or semi_supervised=false."
+            )
         if not 0.0 <= self.augment_shift < 0.5:
             raise ValueError(f"augment_shift must lie in [0, 0.5), got {self.augment_shift}.")
         if not self.client_models:
@@ -231,6 +239,8 @@ class RunConfig:
             raise ValueError(
                 f"privacy={privacy.mechanism} trains the student on released labels only; set public_labels=false."
             )
+        if privacy.mechanism == "pate" and self.transfer != "public":
+            raise ValueError("privacy=pate queries the teachers on public inputs; set transfer=public.")
         if self.attack.enabled and privacy.on_server:
             raise ValueError(
                 f"attack.kind with privacy={privacy.mechanism} is not supported: clients share "

@@ -255,3 +255,115 @@ def train_with_class_targets(
         return loss
 
     return _fit(model, len(images), batch_loss, epochs=epochs, settings=settings, generator=generator, optimizer=None)
+
+
+def strong_augment(images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+    """FixMatch's strong view for small grey images: a random rotation (±20°), scaling
+    (0.85–1.15) and shift (up to 15 % of the side), then a random 10×10-pixel cutout filled with
+    the background. Digits stay legible; the student must recognise them anyway."""
+    batch = images.shape[0]
+    if batch == 0:
+        return images
+    uniform = lambda low, high: low + (high - low) * torch.rand(batch, generator=generator)  # noqa: E731
+    angle = uniform(-20.0, 20.0) * torch.pi / 180
+    scale = uniform(0.85, 1.15)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = torch.cos(angle) / scale
+    theta[:, 0, 1] = -torch.sin(angle) / scale
+    theta[:, 1, 0] = torch.sin(angle) / scale
+    theta[:, 1, 1] = torch.cos(angle) / scale
+    theta[:, :, 2] = (torch.rand(batch, 2, generator=generator) * 2 - 1) * 0.3
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    background = images.amin(dim=(1, 2, 3), keepdim=True)
+    warped = F.grid_sample(images - background, grid, align_corners=False, padding_mode="zeros") + background
+    height, width = images.shape[-2:]
+    side = min(10, height, width)
+    top = torch.randint(0, height - side + 1, (batch,), generator=generator)
+    left = torch.randint(0, width - side + 1, (batch,), generator=generator)
+    rows = torch.arange(height).view(1, height, 1)
+    cols = torch.arange(width).view(1, 1, width)
+    inside = (
+        (rows >= top.view(-1, 1, 1)) & (rows < (top + side).view(-1, 1, 1))
+        & (cols >= left.view(-1, 1, 1)) & (cols < (left + side).view(-1, 1, 1))
+    ).unsqueeze(1)
+    return torch.where(inside, background.expand_as(warped), warped)
+
+
+def consistency_loss(
+    weak_logits: torch.Tensor, strong_logits: torch.Tensor, *, confidence: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabelled term (Sohn et al. 2020): cross-entropy of the strong view toward
+    the weak view's argmax, only where the weak view's top probability reaches ``confidence``;
+    averaged over the whole batch (masked examples count as zero). The pseudo-label carries no
+    gradient. Returns the loss and the mask."""
+    if weak_logits.shape != strong_logits.shape:
+        raise ValueError(f"weak {tuple(weak_logits.shape)} and strong {tuple(strong_logits.shape)} logits differ in shape.")
+    if not 0.0 <= confidence <= 1.0:
+        raise ValueError(f"confidence must lie in [0, 1], got {confidence}.")
+    probs = torch.softmax(weak_logits.detach(), dim=-1)
+    top, pseudo = probs.max(dim=-1)
+    mask = (top >= confidence).to(strong_logits.dtype)
+    per_example = F.cross_entropy(strong_logits, pseudo, reduction="none")
+    return (per_example * mask).mean(), mask
+
+
+@dataclass(frozen=True)
+class SemiSupervision:
+    """FixMatch's knobs: the pseudo-label confidence τ, the unlabelled loss weight λ_u and μ,
+    the unlabelled examples per labelled one in a step (the paper's τ = 0.95, λ_u = 1, μ = 7)."""
+
+    confidence: float = 0.95
+    weight: float = 1.0
+    ratio: int = 7
+
+
+def train_semi_supervised(
+    student: nn.Module,
+    inputs: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    unlabelled: torch.Tensor,
+    *,
+    epochs: int,
+    temperature: float,
+    settings: OptimizerSettings,
+    generator: torch.Generator,
+    semi: SemiSupervision = SemiSupervision(),
+    max_shift: float = 0.0,
+) -> float:
+    """FixMatch (Sohn et al., NeurIPS 2020) with a distillation term: each step takes a batch of
+    ``ratio × batch_size`` unlabelled inputs and a batch of labelled ones, and minimizes
+    ``kd_loss(weak labelled) + λ_u · consistency_loss(weak, strong unlabelled)``. An epoch is
+    one pass over the unlabelled inputs. Returns the mean loss of the last epoch.
+    """
+    if len(inputs) != len(teacher_probs):
+        raise ValueError(f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels.")
+    if len(inputs) < 2:
+        raise ValueError("semi-supervised training needs at least two labelled inputs.")
+    if len(unlabelled) == 0:
+        return distill(student, inputs, teacher_probs, epochs=epochs, temperature=temperature,
+                       settings=settings, generator=generator, max_shift=max_shift)
+    optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    batch_size = min(settings.batch_size, len(inputs))
+    student.train()
+    last_epoch_loss = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for batch in _batches(len(unlabelled), semi.ratio * settings.batch_size, generator):
+            if len(batch) < 2:  # BatchNorm cannot normalise a single example
+                continue
+            labelled = torch.randperm(len(inputs), generator=generator)[:batch_size]
+            weak = random_translate(inputs[labelled], max_shift=max_shift, generator=generator)
+            loss = kd_loss(student(weak), teacher_probs[labelled], temperature=temperature)
+            pool = unlabelled[batch]
+            with torch.no_grad():
+                weak_logits = student(random_translate(pool, max_shift=max_shift, generator=generator))
+            strong_logits = student(strong_augment(pool, generator=generator))
+            unsupervised, _ = consistency_loss(weak_logits, strong_logits, confidence=semi.confidence)
+            loss = loss + semi.weight * unsupervised
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            count += 1
+        last_epoch_loss = total / max(count, 1)
+    return last_epoch_loss

@@ -47,6 +47,7 @@ from fedkd.messages import (
 )
 from fedkd.privacy.config import PrivacyConfig
 from fedkd.student import Student
+from strategies.pate_release import PATERelease
 from strategies.private_aggregation import PrivateRelease, ServerPrivacy, WorstClientEpsilon
 from strategies.registry import BuildContext, StateRecords, StrategySpec, register
 from strategies.sampling import ClientSampling
@@ -196,7 +197,13 @@ class EnsembleDistillation(Strategy):
         return self.student.arrays(), MetricRecord(self._round_metrics(metrics, parsed))
 
     def _distill(self, learned: DistillationSet, server_round: int) -> float:
-        return self.student.learn(learned.inputs, learned.targets, server_round=server_round, labels=learned.labels)
+        return self.student.learn(
+            learned.inputs,
+            learned.targets,
+            server_round=server_round,
+            labels=learned.labels,
+            unlabelled=learned.unlabelled,
+        )
 
     def _round_metrics(self, metrics: dict[str, Any], parsed: Triage[SoftLabelReply]) -> dict[str, Any]:
         source = self.source.round_metrics()
@@ -212,7 +219,7 @@ class EnsembleDistillation(Strategy):
 
     def privacy_state(self) -> dict[str, Any] | None:
         """What a checkpoint keeps of the accounting: the server's ledger, or each client's ε."""
-        if isinstance(self.source, PrivateRelease):
+        if isinstance(self.source, (PrivateRelease, PATERelease)):
             return self.source.privacy_state()
         if self.client_privacy is not None:
             return {
@@ -269,6 +276,15 @@ def transfer_source(context: BuildContext) -> TransferSource:
             keep_pools=config.synthesis.keep_pools,
             timeout=config.round_timeout,
         )
+    if config.privacy.mechanism == "pate":
+        public = context.public_transfer()
+        return PATERelease(
+            config=config.privacy,
+            inputs=public.inputs,
+            indices=public.indices,
+            num_teachers=config.num_clients * config.privacy.teachers_per_client,
+            seed=config.seed,
+        )
     if config.privacy.on_server:
         public = context.public_transfer()
         privacy = ServerPrivacy(
@@ -305,7 +321,7 @@ register(
         name="ensemble_distillation",
         client_mode="soft-labels",
         build=build,
-        privacy=("dpsgd", "gaussian", "gnmax"),
+        privacy=("dpsgd", "gaussian", "gnmax", "pate"),
         synthetic_transfer=True,
         attacks=True,
         aggregators=True,

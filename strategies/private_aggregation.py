@@ -193,11 +193,23 @@ class PrivateRelease:
             raise RuntimeError("distillation_set() before the round's queries were chosen.")
         released = self.privacy.release(soft_labels, server_round=server_round)
         self._released.append((self._round_positions, released))
-        return DistillationSet(self._released_inputs(), np.concatenate([labels for _, labels in self._released]), released)
+        return DistillationSet(
+            self._released_inputs(),
+            np.concatenate([labels for _, labels in self._released]),
+            released,
+            unlabelled=self._unlabelled_inputs(),
+        )
+
+    def _released_positions(self) -> NDArray[np.int64]:
+        return np.concatenate([batch for batch, _ in self._released])
 
     def _released_inputs(self) -> torch.Tensor:
-        positions = np.concatenate([batch for batch, _ in self._released])
-        return self.inputs[torch.from_numpy(positions)]
+        return self.inputs[torch.from_numpy(self._released_positions())]
+
+    def _unlabelled_inputs(self) -> torch.Tensor:
+        """Public inputs not released yet: unlabelled, free for a semi-supervised student."""
+        unlabelled = np.setdiff1d(np.arange(len(self.inputs)), self._released_positions())
+        return self.inputs[torch.from_numpy(unlabelled)]
 
     def round_metrics(self) -> dict[str, Any]:
         released = sum(len(batch) for batch, _ in self._released)

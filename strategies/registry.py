@@ -30,8 +30,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.config import RunConfig
 from fedkd.data import DatasetInfo
-from fedkd.distillation import OptimizerSettings
 from fedkd.data.local import public_inputs
+from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.student import Student
 from strategies.aggregation import AGGREGATORS, Aggregator, get_aggregator
 from strategies.sampling import ClientSampling, sample_size
@@ -94,6 +94,7 @@ class BuildContext:
             seed=config.seed,
             alpha=config.kd_alpha,
             max_shift=config.augment_shift,
+            semi=SemiSupervision() if config.semi_supervised else None,
         )
 
     def public_transfer(self, aggregator: Aggregator | None = None) -> PublicTransfer:

@@ -1,11 +1,12 @@
 """Where a round's transfer inputs come from, and how the clients' soft labels on them become
-what the student learns: one small protocol, three sources.
+what the student learns: one small protocol, four sources.
 
 * :class:`PublicTransfer` — a public split, labelled in full every round (FedED, FedMD, DS-FL);
 * :class:`strategies.synthetic_transfer.SyntheticTransfer` — inputs the clients synthesize from
   their teachers each round, pooled by the server (data-free transfer);
 * :class:`strategies.private_aggregation.PrivateRelease` — a fresh batch of public inputs per
-  round whose aggregate is released under a DP mechanism (``privacy=gaussian|gnmax``).
+  round whose aggregate is released under a DP mechanism (``privacy=gaussian|gnmax``);
+* :class:`strategies.pate_release.PATERelease` — PATE's Confident-GNMax (``privacy=pate``).
 
 A source owns its inputs, its targets and any state it keeps across rounds; the strategy
 (:class:`strategies.ensemble_distillation.EnsembleDistillation`) owns sampling, reply triage and
@@ -64,12 +65,14 @@ class RoundTransfer:
 class DistillationSet:
     """What the student learns from this round: inputs, their soft-label targets, and public
     labels where the run lets the server use them. ``aggregate`` is this round's aggregate on
-    this round's inputs (what FedMD and DS-FL send back down)."""
+    this round's inputs (what FedMD and DS-FL send back down). ``unlabelled``: public inputs
+    without targets, for a semi-supervised student (``semi_supervised=true``)."""
 
     inputs: torch.Tensor
     targets: NDArray[np.float32]
     aggregate: NDArray[np.float32]
     labels: torch.Tensor | None = None
+    unlabelled: torch.Tensor | None = None
 
 
 class TransferSource(Protocol):
@@ -145,7 +148,8 @@ class PublicTransfer:
         self, soft_labels: NDArray[np.float32], weights: NDArray[np.float64], *, server_round: int
     ) -> DistillationSet:
         targets = self.aggregator(soft_labels, weights)
-        return DistillationSet(self.inputs, targets, aggregate=targets, labels=self.labels)
+        # Every input has a target here; a semi-supervised student adds consistency on them all.
+        return DistillationSet(self.inputs, targets, aggregate=targets, labels=self.labels, unlabelled=self.inputs)
 
     def round_metrics(self) -> dict[str, Any]:
         return {}

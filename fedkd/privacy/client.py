@@ -129,6 +129,23 @@ def private_feature_statistics(
     return statistics
 
 
+def teacher_shards(num_examples: int, teachers: int, *, rng: np.random.Generator) -> list[NDArray[np.int64]]:
+    """Disjoint, near-equal shards of a partition's positions, one per teacher (PATE).
+
+    Each record lies in exactly one shard, so it can change only one teacher's vote: the vote
+    counts keep sensitivity one however many teachers a client trains. ``rng`` must not depend
+    on the round, or a record would reach a second teacher in a later round.
+    """
+    if teachers < 1:
+        raise ValueError(f"teachers must be ≥ 1, got {teachers}.")
+    if num_examples < teachers:
+        raise ValueError(
+            f"{num_examples} private examples cannot give {teachers} teachers one each; "
+            "lower privacy.teachers_per_client or num_clients."
+        )
+    return [np.sort(shard) for shard in np.array_split(rng.permutation(num_examples), teachers)]
+
+
 def shared_rows(
     probs: NDArray[np.floating],
     run: RunConfig,
@@ -139,7 +156,7 @@ def shared_rows(
 ) -> NDArray[np.float32]:
     """What leaves the client for the transfer inputs under the run's privacy mechanism."""
     mechanism = run.privacy.mechanism
-    if mechanism == "gnmax":
+    if mechanism in ("gnmax", "pate"):
         return one_hot(np.asarray(probs).argmax(axis=-1), probs.shape[-1])  # a vote, nothing more
     if mechanism == "gaussian" and noise_std > 0:
         clipped = clip_rows(probs, run.privacy.clip_norm)

@@ -9,23 +9,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-PRIVACY_MECHANISMS = ("none", "dpsgd", "gaussian", "gnmax")
+PRIVACY_MECHANISMS = ("none", "dpsgd", "gaussian", "gnmax", "pate")
 NOISE_LOCATIONS = ("server", "clients")
 # Mechanisms the server applies to a fresh batch of ``queries`` public inputs per round.
-SERVER_MECHANISMS = ("gaussian", "gnmax")
+SERVER_MECHANISMS = ("gaussian", "gnmax", "pate")
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy for the run; the defaults are the ``privacy=none`` group."""
 
-    mechanism: str = "none"  # none | dpsgd (teachers) | gaussian (aggregate) | gnmax (noisy votes)
+    # none | dpsgd (teachers) | gaussian (aggregate) | gnmax (noisy votes) | pate (Confident-GNMax)
+    mechanism: str = "none"
     epsilon: float = 2.0  # target ε at the end of the run; inf trains the same way without noise
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # dpsgd: per-example gradient clip
     clip_norm: float = 1.0  # gaussian: L2 bound on each soft-label row (≥ 1 leaves probabilities as they are)
     noise_at: str = "server"  # gaussian: server (central DP) | clients (each adds its share)
-    queries: int = 100  # gaussian, gnmax: transfer inputs released per round
+    queries: int = 100  # gaussian, gnmax, pate: public inputs queried per round
+    # pate (Confident-GNMax, Papernot et al. 2018; their MNIST settings): a query is answered
+    # only if max vote + N(0, sigma_threshold²) ≥ threshold, then with GNMax at sigma_gnmax.
+    threshold: float = 200.0
+    sigma_threshold: float = 150.0
+    sigma_gnmax: float = 40.0
+    # pate: teachers each client trains on disjoint shards of its partition (one vote each).
+    teachers_per_client: int = 1
+    # pate: the Rényi order (fixed before looking at the votes) at which the data-dependent ε is
+    # released through smooth sensitivity, and the release's noise scale σ_ss; β = 0.4 / order.
+    release_order: float = 14.0
+    release_sigma: float = 8.0
     # dpsgd with transfer=synthetic: L2 bound on each example's feature moments, in units of
     # each layer's data-independent reference scale (see fedkd.privacy.feature_statistics)
     feature_clip_norm: float = 3.0
@@ -47,12 +59,31 @@ class PrivacyConfig:
             "max_grad_norm": self.max_grad_norm,
             "clip_norm": self.clip_norm,
             "feature_clip_norm": self.feature_clip_norm,
+            "sigma_threshold": self.sigma_threshold,
+            "sigma_gnmax": self.sigma_gnmax,
+            "release_sigma": self.release_sigma,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"privacy.{name} must be > 0, got {value}.")
         if self.queries < 1:
             raise ValueError(f"privacy.queries must be ≥ 1, got {self.queries}.")
+        if self.threshold < 0:
+            raise ValueError(f"privacy.threshold must be ≥ 0 (a vote count), got {self.threshold}.")
+        if self.teachers_per_client < 1:
+            raise ValueError(f"privacy.teachers_per_client must be ≥ 1, got {self.teachers_per_client}.")
+        if self.teachers_per_client > 1 and self.mechanism != "pate":
+            raise ValueError(
+                f"privacy.teachers_per_client={self.teachers_per_client} needs privacy=pate (only PATE's "
+                "vote counts keep one record to one vote); set privacy.teachers_per_client=1."
+            )
+        if not (math.isfinite(self.release_order) and self.release_order > 1):
+            raise ValueError(f"privacy.release_order must be a finite Rényi order > 1, got {self.release_order}.")
+
+    @property
+    def release_beta(self) -> float:
+        """pate: smoothness β of the ε release; 0.4/λ keeps the GNSS bound's λ < 1/(2β) with margin."""
+        return 0.4 / self.release_order
 
     @property
     def adjacency(self) -> str:

@@ -12,6 +12,9 @@ Two mechanisms release the clients' soft labels on a batch of transfer inputs:
   every sampled client follows the protocol).
 * :func:`gnmax_labels` — PATE's GNMax (Papernot et al. 2018): clients vote with their argmax,
   the server adds ``N(0, σ²)`` to each class count and releases only the noisy argmax.
+* :func:`confident_gnmax` — PATE's Confident-GNMax (same paper, Algorithm 1): a query is
+  answered only if its noisy largest count, ``max(n) + N(0, σ₁²)``, reaches the threshold T;
+  answered queries get GNMax at σ₂, refused ones release nothing but the refusal.
 
 Accounting lives in :mod:`fedkd.privacy.accountant`; these functions only draw the noise.
 """
@@ -107,6 +110,67 @@ def gnmax_labels(counts: NDArray[np.integer], *, sigma: float, rng: np.random.Ge
         raise ValueError(f"sigma must be ≥ 0, got {sigma}.")
     noisy = counts + rng.normal(0.0, sigma, size=counts.shape) if sigma > 0 else counts
     return noisy.argmax(axis=-1).astype(np.int64)
+
+
+def is_vote_count_matrix(matrix: NDArray[np.floating], *, teachers_per_client: int) -> bool:
+    """Whether a client's ``(N, C)`` reply holds non-negative whole votes, ``teachers_per_client``
+    per row: one that does not could move the counts by more than one vote per record, which
+    the privacy analysis assumes impossible."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return bool(
+        matrix.ndim == 2
+        and np.all(matrix >= 0)
+        and np.all(matrix == np.round(matrix))
+        and np.all(matrix.sum(axis=-1) == teachers_per_client)
+    )
+
+
+def summed_votes(counts: NDArray[np.floating], *, teachers_per_client: int) -> NDArray[np.int64]:
+    """The per-input class counts of every teacher from the clients' ``(K, N, C)`` vote counts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 3 or counts.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (clients, inputs, classes) stack, got shape {counts.shape}.")
+    for client, matrix in enumerate(counts):
+        if not is_vote_count_matrix(matrix, teachers_per_client=teachers_per_client):
+            raise ValueError(
+                f"client {client}'s reply is not {teachers_per_client} whole vote(s) per input; "
+                "drop it before summing (see is_vote_count_matrix)."
+            )
+    return counts.sum(axis=0).astype(np.int64)
+
+
+def threshold_check(
+    counts: NDArray[np.integer], *, threshold: float, sigma: float, rng: np.random.Generator
+) -> NDArray[np.bool_]:
+    """Confident-GNMax's first step: ``max_c counts[n, c] + N(0, σ²) ≥ threshold`` per input.
+
+    Only this comparison is released; the largest count moves by at most one vote when one
+    record changes (sensitivity 1).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 2:
+        raise ValueError(f"vote counts must be (inputs, classes), got shape {counts.shape}.")
+    if sigma < 0:
+        raise ValueError(f"sigma must be ≥ 0, got {sigma}.")
+    noisy_max = counts.max(axis=-1) + rng.normal(0.0, sigma, size=len(counts))
+    return noisy_max >= threshold
+
+
+def confident_gnmax(
+    counts: NDArray[np.integer],
+    *,
+    threshold: float,
+    sigma_threshold: float,
+    sigma_gnmax: float,
+    rng: np.random.Generator,
+) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
+    """Which inputs are answered, and the GNMax label of each answered one (in input order).
+
+    GNMax noise is drawn only for answered inputs: a refused query releases the refusal alone.
+    """
+    answered = threshold_check(counts, threshold=threshold, sigma=sigma_threshold, rng=rng)
+    labels = gnmax_labels(np.asarray(counts)[answered], sigma=sigma_gnmax, rng=rng)
+    return answered, labels
 
 
 def one_hot(labels: NDArray[np.integer], num_classes: int) -> NDArray[np.float32]:
