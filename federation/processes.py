@@ -24,6 +24,7 @@ in-process: a reply that took longer is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -50,8 +51,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.config import SplitSpec
 from federation.inprocess import SERVER_NODE_ID, InProcessGrid
+from fedkd.config import SplitSpec
 
 logger = logging.getLogger(__name__)
 
@@ -286,10 +287,8 @@ class ProcessPoolGrid(Grid):
     def close(self) -> None:
         """Stop the workers (their clients' state goes with them)."""
         for worker in self._workers:
-            try:
+            with contextlib.suppress(OSError):
                 worker.conn.send_bytes(_pack({"op": "stop"}))
-            except OSError:
-                pass
         for worker in self._workers:
             worker.process.join(timeout=5)
             if worker.process.is_alive():
@@ -364,10 +363,8 @@ class ProcessPoolGrid(Grid):
         for index, positions in batches.items():
             worker = self._workers[index]
             worker.pending = {messages[p].metadata.message_id: p for p in positions}
-            try:
+            with contextlib.suppress(OSError):  # it died since _revive looked: its sentinel says so
                 worker.conn.send_bytes(_pack({"op": "deliver"}, [_message_bytes(messages[p]) for p in positions]))
-            except OSError:  # it died since _revive looked
-                pass
             busy[index] = worker
         progress = _Progress(len(messages), enabled=self.progress)
         try:
