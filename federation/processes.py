@@ -370,9 +370,9 @@ class ProcessPoolGrid(Grid):
         try:
             while busy:
                 by_handle: dict[Any, _Worker] = {}
-                for worker in busy.values():
-                    by_handle[worker.conn] = worker
+                for worker in busy.values():  # a death is seen first, then what it sent before it
                     by_handle[worker.process.sentinel] = worker
+                    by_handle[worker.conn] = worker
                 for handle in wait(list(by_handle), timeout=1.0):
                     worker = by_handle[handle]
                     if worker.index not in busy:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from multiprocessing.connection import wait
 
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -102,8 +103,16 @@ def test_each_worker_serves_its_own_shard_and_keeps_its_nodes_state():
         assert grid.node_states()[3]["seen"]["count"] == 41
 
 
-def test_a_worker_that_dies_becomes_error_replies_and_is_forked_again_with_empty_state():
+def test_a_worker_that_dies_becomes_error_replies_and_is_forked_again_with_empty_state(monkeypatch):
     # workers=2 deals nodes (1, 3) and (2, 4): node 4 runs after node 2 in the worker it kills.
+    # The server looks late, when node 2's reply waits in the pipe of a process already dead.
+    import federation.processes
+
+    def late_wait(handles, timeout=None):
+        time.sleep(0.5)
+        return wait(handles, timeout)
+
+    monkeypatch.setattr(federation.processes, "wait", late_wait)
     with ProcessPoolGrid(echo_app(dies=4), num_nodes=4, workers=2, progress=False) as grid:
         replies = _ask(grid, [1, 2, 3, 4])
         assert [reply.has_error() for reply in replies] == [False, False, False, True]
