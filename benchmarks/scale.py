@@ -4,14 +4,17 @@ The *floor* is a plain in-process Python loop doing exactly the work of a federa
 round: every client trains its persistent teacher on its partition and computes soft labels on
 the transfer set, the server aggregates them (weighted by partition size), distills the student
 and evaluates it on the test split — same models, data, seeds and settings, no Flower. The
-*project* is ``run_federation`` on the in-process Grid with the unchanged ClientApp and strategy
-(optionally also Flower's Ray engine). Both run in this process, alternating, ``--repeats``
-times; the ratio of median per-round times cancels out the machine's speed and load.
+*project* is ``run_federation`` on the in-process Grid with the unchanged ClientApp and strategy;
+then the same on ``engine=processes`` (``--workers`` forked worker processes, one per available
+core by default), and optionally Flower's Ray engine. They run in this process, alternating,
+``--repeats`` times; the ratio of median per-round times cancels out the machine's speed and load.
 
     python benchmarks/scale.py --clients 300
 
 Writes ``--out`` (JSON: clients, floor_seconds_per_round, project_seconds_per_round, ratio,
-peak_rss_mib, …); the last printed line is ``ratio=<value> peak_rss_mib=<value>``.
+processes_ratio, peak_rss_mib, …); the last printed line is
+``ratio=<value> processes=<value> peak_rss_mib=<value>`` (``processes`` is the processes
+engine's per-round time over the same floor).
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import torch
 from federation.client_app import app as client_app
 from fedkd.config import PartitionConfig, RunConfig
 from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soften, train_supervised
-from federation.run import _server_student, run_federation
+from federation.run import run_federation
 from federation.inprocess import InProcessGrid
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.models import build_model, model_for_client
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
+from fedkd.student import Student
+from federation.processes import ProcessPoolGrid, available_cores
 from strategies.aggregation import get_aggregator
 
 
@@ -50,9 +55,10 @@ def peak_rss_mib() -> float:
 
 
 @contextmanager
-def tree_memory_peak(peaks: list[float], interval: float = 0.1) -> Iterator[None]:
+def tree_memory_peak(peaks: list[float], interval: float = 0.1, *, proportional: bool = False) -> Iterator[None]:
     """Sample the resident memory of this process and all its descendants (Ray's workers
-    included) while the block runs; append the peak, in MiB, to ``peaks``."""
+    included) while the block runs; append the peak, in MiB, to ``peaks``. ``proportional``
+    sums PSS instead of RSS: a page shared by k processes counts 1/k in each."""
     me = psutil.Process()
     highest = 0
     done = threading.Event()
@@ -63,7 +69,7 @@ def tree_memory_peak(peaks: list[float], interval: float = 0.1) -> Iterator[None
             total = 0
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    total += process.memory_info().rss
+                    total += process.memory_full_info().pss if proportional else process.memory_info().rss
                 except psutil.Error:  # a worker that exited between listing and reading
                     pass
             highest = max(highest, total)
@@ -91,7 +97,10 @@ def floor_run(config: RunConfig) -> list[float]:
         config.student_model, input_shape=info.input_shape, num_classes=info.num_classes,
         seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
-    student = _server_student(config, student_model)
+    student = Student(  # as strategies.registry builds the server's student
+        student_model, temperature=config.temperature, epochs=config.distill_epochs, settings=settings,
+        seed=config.seed, alpha=config.kd_alpha, max_shift=config.augment_shift,
+    )
     teachers: dict[int, torch.nn.Module] = {}
     # The floor converts every partition to tensors once; it is the least work a round needs.
     partitions = [private_partition(spec, client) for client in range(config.num_clients)]
@@ -122,7 +131,7 @@ def floor_run(config: RunConfig) -> list[float]:
             weights.append(len(partition))
         torch.set_num_threads(threads)
         targets = aggregator(np.stack(soft_labels), np.asarray(weights, dtype=np.float64))
-        student.learn(targets, server_round=server_round)
+        student.learn(transfer, targets, server_round=server_round)
         evaluate(student.model, test.images, test.labels)
         seconds.append(time.perf_counter() - started)
     return seconds
@@ -137,6 +146,11 @@ def project_run(config: RunConfig) -> list[float]:
 
         with tempfile.TemporaryDirectory() as run_dir:
             rows = simulate(config, run_dir=run_dir)
+    elif config.engine == "processes":
+        with ProcessPoolGrid(
+            client_app, num_nodes=config.num_clients, workers=config.workers, split_spec=config.split_spec()
+        ) as grid:
+            rows = run_federation(grid, config, run_dir=None)
     else:
         rows = run_federation(InProcessGrid(client_app, num_nodes=config.num_clients), config, run_dir=None)
     return [row["wall_seconds"] for row in rows]
@@ -151,6 +165,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--public-size", type=int, default=500)
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="engine=processes workers (0: one per available core)")
     parser.add_argument("--ray", action="store_true", help="also time Flower's Ray engine on the same work")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -166,19 +181,24 @@ def main() -> None:
     )
     floor: list[float] = []
     project: list[float] = []
+    processes: list[float] = []
     ray: list[float] = []
-    memory: dict[str, list[float]] = {"floor": [], "project": [], "ray": []}
+    memory: dict[str, list[float]] = {"floor": [], "project": [], "processes": [], "processes_pss": [], "ray": []}
+    workers = args.workers or available_cores()
     for trial in range(1, args.repeats + 1):
         with tree_memory_peak(memory["floor"]):
             floor += floor_run(config)
         with tree_memory_peak(memory["project"]):
             project += project_run(config)
+        with tree_memory_peak(memory["processes"]), tree_memory_peak(memory["processes_pss"], proportional=True):
+            processes += project_run(dataclasses.replace(config, engine="processes", workers=workers))
         if args.ray:
             with tree_memory_peak(memory["ray"]):
                 ray += project_run(dataclasses.replace(config, engine="ray"))
         print(
             f"trial {trial}/{args.repeats}: floor {statistics.median(floor):.2f} s/round, "
-            f"in-process {statistics.median(project):.2f} s/round"
+            f"in-process {statistics.median(project):.2f} s/round, "
+            f"processes ({workers} workers) {statistics.median(processes):.2f} s/round"
             + (f", ray {statistics.median(ray):.2f} s/round" if ray else ""),
             flush=True,
         )
@@ -195,6 +215,13 @@ def main() -> None:
         "peak_rss_mib": peak_rss_mib(),
         "floor_peak_tree_rss_mib": max(memory["floor"]),
         "project_peak_tree_rss_mib": max(memory["project"]),
+        "processes_workers": min(workers, args.clients),
+        "processes_seconds_per_round": statistics.median(processes),
+        "processes_ratio": statistics.median(processes) / floor_s,
+        # Summed RSS of the parent and its workers: pages they share (the dataset in shared
+        # memory, the libraries, what fork left unwritten) count once per process here.
+        "processes_peak_tree_rss_mib": max(memory["processes"]),
+        "processes_peak_tree_pss_mib": max(memory["processes_pss"]),
     }
     if ray:
         result["ray_seconds_per_round"] = statistics.median(ray)
@@ -205,7 +232,10 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), file=sys.stderr)
-    print(f"ratio={result['ratio']:.3f} peak_rss_mib={result['peak_rss_mib']:.0f}")
+    print(
+        f"ratio={result['ratio']:.3f} processes={result['processes_ratio']:.3f} "
+        f"peak_rss_mib={result['peak_rss_mib']:.0f}"
+    )
 
 
 if __name__ == "__main__":

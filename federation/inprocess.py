@@ -41,6 +41,9 @@ class InProcessGrid(Grid):
         Identifier stamped on messages.
     node_config_extra : dict, optional
         Extra node-config keys for every node (``data-root``, …).
+    node_ids : iterable of int, optional
+        The nodes this grid holds (default: all ``num_nodes``); a worker process of
+        :mod:`federation.processes` holds its shard only.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_id: int = 1,
         node_config_extra: dict[str, str | int | float | bool] | None = None,
+        node_ids: Iterable[int] | None = None,
     ) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id=run_id)
@@ -61,7 +65,7 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config={},
             )
-            for node in range(num_nodes)
+            for node in (range(num_nodes) if node_ids is None else [node_id - 1 for node_id in node_ids])
         }
         self._replies: dict[str, tuple[Message, float]] = {}
         # Instruction messages are stamped with the sender's identity (Flower's runtime sets it).

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 @runtime_checkable
 class NodeStateGrid(Protocol):
     """A grid that holds its simulated clients' state and can hand it over and back (the
-    in-process engine): checkpoints then carry the clients' teachers and ledgers too."""
+    in-process and processes engines): checkpoints then carry the clients' teachers and ledgers too."""
 
     def node_states(self) -> dict[int, RecordDict]: ...
 
@@ -297,7 +297,7 @@ def _resumable_checkpoint(folder: RunFolder | None, config: RunConfig, grid: Gri
         return None
     if checkpoint.nodes and not isinstance(grid, NodeStateGrid):
         raise ResumeError(
-            "this checkpoint holds the simulated clients' state, which only the in-process engine can "
-            "restore; resume with engine=inprocess."
+            "this checkpoint holds the simulated clients' state, which only the in-process and processes "
+            "engines can restore; resume with engine=inprocess or engine=processes."
         )
     return checkpoint

@@ -3,6 +3,8 @@
 Two engines run the same ServerApp logic and the same ClientApp:
 
 * ``engine=inprocess`` (default) delivers each message to the ClientApp in this process;
+* ``engine=processes`` runs the ClientApp in ``workers`` forked processes, a fixed shard of the
+  clients each (:mod:`federation.processes`);
 * ``engine=ray`` uses Flower's Ray simulation engine (many cores, GPUs, Ray clusters).
 
 The run folder is Hydra's output directory (``hydra.run.dir=…``; ``-m`` sweeps get one each).
@@ -39,7 +41,7 @@ def simulate(
     """Run ``config`` with its engine and write the run folder; returns the per-round rows.
 
     ``resume`` continues an interrupted run in ``run_dir`` from its last checkpoint (in-process
-    engine: Ray's simulated clients cannot be given their state back). ``logger="tensorboard"``
+    and processes engines: Ray's simulated clients cannot be given their state back). ``logger="tensorboard"``
     also writes each round into TensorBoard event files in the run folder.
     """
     tensorboard = TensorBoardLogger(run_dir) if logger == "tensorboard" else None
@@ -74,10 +76,17 @@ def _simulate(
 
         grid = InProcessGrid(client_app, num_nodes=config.num_clients)
         return run_federation(grid, config, run_dir=run_dir, on_round=on_round, resume=resume)
+    if config.engine == "processes":
+        from federation.processes import ProcessPoolGrid
+
+        with ProcessPoolGrid(
+            client_app, num_nodes=config.num_clients, workers=config.workers, split_spec=config.split_spec()
+        ) as pool:
+            return run_federation(pool, config, run_dir=run_dir, on_round=on_round, resume=resume)
     if resume:
         raise ResumeError(
-            "resume=true needs engine=inprocess: Flower's Ray engine cannot give its simulated clients "
-            "their checkpointed state back."
+            "resume=true needs engine=inprocess or engine=processes: Flower's Ray engine cannot give its "
+            "simulated clients their checkpointed state back."
         )
 
     from flwr.simulation import run_simulation

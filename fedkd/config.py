@@ -24,7 +24,7 @@ from fedkd.data.partition import PARTITION_SCHEMES
 from fedkd.models import check_model_name
 from fedkd.privacy.config import PrivacyConfig
 
-ENGINES = ("inprocess", "ray")
+ENGINES = ("inprocess", "processes", "ray")
 # Where the transfer inputs come from: a public split, or synthesized from the teachers.
 TRANSFER_SOURCES = ("public", "synthetic")
 SYNTHESIS_METHODS = ("generator", "deepinversion")
@@ -165,6 +165,9 @@ class RunConfig:
     semi_supervised: bool = False
     seed: int = 0
     engine: str = "inprocess"
+    # engine=processes: worker processes, each holding a fixed shard of the clients; 0 = one per
+    # core this process may run on.
+    workers: int = 0
     # Seconds the server waits for a round's replies; later ones count as failed (in-process:
     # each client's own time is measured, since clients run one after another).
     round_timeout: float = 3600.0
@@ -219,6 +222,8 @@ class RunConfig:
         for name in (*self.client_models, self.student_model):
             check_model_name(name)
         _choice("engine", self.engine, ENGINES)
+        if self.workers < 0:
+            raise ValueError(f"workers must be ≥ 0 (0 = one per available core), got {self.workers}.")
         self._check_privacy()
 
     def _check_privacy(self) -> None:
@@ -284,7 +289,7 @@ GROUPS: dict[str, tuple[type, str]] = {
 # Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
 FLOWER_OUTPUT_KEYS = ("output-dir",)
 # Keys that belong to the runtime, not to the run: ``flwr run`` brings its own engine.
-_NOT_IN_FLOWER = ("engine",)
+_NOT_IN_FLOWER = ("engine", "workers")
 
 
 def _flower_key(group: str, name: str) -> str:

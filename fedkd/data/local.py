@@ -65,6 +65,16 @@ def _tensors(spec: SplitSpec, indices: np.ndarray | None, *, split: str) -> Labe
     return LabeledTensors(whole.images[rows], whole.labels[rows])
 
 
+def share_loaded_data(spec: SplitSpec) -> None:
+    """Load the run's split and dataset tensors now and move the tensors to shared memory, so
+    that processes forked afterwards (``engine=processes``) all read this one copy."""
+    split_for(spec)
+    for split in ("train", "test"):
+        whole = _converted_split(spec.dataset, spec.data_root, split)
+        whole.images.share_memory_()
+        whole.labels.share_memory_()
+
+
 def private_partition(spec: SplitSpec, client_id: int) -> LabeledTensors:
     """Client ``client_id``'s private examples."""
     if not 0 <= client_id < spec.num_clients:
