@@ -20,6 +20,7 @@ engine's per-round time over the same floor).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,24 +29,24 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import psutil
 import torch
 
 from federation.client_app import app as client_app
-from fedkd.config import PartitionConfig, RunConfig
-from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soften, train_supervised
-from federation.run import run_federation
 from federation.inprocess import InProcessGrid
+from federation.processes import ProcessPoolGrid, available_cores
+from federation.run import run_federation
+from fedkd.config import PartitionConfig, RunConfig
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
+from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soften, train_supervised
 from fedkd.models import build_model, model_for_client
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 from fedkd.student import Student
-from federation.processes import ProcessPoolGrid, available_cores
 from strategies.aggregation import get_aggregator
 
 
@@ -68,10 +69,8 @@ def tree_memory_peak(peaks: list[float], interval: float = 0.1, *, proportional:
         while not done.is_set():
             total = 0
             for process in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):  # a worker that exited between listing and reading
                     total += process.memory_full_info().pss if proportional else process.memory_info().rss
-                except psutil.Error:  # a worker that exited between listing and reading
-                    pass
             highest = max(highest, total)
             done.wait(interval)
 
@@ -94,12 +93,19 @@ def floor_run(config: RunConfig) -> list[float]:
     settings = OptimizerSettings(lr=config.lr, batch_size=config.batch_size)
     aggregator = get_aggregator(config.strategy.aggregator)
     student_model = build_model(
-        config.student_model, input_shape=info.input_shape, num_classes=info.num_classes,
+        config.student_model,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
         seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
     student = Student(  # as strategies.registry builds the server's student
-        student_model, temperature=config.temperature, epochs=config.distill_epochs, settings=settings,
-        seed=config.seed, alpha=config.kd_alpha, max_shift=config.augment_shift,
+        student_model,
+        temperature=config.temperature,
+        epochs=config.distill_epochs,
+        settings=settings,
+        seed=config.seed,
+        alpha=config.kd_alpha,
+        max_shift=config.augment_shift,
     )
     teachers: dict[int, torch.nn.Module] = {}
     # The floor converts every partition to tensors once; it is the least work a round needs.
@@ -117,13 +123,19 @@ def floor_run(config: RunConfig) -> list[float]:
             teacher = teachers.get(client)
             if teacher is None:
                 teacher = build_model(
-                    model_for_client(config.client_models, client), input_shape=info.input_shape,
-                    num_classes=info.num_classes, seed=derive_seed(config.seed, client, SeedPurpose.TEACHER_INIT),
+                    model_for_client(config.client_models, client),
+                    input_shape=info.input_shape,
+                    num_classes=info.num_classes,
+                    seed=derive_seed(config.seed, client, SeedPurpose.TEACHER_INIT),
                 )
                 teachers[client] = teacher
             torch.manual_seed(derive_seed(config.seed, server_round, client, SeedPurpose.TEACHER_TRAIN))
             train_supervised(
-                teacher, partition.images, partition.labels, epochs=config.local_epochs, settings=settings,
+                teacher,
+                partition.images,
+                partition.labels,
+                epochs=config.local_epochs,
+                settings=settings,
                 generator=torch_generator(config.seed, server_round, client, SeedPurpose.TEACHER_TRAIN),
                 max_shift=config.augment_shift,
             )
@@ -174,9 +186,15 @@ def main() -> None:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # one line per trial, not per round
     config = RunConfig(
-        dataset=args.dataset, data_root=args.data_root, num_clients=args.clients,
-        partition=PartitionConfig(scheme="iid"), rounds=args.rounds, public_size=args.public_size,
-        local_epochs=args.local_epochs, distill_epochs=1, client_models=("cnn_small",),
+        dataset=args.dataset,
+        data_root=args.data_root,
+        num_clients=args.clients,
+        partition=PartitionConfig(scheme="iid"),
+        rounds=args.rounds,
+        public_size=args.public_size,
+        local_epochs=args.local_epochs,
+        distill_epochs=1,
+        client_models=("cnn_small",),
         student_model="cnn_small",
     )
     floor: list[float] = []

@@ -1,6 +1,6 @@
 """The README's scale table from the JSON files ``benchmarks/scale.py --out`` wrote.
 
-    python benchmarks/scale_table.py results/scale
+python benchmarks/scale_table.py results/scale
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from pathlib import Path
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/scale")
-    results = sorted(
-        (json.loads(path.read_text()) for path in root.glob("clients-*.json")), key=lambda r: r["clients"]
-    )
+    results = sorted((json.loads(path.read_text()) for path in root.glob("clients-*.json")), key=lambda r: r["clients"])
     if not results:
         raise SystemExit(f"no clients-*.json under {root}; run benchmarks/scale.py --clients N --out ... first.")
     print(
@@ -35,6 +33,7 @@ def main() -> None:
             f"{r['ray_peak_tree_rss_mib']:,.0f} MiB" if ray else "—",
         ]
         print("| " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()

@@ -46,15 +46,20 @@ def main() -> None:
     count = min(len(dataset.train.labels), 12000)
     teacher = build_model(args.teacher, input_shape=info.input_shape, num_classes=info.num_classes, seed=0)
     train_supervised(
-        teacher, to_tensor(dataset.train.images[:count], info),
-        torch.from_numpy(dataset.train.labels[:count].astype(np.int64)), epochs=1,
-        settings=OptimizerSettings(lr=1e-3, batch_size=64), generator=torch.Generator().manual_seed(0),
+        teacher,
+        to_tensor(dataset.train.images[:count], info),
+        torch.from_numpy(dataset.train.labels[:count].astype(np.int64)),
+        epochs=1,
+        settings=OptimizerSettings(lr=1e-3, batch_size=64),
+        generator=torch.Generator().manual_seed(0),
     )
     normalization = dict(pixel_mean=info.mean, pixel_std=info.std)
     seconds: dict[str, list[float]] = {"deepinversion": [], "generator": [], "generator_sampling": []}
     for trial in range(args.repeats):
         deep_inversion = DeepInversion(
-            teacher, input_shape=info.input_shape, num_classes=info.num_classes,
+            teacher,
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
             config=InversionConfig(iterations=args.di_iterations, **normalization),
         )
         started = time.perf_counter()
@@ -62,7 +67,9 @@ def main() -> None:
         seconds["deepinversion"].append(time.perf_counter() - started)
 
         amortized = AmortizedGenerator(
-            teacher, input_shape=info.input_shape, num_classes=info.num_classes,
+            teacher,
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
             config=GeneratorConfig(steps=args.generator_steps, **normalization),
         )
         started = time.perf_counter()

@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedkd.config import RunConfig
-from fedkd.distillation import OptimizerSettings, train_supervised
 from fedkd.data.local import info_for, private_partition
+from fedkd.distillation import OptimizerSettings, train_supervised
 from fedkd.models import build_model
 
 
@@ -41,7 +41,10 @@ def main() -> None:
         persist = (time.perf_counter() - started) / args.repeats
         started = time.perf_counter()
         train_supervised(
-            teacher, partition.images, partition.labels, epochs=config.local_epochs,
+            teacher,
+            partition.images,
+            partition.labels,
+            epochs=config.local_epochs,
             settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
             generator=torch.Generator().manual_seed(0),
         )

@@ -16,8 +16,8 @@ import time
 import torch
 
 from fedkd.config import PartitionConfig, RunConfig
-from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
 from fedkd.data.local import evaluation_split, info_for, private_partition
+from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
 from fedkd.models import build_model
 from fedkd.results import RunFolder
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
@@ -50,7 +50,9 @@ def main() -> None:
     labels = torch.cat([part.labels for part in parts])
     test = evaluation_split(spec)
     model = build_model(
-        config.student_model, input_shape=info.input_shape, num_classes=info.num_classes,
+        config.student_model,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
         seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
     folder = RunFolder(args.out)
@@ -61,15 +63,23 @@ def main() -> None:
     for epoch in range(1, args.epochs + 1):
         started = time.perf_counter()
         train_supervised(
-            model, images, labels, epochs=1,
+            model,
+            images,
+            labels,
+            epochs=1,
             settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
             generator=torch_generator(config.seed, epoch, SeedPurpose.TEACHER_TRAIN),
-            max_shift=config.augment_shift, optimizer=optimizer,
+            max_shift=config.augment_shift,
+            optimizer=optimizer,
         )
         result = evaluate(model, test.images, test.labels)
         row = {
-            "round": epoch, "student_accuracy": result.accuracy, "student_loss": result.loss,
-            "clients": 0, "bytes_up": 0, "bytes_down": 0,
+            "round": epoch,
+            "student_accuracy": result.accuracy,
+            "student_loss": result.loss,
+            "clients": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
             "wall_seconds": time.perf_counter() - started,
         }
         folder.append_metrics(row)

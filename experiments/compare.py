@@ -80,7 +80,7 @@ def plot(runs: list[dict], out: Path) -> None:
     strategies = sorted({run["strategy"] for run in runs}, key=_strategy_rank)
     for name, x_of in (("accuracy_per_round", None), ("accuracy_vs_bytes", "cumulative_bytes")):
         figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-        for axis, (dataset, alpha) in zip(axes[0], panels):
+        for axis, (dataset, alpha) in zip(axes[0], panels, strict=True):
             for strategy in strategies:
                 group = grouped.get((dataset, alpha, strategy))
                 if not group:

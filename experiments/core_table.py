@@ -1,6 +1,6 @@
 """Turn the run folders of the core comparison into the README's markdown table.
 
-    python -m experiments.core_table results/core
+python -m experiments.core_table results/core
 """
 
 from __future__ import annotations

@@ -32,9 +32,7 @@ from generators.image_grid import save_class_grid
 from generators.registry import SYNTHESIZERS, build_synthesizer
 
 CLASS_NAMES = {
-    "fashion_mnist": (
-        "T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"
-    ),
+    "fashion_mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
 }
 
 
@@ -55,7 +53,9 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument(
-        "--resample", action=argparse.BooleanOptionalAction, default=True,
+        "--resample",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="generator only: draw a fresh synthetic set every epoch (one forward pass each)",
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -74,13 +74,20 @@ def main() -> None:
     settings = OptimizerSettings(lr=1e-3, batch_size=64)
 
     teacher = build_model(
-        args.teacher, input_shape=info.input_shape, num_classes=info.num_classes,
+        args.teacher,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
         seed=derive_seed(args.seed, SeedPurpose.TEACHER_INIT),
     )
     started = time.perf_counter()
     train_supervised(
-        teacher, train_images, train_labels, epochs=args.teacher_epochs, settings=settings,
-        generator=torch_generator(args.seed, SeedPurpose.TEACHER_TRAIN), max_shift=0.1,
+        teacher,
+        train_images,
+        train_labels,
+        epochs=args.teacher_epochs,
+        settings=settings,
+        generator=torch_generator(args.seed, SeedPurpose.TEACHER_TRAIN),
+        max_shift=0.1,
     )
     teacher_accuracy = evaluate(teacher, test_images, test_labels).accuracy
     print(
@@ -90,8 +97,13 @@ def main() -> None:
     )
 
     synthesizer = build_synthesizer(
-        args.method, teacher, input_shape=info.input_shape, num_classes=info.num_classes,
-        steps=args.steps, pixel_mean=info.mean, pixel_std=info.std,
+        args.method,
+        teacher,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        steps=args.steps,
+        pixel_mean=info.mean,
+        pixel_std=info.std,
     )
     started = time.perf_counter()
     synthetic, targets = synthesizer.sample(
@@ -128,13 +140,17 @@ def main() -> None:
     folder.write_config(config, extra=extra)
     folder.start_metrics()
     save_class_grid(
-        pixels, targets.numpy(), out / "samples.png",
+        pixels,
+        targets.numpy(),
+        out / "samples.png",
         class_names=class_names(args.dataset, info.num_classes),
         title=f"{args.dataset}: {args.method}, {args.teacher} teacher",
     )
 
     student = build_model(
-        args.student, input_shape=info.input_shape, num_classes=info.num_classes,
+        args.student,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
         seed=derive_seed(args.seed, SeedPurpose.STUDENT_INIT),
     )
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
@@ -147,13 +163,25 @@ def main() -> None:
             synthetic = to_tensor(to_uint8(fresh, info), info)
             soft_labels = soften(predict_logits(teacher, synthetic), args.temperature)
         loss = distill(
-            student, synthetic, soft_labels, epochs=1, temperature=args.temperature, settings=settings,
-            generator=torch_generator(args.seed, epoch, SeedPurpose.DISTILL), max_shift=0.1, optimizer=optimizer,
+            student,
+            synthetic,
+            soft_labels,
+            epochs=1,
+            temperature=args.temperature,
+            settings=settings,
+            generator=torch_generator(args.seed, epoch, SeedPurpose.DISTILL),
+            max_shift=0.1,
+            optimizer=optimizer,
         )
         result = evaluate(student, test_images, test_labels)
         row = {
-            "round": epoch, "student_accuracy": result.accuracy, "student_loss": result.loss,
-            "distill_loss": loss, "clients": 0, "bytes_up": 0, "bytes_down": 0,
+            "round": epoch,
+            "student_accuracy": result.accuracy,
+            "student_loss": result.loss,
+            "distill_loss": loss,
+            "clients": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
             "wall_seconds": time.perf_counter() - started,
         }
         folder.append_metrics(row)
@@ -167,8 +195,7 @@ def main() -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        f"data-free student {args.student}: {result.accuracy:.4f} (teacher {teacher_accuracy:.4f}); "
-        f"results in {out}",
+        f"data-free student {args.student}: {result.accuracy:.4f} (teacher {teacher_accuracy:.4f}); results in {out}",
         flush=True,
     )
 

@@ -168,9 +168,7 @@ def make_private(
     model: nn.Module, train: TensorDataset, recipe: Recipe, calibration: NoiseCalibration
 ) -> tuple[PrivacyEngine, nn.Module, DPOptimizer, DataLoader]:
     """Opacus's Poisson-sampling loader, per-sample clipping and seeded Gaussian noise."""
-    loader = DataLoader(
-        train, batch_size=recipe.batch_size, generator=torch_generator(recipe.seed, _SAMPLING)
-    )
+    loader = DataLoader(train, batch_size=recipe.batch_size, generator=torch_generator(recipe.seed, _SAMPLING))
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
     with warnings.catch_warnings():
         # Seeded (not cryptographically secure) noise makes runs reproducible; a deployment
@@ -204,9 +202,7 @@ def train_epoch(model: nn.Module, optimizer: DPOptimizer, loader: DataLoader, ph
     """One pass of Poisson-sampled logical batches; returns the noisy steps taken."""
     model.train()
     steps = 0
-    with BatchMemoryManager(
-        data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer
-    ) as chunks:
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer) as chunks:
         for inputs, targets in chunks:
             optimizer.zero_grad(set_to_none=True)
             if len(targets) == 0:
@@ -296,9 +292,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     recipe = Recipe(
-        epsilon=args.epsilon, delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, momentum=args.momentum, max_grad_norm=args.max_grad_norm,
-        physical_batch_size=args.physical_batch_size, seed=args.seed,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        max_grad_norm=args.max_grad_norm,
+        physical_batch_size=args.physical_batch_size,
+        seed=args.seed,
     )
     try:
         check_recipe(recipe)

@@ -83,7 +83,7 @@ def plot(found: dict[str, dict[float, tuple[float, float | None]]], path: Path) 
             continue
         points = sorted((eps if math.isfinite(eps) else no_noise_at, acc) for eps, (acc, _) in runs.items())
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=LABELS[mechanism])
-    for (label, points), marker in zip(ANCHORS.items(), ("*", "P")):
+    for (label, points), marker in zip(ANCHORS.items(), ("*", "P"), strict=True):
         ax.scatter([e for e, _ in points], [a for _, a in points], marker=marker, s=70, color="grey", label=label)
     ax.set_xscale("log", base=2)
     ticks = [*finite, no_noise_at]

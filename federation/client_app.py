@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from fedkd.attacks import attacked_logits, flip_labels, malicious_clients
 from fedkd.config import ClientTask, RunConfig, SplitSpec
 from fedkd.data import DatasetInfo, to_tensor, to_uint8
+from fedkd.data.local import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
 from fedkd.distillation import (
     OptimizerSettings,
     class_mean_logits,
@@ -35,7 +36,6 @@ from fedkd.distillation import (
     train_supervised,
     train_with_class_targets,
 )
-from fedkd.data.local import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
 from fedkd.messages import (
     CLASS_LOGITS_KEY,
     CLIENT_ID,
@@ -195,7 +195,9 @@ def teacher_generator(client: ClientRound, teacher: int) -> torch.Generator:
     # Teacher 0 keeps the stream a one-teacher client always had.
     if teacher == 0:
         return client.generator(SeedPurpose.TEACHER_TRAIN)
-    return torch_generator(client.run.seed, client.task.server_round, client.client_id, SeedPurpose.TEACHER_TRAIN, teacher)
+    return torch_generator(
+        client.run.seed, client.task.server_round, client.client_id, SeedPurpose.TEACHER_TRAIN, teacher
+    )
 
 
 def teacher_state_key(teacher: int) -> str:
@@ -285,7 +287,9 @@ def pate_votes(client: ClientRound) -> RecordDict:
     for index, shard in enumerate(shards):
         rows = torch.from_numpy(shard)
         teacher = restore_teacher(client, index)
-        train_locally(teacher, client, partition=LabeledTensors(partition.images[rows], partition.labels[rows]), teacher=index)
+        train_locally(
+            teacher, client, partition=LabeledTensors(partition.images[rows], partition.labels[rows]), teacher=index
+        )
         client.state[teacher_state_key(index)] = ArrayRecord(teacher.state_dict())
         votes = predict_logits(teacher, inputs).argmax(dim=-1).numpy()
         counts[np.arange(len(inputs)), votes] += 1.0

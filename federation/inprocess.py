@@ -143,7 +143,12 @@ class InProcessGrid(Grid):
         replies = []
         for reply, seconds in self._take(list(self.push_messages(messages))):
             if timeout is not None and seconds > timeout:
-                logger.debug("node %d answered after %.1f s > timeout %.1f s; dropped.", reply.metadata.src_node_id, seconds, timeout)
+                logger.debug(
+                    "node %d answered after %.1f s > timeout %.1f s; dropped.",
+                    reply.metadata.src_node_id,
+                    seconds,
+                    timeout,
+                )
                 continue
             replies.append(reply)
         return replies

@@ -83,7 +83,5 @@ class MeteredGrid(Grid):
         sent = self._count_down(messages)
         replies = self._count_up(self.inner.send_and_receive(sent, timeout=timeout))
         answered = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
-        self._traffic.failed_nodes.extend(
-            sorted({message.metadata.dst_node_id for message in sent} - answered)
-        )
+        self._traffic.failed_nodes.extend(sorted({message.metadata.dst_node_id for message in sent} - answered))
         return replies

@@ -124,7 +124,9 @@ def _serve(
         other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which stops the workers
     torch.set_num_threads(1)  # as the ClientApp does; a forked OpenMP pool must not be used
-    grid = InProcessGrid(client_app, num_nodes=num_nodes, run_id=run_id, node_config_extra=node_config_extra, node_ids=shard)
+    grid = InProcessGrid(
+        client_app, num_nodes=num_nodes, run_id=run_id, node_config_extra=node_config_extra, node_ids=shard
+    )
     while True:
         while not conn.poll(1.0):
             if os.getppid() != parent_pid:  # the parent died without closing the pipe
@@ -262,8 +264,16 @@ class ProcessPoolGrid(Grid):
         inherited = [worker.conn for worker in self._workers if worker.index != index]
         process = context.Process(
             target=_serve,
-            args=(child_end, inherited, os.getpid(), self.client_app, self.num_nodes, self.shards[index],
-                  self.run_id, self.node_config_extra),
+            args=(
+                child_end,
+                inherited,
+                os.getpid(),
+                self.client_app,
+                self.num_nodes,
+                self.shards[index],
+                self.run_id,
+                self.node_config_extra,
+            ),
             name=f"fedkd-worker-{index}",
             daemon=True,
         )
@@ -279,7 +289,10 @@ class ProcessPoolGrid(Grid):
                 worker.conn.close()
                 logger.warning(
                     "worker %d (pid %s) exited with code %s; forked a new one: nodes %s start again with empty state.",
-                    index, worker.process.pid, worker.process.exitcode, _ids(worker.shard),
+                    index,
+                    worker.process.pid,
+                    worker.process.exitcode,
+                    _ids(worker.shard),
                 )
                 self._workers[index] = self._fork(index)
                 self.restarts += 1
@@ -344,7 +357,12 @@ class ProcessPoolGrid(Grid):
         replies = []
         for reply, seconds in self._take(list(self.push_messages(messages))):
             if timeout is not None and seconds > timeout:
-                logger.debug("node %d answered after %.1f s > timeout %.1f s; dropped.", reply.metadata.src_node_id, seconds, timeout)
+                logger.debug(
+                    "node %d answered after %.1f s > timeout %.1f s; dropped.",
+                    reply.metadata.src_node_id,
+                    seconds,
+                    timeout,
+                )
                 continue
             replies.append(reply)
         return replies
@@ -402,7 +420,9 @@ class ProcessPoolGrid(Grid):
             answers[position] = (reply, float(header["seconds"]))
             progress.tick()
 
-    def _fail_pending(self, worker: _Worker, messages: list[Message], answers: list[tuple[Message, float] | None]) -> None:
+    def _fail_pending(
+        self, worker: _Worker, messages: list[Message], answers: list[tuple[Message, float] | None]
+    ) -> None:
         worker.process.join(timeout=5)
         reason = f"worker process {worker.index} (pid {worker.process.pid}) died, exit code {worker.process.exitcode}"
         logger.warning("%s; %d of its messages fail.", reason, len(worker.pending))
@@ -458,11 +478,17 @@ class ProcessPoolGrid(Grid):
         return Context(
             run_id=self.run_id,
             node_id=node_id,
-            node_config={"partition-id": node_id - 1, "num-partitions": self.num_nodes, **(self.node_config_extra or {})},
+            node_config={
+                "partition-id": node_id - 1,
+                "num-partitions": self.num_nodes,
+                **(self.node_config_extra or {}),
+            },
             state=state,
             run_config={},
         )
 
 
 def _ids(shard: tuple[int, ...]) -> str:
-    return ", ".join(map(str, shard)) if len(shard) <= 8 else f"{', '.join(map(str, shard[:8]))}, … ({len(shard)} in all)"
+    return (
+        ", ".join(map(str, shard)) if len(shard) <= 8 else f"{', '.join(map(str, shard[:8]))}, … ({len(shard)} in all)"
+    )

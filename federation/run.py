@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from federation.metered_grid import MeteredGrid, Traffic
 from fedkd.checkpoint import Checkpoint, ResumeError, load_checkpoint, save_checkpoint
 from fedkd.config import ClientTask, RunConfig
 from fedkd.data.local import evaluation_split, info_for, split_for
@@ -25,7 +25,6 @@ from fedkd.distillation import Evaluation, evaluate
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
 from fedkd.seeding import SeedPurpose, derive_seed
-from federation.metered_grid import MeteredGrid, Traffic
 from strategies.registry import CheckpointableStrategy, build_strategy, check_run
 
 logger = logging.getLogger(__name__)
@@ -39,6 +38,7 @@ class NodeStateGrid(Protocol):
     def node_states(self) -> dict[int, RecordDict]: ...
 
     def restore_node_states(self, states: dict[int, RecordDict]) -> None: ...
+
 
 # Flower's FedAvg reports the weighted mean of every client metric; an id has no mean.
 _FEDAVG_DROPPED_METRICS = ("client-id", "num-examples")
@@ -145,9 +145,7 @@ class RoundRecorder:
         self._round_started = time.perf_counter()
         return MetricRecord({"student-accuracy": result.accuracy, "student-loss": result.loss})
 
-    def _record(
-        self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, traffic: Traffic
-    ) -> None:
+    def _record(self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, traffic: Traffic) -> None:
         train = self.strategy.latest_train_metrics
         rejected = int(train.get("rejected", 0))
         failed_nodes = sorted(set(traffic.failed_nodes))  # a node can fail a query and a train message

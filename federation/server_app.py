@@ -19,11 +19,12 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedkd.config import RunConfig, run_config_from_flower
 from federation.nodes import await_nodes, fit_to_simulation
 from federation.run import print_progress, run_federation
+from fedkd.config import RunConfig, run_config_from_flower
 
 app = ServerApp()
+
 
 def default_run_dir() -> Path:
     return Path("outputs") / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S")

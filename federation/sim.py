@@ -23,11 +23,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from federation.hydra_schema import register_configs, sim_config_from_hydra
 from fedkd.checkpoint import ResumeError
 from fedkd.config import RunConfig
 from fedkd.results import RunFolder, format_bytes
 from fedkd.tracking import TensorBoardLogger, round_callbacks
-from federation.hydra_schema import register_configs, sim_config_from_hydra
 
 
 def simulate(
@@ -91,8 +91,8 @@ def _simulate(
 
     from flwr.simulation import run_simulation
 
-    from fedkd.results import read_metrics
     from federation.server_app import make_server_app
+    from fedkd.results import read_metrics
 
     run_simulation(
         server_app=make_server_app(config, run_dir=run_dir, on_round=on_round),

@@ -45,9 +45,7 @@ def flip_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (num_classes - 1) - labels
 
 
-def attacked_logits(
-    logits: torch.Tensor, kind: str, *, scale: float, generator: torch.Generator
-) -> torch.Tensor:
+def attacked_logits(logits: torch.Tensor, kind: str, *, scale: float, generator: torch.Generator) -> torch.Tensor:
     """What a malicious client of ``kind`` shares instead of its honest ``logits``."""
     if kind == "random":
         spread = float(logits.std()) if logits.numel() > 1 else 1.0

@@ -48,9 +48,7 @@ def kd_loss(
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
-def random_translate(
-    images: torch.Tensor, *, max_shift: float, generator: torch.Generator
-) -> torch.Tensor:
+def random_translate(images: torch.Tensor, *, max_shift: float, generator: torch.Generator) -> torch.Tensor:
     """Shift each image by up to ``max_shift`` of its width/height (zero padding).
 
     A cheap augmentation that matters when a student learns from only a few thousand
@@ -97,9 +95,7 @@ def _fit(
     optimizer: torch.optim.Optimizer | None,
 ) -> float:
     """Minimize ``batch_loss(indices)`` over shuffled mini-batches; mean loss of the last epoch."""
-    optimizer = optimizer or torch.optim.Adam(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-    )
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     last_epoch_loss = float("nan")
     for _ in range(epochs):
@@ -135,8 +131,13 @@ def train_supervised(
         return F.cross_entropy(model(inputs), labels[batch])
 
     return _fit(
-        model, len(images), batch_loss,
-        epochs=epochs, settings=settings, generator=generator, optimizer=optimizer,
+        model,
+        len(images),
+        batch_loss,
+        epochs=epochs,
+        settings=settings,
+        generator=generator,
+        optimizer=optimizer,
     )
 
 
@@ -166,9 +167,7 @@ def distill(
     Returns the mean loss of the last epoch.
     """
     if len(inputs) != len(teacher_probs):
-        raise ValueError(
-            f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels."
-        )
+        raise ValueError(f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels.")
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         batch_inputs = random_translate(inputs[batch], max_shift=max_shift, generator=generator)
@@ -181,8 +180,13 @@ def distill(
         )
 
     return _fit(
-        student, len(inputs), batch_loss,
-        epochs=epochs, settings=settings, generator=generator, optimizer=optimizer,
+        student,
+        len(inputs),
+        batch_loss,
+        epochs=epochs,
+        settings=settings,
+        generator=generator,
+        optimizer=optimizer,
     )
 
 
@@ -193,9 +197,7 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000
-) -> Evaluation:
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000) -> Evaluation:
     """Top-1 accuracy (0..1) and mean cross-entropy on ``(images, labels)``."""
     logits = predict_logits(model, images, batch_size=batch_size)
     loss = F.cross_entropy(logits, labels).item()
@@ -249,9 +251,7 @@ def train_with_class_targets(
         loss = F.cross_entropy(logits, batch_labels)
         mask = has_target[batch_labels]
         if weight > 0 and bool(mask.any()):
-            loss = loss + weight * kd_loss(
-                logits[mask], class_probs[batch_labels[mask]], temperature=temperature
-            )
+            loss = loss + weight * kd_loss(logits[mask], class_probs[batch_labels[mask]], temperature=temperature)
         return loss
 
     return _fit(model, len(images), batch_loss, epochs=epochs, settings=settings, generator=generator, optimizer=None)
@@ -283,8 +283,10 @@ def strong_augment(images: torch.Tensor, *, generator: torch.Generator) -> torch
     rows = torch.arange(height).view(1, height, 1)
     cols = torch.arange(width).view(1, 1, width)
     inside = (
-        (rows >= top.view(-1, 1, 1)) & (rows < (top + side).view(-1, 1, 1))
-        & (cols >= left.view(-1, 1, 1)) & (cols < (left + side).view(-1, 1, 1))
+        (rows >= top.view(-1, 1, 1))
+        & (rows < (top + side).view(-1, 1, 1))
+        & (cols >= left.view(-1, 1, 1))
+        & (cols < (left + side).view(-1, 1, 1))
     ).unsqueeze(1)
     return torch.where(inside, background.expand_as(warped), warped)
 
@@ -297,7 +299,9 @@ def consistency_loss(
     averaged over the whole batch (masked examples count as zero). The pseudo-label carries no
     gradient. Returns the loss and the mask."""
     if weak_logits.shape != strong_logits.shape:
-        raise ValueError(f"weak {tuple(weak_logits.shape)} and strong {tuple(strong_logits.shape)} logits differ in shape.")
+        raise ValueError(
+            f"weak {tuple(weak_logits.shape)} and strong {tuple(strong_logits.shape)} logits differ in shape."
+        )
     if not 0.0 <= confidence <= 1.0:
         raise ValueError(f"confidence must lie in [0, 1], got {confidence}.")
     probs = torch.softmax(weak_logits.detach(), dim=-1)
@@ -340,8 +344,16 @@ def train_semi_supervised(
     if len(inputs) < 2:
         raise ValueError("semi-supervised training needs at least two labelled inputs.")
     if len(unlabelled) == 0:
-        return distill(student, inputs, teacher_probs, epochs=epochs, temperature=temperature,
-                       settings=settings, generator=generator, max_shift=max_shift)
+        return distill(
+            student,
+            inputs,
+            teacher_probs,
+            epochs=epochs,
+            temperature=temperature,
+            settings=settings,
+            generator=generator,
+            max_shift=max_shift,
+        )
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     batch_size = min(settings.batch_size, len(inputs))
     student.train()

@@ -155,9 +155,7 @@ class _BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """CIFAR-style ResNet (He et al. 2016, §4.2): depth = 6n + 2, widths 16/32/64."""
 
-    def __init__(
-        self, *, depth: int = 8, in_channels: int = 3, num_classes: int = 10, image_size: int = 32
-    ) -> None:
+    def __init__(self, *, depth: int = 8, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"ResNet depth must be 6n+2 (8, 14, 20, …), got {depth}.")
@@ -184,9 +182,7 @@ class ResNetCifar(nn.Module):
 class MLP(nn.Module):
     """Two hidden layers with BatchNorm1d; a weak but fast baseline."""
 
-    def __init__(
-        self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: int = 256
-    ) -> None:
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: int = 256) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -227,9 +223,7 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def build_model(
-    name: str, *, input_shape: Sequence[int], num_classes: int, seed: int | None = None
-) -> nn.Module:
+def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int | None = None) -> nn.Module:
     """Instantiate a registered model for inputs of shape ``(C, H, W)``.
 
     Parameters

@@ -6,9 +6,9 @@ from generators.hooks import (
     RunningStatistics,
     StatisticsTargets,
     SuppliedStatistics,
-    normalization_layers,
     bn_statistics,
     check_statistics,
+    normalization_layers,
 )
 from generators.losses import (
     competition_loss,

@@ -29,12 +29,12 @@ from generators.common import (
     MNIST_MEAN,
     MNIST_STD,
     balanced_targets,
-    check_teacher_setup,
     check_class_prior,
     check_synthesis_config,
-    inversion_objective,
     check_targets,
+    check_teacher_setup,
     frozen,
+    inversion_objective,
     module_device,
     module_dtype,
     pixel_bounds,
@@ -114,7 +114,8 @@ class ConditionalGenerator(nn.Module):
         self.width = width
         self.embed = nn.Embedding(num_classes, latent_dim)
         self.project = nn.Sequential(
-            nn.Linear(latent_dim, width * self.start[0] * self.start[1]), nn.BatchNorm1d(width * self.start[0] * self.start[1])
+            nn.Linear(latent_dim, width * self.start[0] * self.start[1]),
+            nn.BatchNorm1d(width * self.start[0] * self.start[1]),
         )
         half = max(width // 2, 1)
         self.body = nn.Sequential(
@@ -217,8 +218,7 @@ class AmortizedGenerator:
         config = self.config
         if config.adi_weight > 0 and student is None:
             raise ValueError(
-                f"adi_weight={config.adi_weight} needs a student to compete with; pass "
-                "student=... or set adi_weight=0."
+                f"adi_weight={config.adi_weight} needs a student to compete with; pass student=... or set adi_weight=0."
             )
         network = self._new_network(generator)
         network.train()
@@ -227,24 +227,16 @@ class AmortizedGenerator:
         competing = student is not None and config.adi_weight > 0
         frozen_modules = [self.teacher, student] if student is not None and competing else [self.teacher]
         self._loss_history = []
-        hooks = (
-            bn_statistics(self.teacher, targets=self.statistics)
-            if config.bn_weight > 0
-            else nullcontext(None)
-        )
+        hooks = bn_statistics(self.teacher, targets=self.statistics) if config.bn_weight > 0 else nullcontext(None)
         with frozen(frozen_modules), torch.enable_grad(), hooks as stats:
             weights = (
-                None
-                if stats is None
-                else layer_weights(stats.num_layers, first_multiplier=config.first_bn_multiplier)
+                None if stats is None else layer_weights(stats.num_layers, first_multiplier=config.first_bn_multiplier)
             )
             for _ in range(config.steps):
                 noise = torch.randn(
                     (config.batch_size, config.latent_dim), generator=generator, device=generator.device
                 ).to(device)
-                targets = balanced_targets(
-                    config.batch_size, self.num_classes, generator, self.class_prior
-                ).to(device)
+                targets = balanced_targets(config.batch_size, self.num_classes, generator, self.class_prior).to(device)
                 images = network(noise, targets)
                 augmented = roll_jitter(images, config.jitter, generator)
                 logits = self.teacher(augmented)
@@ -286,9 +278,9 @@ class AmortizedGenerator:
             self.fit(generator=generator, student=student)
         assert self.network is not None
         device = module_device(self.teacher)
-        noise = torch.randn(
-            (len(targets), self.config.latent_dim), generator=generator, device=generator.device
-        ).to(device)
+        noise = torch.randn((len(targets), self.config.latent_dim), generator=generator, device=generator.device).to(
+            device
+        )
         with torch.no_grad():
             return self.network(noise, targets.to(device=device, dtype=torch.long)).detach()
 

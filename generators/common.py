@@ -79,13 +79,9 @@ def pixel_bounds(
     return (0.0 - mean) / std, (1.0 - mean) / std
 
 
-def check_pixel_normalization(
-    pixel_mean: Sequence[float] | None, pixel_std: Sequence[float] | None
-) -> None:
+def check_pixel_normalization(pixel_mean: Sequence[float] | None, pixel_std: Sequence[float] | None) -> None:
     if (pixel_mean is None) != (pixel_std is None):
-        raise ValueError(
-            "pixel_mean and pixel_std must be given together (to clip pixels) or both be None."
-        )
+        raise ValueError("pixel_mean and pixel_std must be given together (to clip pixels) or both be None.")
     if pixel_mean is not None and pixel_std is not None:
         if len(pixel_mean) != len(pixel_std) or not pixel_mean:
             raise ValueError(
@@ -99,9 +95,7 @@ def check_pixel_normalization(
 def check_input_shape(input_shape: Sequence[int], pixel_mean: Sequence[float] | None) -> tuple[int, int, int]:
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(is_count(side, minimum=1) for side in shape):
-        raise ValueError(
-            f"input_shape must be three positive integers (C, H, W), got {input_shape!r}."
-        )
+        raise ValueError(f"input_shape must be three positive integers (C, H, W), got {input_shape!r}.")
     if pixel_mean is not None and len(pixel_mean) not in (1, shape[0]):
         raise ValueError(
             f"pixel_mean has {len(pixel_mean)} values for {shape[0]}-channel "
@@ -112,17 +106,12 @@ def check_input_shape(input_shape: Sequence[int], pixel_mean: Sequence[float] | 
 
 def check_targets(targets: torch.Tensor, num_classes: int) -> None:
     if targets.dim() != 1 or targets.numel() == 0:
-        raise ValueError(
-            "targets must be a non-empty 1-D tensor of class ids, "
-            f"got shape {tuple(targets.shape)}."
-        )
+        raise ValueError(f"targets must be a non-empty 1-D tensor of class ids, got shape {tuple(targets.shape)}.")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"targets must hold integer class ids, got dtype {targets.dtype}.")
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"targets must lie in [0, {num_classes - 1}], got values in [{low}, {high}]."
-        )
+        raise ValueError(f"targets must lie in [0, {num_classes - 1}], got values in [{low}, {high}].")
 
 
 def check_class_prior(prior: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
@@ -193,9 +182,7 @@ def check_synthesis_config(config: Any, *, counts: Mapping[str, int]) -> None:
     for name in LOSS_WEIGHTS:
         value = getattr(config, name)
         if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"{name} must be a finite number >= 0, got {value!r}; use 0 to turn the term off."
-            )
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}; use 0 to turn the term off.")
     check_pixel_normalization(config.pixel_mean, config.pixel_std)
 
 
@@ -243,7 +230,5 @@ def check_teacher_setup(
     if not is_count(num_classes, minimum=2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
     if config.bn_weight > 0:
-        check_statistics(
-            RunningStatistics.from_model(teacher) if statistics is None else statistics, teacher
-        )
+        check_statistics(RunningStatistics.from_model(teacher) if statistics is None else statistics, teacher)
     return shape

@@ -19,6 +19,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from generators.common import (
+    MNIST_MEAN,
+    MNIST_STD,
+    balanced_targets,
+    check_class_prior,
+    check_synthesis_config,
+    check_targets,
+    check_teacher_setup,
+    frozen,
+    inversion_objective,
+    module_device,
+    module_dtype,
+    pixel_bounds,
+    roll_jitter,
+)
 from generators.hooks import (
     DEFAULT_FIRST_BN_MULTIPLIER,
     BatchNormStatistics,
@@ -26,21 +41,7 @@ from generators.hooks import (
     bn_statistics,
     layer_weights,
 )
-from generators.common import (
-    MNIST_MEAN,
-    MNIST_STD,
-    balanced_targets,
-    check_teacher_setup,
-    check_class_prior,
-    check_synthesis_config,
-    inversion_objective,
-    check_targets,
-    frozen,
-    module_device,
-    module_dtype,
-    pixel_bounds,
-    roll_jitter,
-)
+
 
 @dataclass(frozen=True)
 class InversionConfig:
@@ -185,8 +186,7 @@ class DeepInversion:
         check_targets(targets, self.num_classes)
         if config.adi_weight > 0 and student is None:
             raise ValueError(
-                f"adi_weight={config.adi_weight} needs a student to compete with; pass "
-                "student=... or set adi_weight=0."
+                f"adi_weight={config.adi_weight} needs a student to compete with; pass student=... or set adi_weight=0."
             )
         device, dtype = module_device(self.teacher), module_dtype(self.teacher)
         targets = targets.to(device=device, dtype=torch.long)
@@ -194,9 +194,7 @@ class DeepInversion:
 
         # Noise is drawn on the generator's device and then moved, so one seed gives the same
         # start on CPU and GPU.
-        noise = torch.randn(
-            (len(targets), *self.input_shape), generator=generator, device=generator.device
-        )
+        noise = torch.randn((len(targets), *self.input_shape), generator=generator, device=generator.device)
         pixels = noise.to(device=device, dtype=dtype)
         if bounds is not None:
             pixels = torch.clamp(pixels, *bounds)
@@ -209,9 +207,7 @@ class DeepInversion:
         best_loss, best = math.inf, pixels.detach().clone()
         with frozen(frozen_modules), torch.enable_grad(), self._statistics_hooks() as stats:
             weights = (
-                None
-                if stats is None
-                else layer_weights(stats.num_layers, first_multiplier=config.first_bn_multiplier)
+                None if stats is None else layer_weights(stats.num_layers, first_multiplier=config.first_bn_multiplier)
             )
             for _ in range(config.iterations):
                 optimizer.zero_grad(set_to_none=True)

@@ -81,10 +81,7 @@ class _CopiedStatistics:
         copied: list[LayerStatistics] = []
         for index, pair in enumerate(statistics):
             if len(pair) != 2:
-                raise ValueError(
-                    f"statistics[{index}] has {len(pair)} entries; "
-                    "give a (mean, var) pair per layer."
-                )
+                raise ValueError(f"statistics[{index}] has {len(pair)} entries; give a (mean, var) pair per layer.")
             mean, var = (torch.as_tensor(t).detach().clone() for t in pair)
             if mean.dim() != 1 or mean.shape != var.shape:
                 raise ValueError(
@@ -159,7 +156,7 @@ def check_statistics(targets: StatisticsTargets, model: nn.Module) -> list[Layer
             f"{type(model).__name__} has {len(layers)} BatchNorm layers; give one (mean, var) "
             "pair per BatchNorm layer, in model.modules() order."
         )
-    for index, ((mean, var), layer) in enumerate(zip(statistics, layers)):
+    for index, ((mean, var), layer) in enumerate(zip(statistics, layers, strict=True)):
         channels = layer_channels(layer)
         if mean.shape != (channels,) or var.shape != (channels,):
             raise ValueError(
@@ -256,9 +253,7 @@ class BatchNormStatistics:
             forward pass.
         """
         if not self._handles:
-            raise RuntimeError(
-                "Statistics are only recorded inside the `with bn_statistics(...)` block."
-            )
+            raise RuntimeError("Statistics are only recorded inside the `with bn_statistics(...)` block.")
         missing = [index for index in range(len(self._layers)) if index not in self._latest]
         if missing:
             raise RuntimeError(
@@ -281,9 +276,7 @@ class BatchNormStatistics:
         return feature_matching_loss(self.batch_statistics(), self._targets, weights=weights)
 
 
-def bn_statistics(
-    model: nn.Module, *, targets: StatisticsTargets | None = None
-) -> BatchNormStatistics:
+def bn_statistics(model: nn.Module, *, targets: StatisticsTargets | None = None) -> BatchNormStatistics:
     """Watch the BatchNorm layers of ``model`` for the duration of a ``with`` block.
 
     Parameters

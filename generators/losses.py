@@ -55,9 +55,7 @@ def total_variation(images: torch.Tensor, *, norm: Literal["l2", "l1"] = "l2") -
     """
     _check_images(images)
     if images.shape[2] < 2 or images.shape[3] < 2:
-        raise ValueError(
-            f"total_variation needs images of at least 2×2 pixels, got {tuple(images.shape)}."
-        )
+        raise ValueError(f"total_variation needs images of at least 2×2 pixels, got {tuple(images.shape)}.")
     if norm == "l2":
         penalties = [diff.square().mean() for diff in _neighbour_differences(images)]
     elif norm == "l1":
@@ -102,7 +100,7 @@ def feature_matching_loss(
     if not batch:
         raise ValueError("feature_matching_loss needs at least one layer of statistics.")
     terms = []
-    for (mean, var), (target_mean, target_var), weight in zip(batch, targets, weights):
+    for (mean, var), (target_mean, target_var), weight in zip(batch, targets, weights, strict=True):
         target_mean = target_mean.to(device=mean.device, dtype=mean.dtype)
         target_var = target_var.to(device=var.device, dtype=var.dtype)
         distance_mean = torch.linalg.vector_norm(mean - target_mean)
@@ -111,9 +109,7 @@ def feature_matching_loss(
     return torch.stack(terms).sum()
 
 
-def jensen_shannon(
-    p_logits: torch.Tensor, q_logits: torch.Tensor, *, temperature: float = 1.0
-) -> torch.Tensor:
+def jensen_shannon(p_logits: torch.Tensor, q_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Jensen–Shannon divergence between ``softmax(p/T)`` and ``softmax(q/T)``, batch mean.
 
     ``JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = (p + q) / 2``, in nats, so it lies in
@@ -122,8 +118,7 @@ def jensen_shannon(
     """
     if p_logits.shape != q_logits.shape:
         raise ValueError(
-            f"p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} "
-            "must have the same shape."
+            f"p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} must have the same shape."
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -135,9 +130,7 @@ def jensen_shannon(
     return (0.5 * (kl_pm + kl_qm)).mean()
 
 
-def competition_loss(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, temperature: float
-) -> torch.Tensor:
+def competition_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
     """Adaptive DeepInversion's competition term ``1 − JS(p_T, p_S)``, JS scaled to ``[0, 1]``.
 
     Minimizing it *maximizes* the disagreement between teacher and student (Yin et al. 2020,

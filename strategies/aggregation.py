@@ -37,9 +37,7 @@ _TINY = float(np.finfo(np.float64).tiny)
 
 def _check_soft_labels(soft_labels: NDArray[np.floating]) -> None:
     if soft_labels.ndim != 3:
-        raise ValueError(
-            f"soft labels must be stacked as (clients, inputs, classes), got shape {soft_labels.shape}."
-        )
+        raise ValueError(f"soft labels must be stacked as (clients, inputs, classes), got shape {soft_labels.shape}.")
     if soft_labels.shape[0] == 0:
         raise ValueError("no client soft labels to aggregate.")
 
@@ -47,16 +45,12 @@ def _check_soft_labels(soft_labels: NDArray[np.floating]) -> None:
 def _check_stack(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> None:
     _check_soft_labels(soft_labels)
     if weights.shape != (soft_labels.shape[0],):
-        raise ValueError(
-            f"need one weight per client: {soft_labels.shape[0]} clients, weights shape {weights.shape}."
-        )
+        raise ValueError(f"need one weight per client: {soft_labels.shape[0]} clients, weights shape {weights.shape}.")
     if np.any(weights < 0) or not np.isfinite(weights).all() or weights.sum() <= 0:
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}.")
 
 
-def _per_input_weighted_mean(
-    stack: NDArray[np.float64], input_weights: NDArray[np.float64]
-) -> NDArray[np.float64]:
+def _per_input_weighted_mean(stack: NDArray[np.float64], input_weights: NDArray[np.float64]) -> NDArray[np.float64]:
     """Row n is ``sum_k input_weights[k, n] * stack[k, n] / sum_k input_weights[k, n]``.
 
     The caller guarantees that no column of ``input_weights`` sums to zero.
@@ -79,9 +73,7 @@ def _renormalize_rows(rows: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.divide(rows, totals, out=uniform, where=totals > 0)
 
 
-def weighted_mean(
-    soft_labels: NDArray[np.floating], weights: NDArray[np.floating]
-) -> NDArray[np.float32]:
+def weighted_mean(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float32]:
     """Average of the clients' probability vectors, client k weighted by ``weights[k]``.
 
     With weights equal to partition sizes this is the ensemble prediction of FedDF/FedED.
@@ -101,9 +93,7 @@ def mean(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> ND
     return weighted_mean(soft_labels, np.ones_like(weights, dtype=np.float64))
 
 
-def confidence_weighted(
-    soft_labels: NDArray[np.floating], weights: NDArray[np.floating]
-) -> NDArray[np.float32]:
+def confidence_weighted(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float32]:
     """Weighted mean in which client k's row for input n counts ``weights[k] * max_c p[k, n, c]``.
 
     Confidence is measured per input, not per client: on non-IID data a client is sure on the
@@ -132,9 +122,7 @@ def confidence_weighted(
     return _per_input_weighted_mean(stack, input_weights).astype(np.float32)
 
 
-def entropy_weighted(
-    soft_labels: NDArray[np.floating], weights: NDArray[np.floating]
-) -> NDArray[np.float32]:
+def entropy_weighted(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float32]:
     """Weighted mean in which client k's row for input n counts ``weights[k] * (1 - H(p_kn)/log C)``.
 
     ``H(p) / log C`` is the entropy normalized to [0, 1]: a one-hot row gets its full
@@ -195,9 +183,7 @@ def coordinatewise_median(soft_labels: NDArray[np.floating]) -> NDArray[np.float
     return np.median(soft_labels.astype(np.float64), axis=0)
 
 
-def coordinatewise_trimmed_mean(
-    soft_labels: NDArray[np.floating], *, trim_fraction: float
-) -> NDArray[np.float64]:
+def coordinatewise_trimmed_mean(soft_labels: NDArray[np.floating], *, trim_fraction: float) -> NDArray[np.float64]:
     """Trimmed mean over clients of every (input, class) entry, before renormalization.
 
     Parameters
@@ -296,8 +282,7 @@ def trimmed_mean(
 def _check_temperature(temperature: float) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(
-            f"temperature must be a positive finite number, got {temperature}; "
-            "use T < 1 to sharpen (DS-FL uses 0.1)."
+            f"temperature must be a positive finite number, got {temperature}; use T < 1 to sharpen (DS-FL uses 0.1)."
         )
 
 

@@ -158,7 +158,9 @@ class EnsembleDistillation(Strategy):
         self._num_inputs = transfer.num_inputs
         content: dict[str, Any] = {TASK_KEY: ConfigRecord({**task, **transfer.task}), **transfer.records}
         content.update(self.consensus_records())
-        return [Message(RecordDict(content), dst_node_id=node_id, message_type=MessageType.TRAIN) for node_id in node_ids]
+        return [
+            Message(RecordDict(content), dst_node_id=node_id, message_type=MessageType.TRAIN) for node_id in node_ids
+        ]
 
     def consensus_records(self) -> dict[str, ArrayRecord]:
         """What travels down beside the transfer inputs (FedMD and DS-FL send the consensus)."""
@@ -233,9 +235,7 @@ class EnsembleDistillation(Strategy):
     def state_records(self) -> StateRecords:
         """What this strategy and its source carry from one round to the next, for checkpoints."""
         clients = sorted(self.client_epsilons.by_client)
-        state: StateRecords = {
-            f"source/{key}": record for key, record in self.source.state_records().items()
-        }
+        state: StateRecords = {f"source/{key}": record for key, record in self.source.state_records().items()}
         state["client-epsilons"] = ConfigRecord(
             {"clients": clients, "epsilons": [self.client_epsilons.by_client[c] for c in clients]}
         )

@@ -52,6 +52,7 @@ from strategies.validation import InvalidReply, triage
 
 logger = logging.getLogger(__name__)
 
+
 def _weighted_sums(
     class_logits: NDArray[np.floating], counts: NDArray[np.integer]
 ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
@@ -239,7 +240,9 @@ class FederatedDistillation(Strategy):
     ) -> Iterable[Message]:
         """The clients that trained this round evaluate their own models on the test split."""
         content = RecordDict({TASK_KEY: ConfigRecord({**config, "server-round": server_round})})
-        return [Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE) for node_id in self._last_sampled]
+        return [
+            Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE) for node_id in self._last_sampled
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Test accuracy and loss averaged over the clients, weighted by their training examples."""

@@ -95,7 +95,9 @@ def build(context: BuildContext) -> FedDF:
     return FedDF(
         student=context.student(),
         transfer=context.public_transfer(),
-        make_model=lambda: build_model(config.student_model, input_shape=info.input_shape, num_classes=info.num_classes),
+        make_model=lambda: build_model(
+            config.student_model, input_shape=info.input_shape, num_classes=info.num_classes
+        ),
         **fedavg_settings(context),
     )
 

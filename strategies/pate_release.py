@@ -25,7 +25,6 @@ stopping rule leaks nothing; a row whose ε exceeds ``privacy.epsilon`` says so
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +84,17 @@ def pate_epsilon(
     order, beta, sigma_ss = config.release_order, config.release_beta, config.release_sigma
     threshold, sigma1, sigma2 = config.threshold, config.sigma_threshold, config.sigma_gnmax
     release = release_epsilon(
-        votes, answered=answered, num_teachers=num_teachers, order=order, delta=config.delta,
-        beta=beta, sigma_ss=sigma_ss, rng=rng, threshold=threshold, sigma1=sigma1, sigma2=sigma2,
+        votes,
+        answered=answered,
+        num_teachers=num_teachers,
+        order=order,
+        delta=config.delta,
+        beta=beta,
+        sigma_ss=sigma_ss,
+        rng=rng,
+        threshold=threshold,
+        sigma1=sigma1,
+        sigma2=sigma2,
     )
     released = release.epsilon + releases * release.release_cost
     # The data-independent bound of the same outputs, at any order where GNSS's bound holds.
@@ -163,9 +171,7 @@ class PATERelease:
         start = ((server_round - 1) * self.config.queries) % len(self._order)
         return np.take(self._order, np.arange(start, start + self.config.queries), mode="wrap")
 
-    def prepare(
-        self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord
-    ) -> RoundTransfer:
+    def prepare(self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord) -> RoundTransfer:
         self._round_positions = self.query_positions(server_round)
         return RoundTransfer(
             {TRANSFER_KEY: transfer_record(self.indices[self._round_positions])},
@@ -203,7 +209,9 @@ class PATERelease:
         if not all(valid):
             logger.warning(
                 "privacy=pate: %d of %d replies are not %d whole vote(s) per input and are left out.",
-                valid.count(False), len(valid), per_client,
+                valid.count(False),
+                len(valid),
+                per_client,
             )
         if not any(valid):
             raise ValueError("privacy=pate: no reply holds valid vote counts; are the clients up to date?")
@@ -224,7 +232,10 @@ class PATERelease:
             logger.warning(
                 "privacy=pate: the run's ε is %.3f after %d answered of %d queries, above the target %g; "
                 "lower privacy.queries or raise privacy.threshold.",
-                result.epsilon, result.answered, result.queries, self.config.epsilon,
+                result.epsilon,
+                result.answered,
+                result.queries,
+                self.config.epsilon,
             )
         return result
 
@@ -271,8 +282,12 @@ class PATERelease:
         if self._epsilon is not None:
             e = self._epsilon
             state.update(
-                epsilon=e.epsilon, epsilon_released=e.released, epsilon_data_independent=e.data_independent,
-                queries=e.queries, queries_answered=e.answered, releases=len(self._batches),
+                epsilon=e.epsilon,
+                epsilon_released=e.released,
+                epsilon_data_independent=e.data_independent,
+                queries=e.queries,
+                queries_answered=e.answered,
+                releases=len(self._batches),
             )
         return state
 
@@ -281,12 +296,20 @@ class PATERelease:
         for index, (positions, counts, answered, labels) in enumerate(self._batches):
             arrays[f"positions-{index}"], arrays[f"counts-{index}"] = positions, counts
             arrays[f"answered-{index}"], arrays[f"labels-{index}"] = answered, labels
-        state: StateRecords = {"pate": arrays_record(arrays), "pate-count": ConfigRecord({"batches": len(self._batches)})}
+        state: StateRecords = {
+            "pate": arrays_record(arrays),
+            "pate-count": ConfigRecord({"batches": len(self._batches)}),
+        }
         if self._epsilon is not None:
             e = self._epsilon
             state["pate-epsilon"] = ConfigRecord(
-                {"epsilon": e.epsilon, "released": e.released, "data-independent": e.data_independent,
-                 "answered": e.answered, "queries": e.queries}
+                {
+                    "epsilon": e.epsilon,
+                    "released": e.released,
+                    "data-independent": e.data_independent,
+                    "answered": e.answered,
+                    "queries": e.queries,
+                }
             )
         return state
 
@@ -300,7 +323,9 @@ class PATERelease:
         record = state.get("pate-epsilon")
         if isinstance(record, ConfigRecord):
             self._epsilon = PateEpsilon(
-                epsilon=float(record["epsilon"]), released=float(record["released"]),  # type: ignore[arg-type]
+                epsilon=float(record["epsilon"]),
+                released=float(record["released"]),  # type: ignore[arg-type]
                 data_independent=float(record["data-independent"]),  # type: ignore[arg-type]
-                answered=int(record["answered"]), queries=int(record["queries"]),  # type: ignore[arg-type]
+                answered=int(record["answered"]),
+                queries=int(record["queries"]),  # type: ignore[arg-type]
             )

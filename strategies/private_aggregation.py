@@ -176,9 +176,7 @@ class PrivateRelease:
             f"at δ={privacy.config.delta:g} over the run"
         )
 
-    def prepare(
-        self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord
-    ) -> RoundTransfer:
+    def prepare(self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord) -> RoundTransfer:
         self._round_positions = self.privacy.query_positions(server_round)
         return RoundTransfer(
             {TRANSFER_KEY: transfer_record(self.indices[self._round_positions])},

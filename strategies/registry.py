@@ -35,7 +35,7 @@ from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.student import Student
 from strategies.aggregation import AGGREGATORS, Aggregator, get_aggregator
 from strategies.sampling import ClientSampling, sample_size
-from strategies.transfer import PublicTransfer, TransferSource
+from strategies.transfer import PublicTransfer
 
 StateRecords = dict[str, ArrayRecord | ConfigRecord]
 
@@ -166,9 +166,7 @@ class StrategySpec:
                 f"something else. Use one of {names_where(lambda s: s.attacks)}."
             )
         if config.strategy.aggregator not in AGGREGATORS:
-            raise ValueError(
-                f"Unknown aggregator {config.strategy.aggregator!r}; choose one of {sorted(AGGREGATORS)}."
-            )
+            raise ValueError(f"Unknown aggregator {config.strategy.aggregator!r}; choose one of {sorted(AGGREGATORS)}.")
         if self.extra_check is not None:
             self.extra_check(config)
 

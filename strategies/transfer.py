@@ -139,9 +139,7 @@ class PublicTransfer:
     def describe(self) -> str:
         return f"{len(self.indices)} public transfer inputs, aggregator={getattr(self.aggregator, '__name__', self.aggregator)}"
 
-    def prepare(
-        self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord
-    ) -> RoundTransfer:
+    def prepare(self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord) -> RoundTransfer:
         return RoundTransfer({TRANSFER_KEY: transfer_record(self.indices)}, num_inputs=len(self.indices))
 
     def distillation_set(

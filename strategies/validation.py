@@ -47,9 +47,7 @@ def validate_soft_labels(
     if not isinstance(probs, np.ndarray):
         raise InvalidReply(f"soft labels must be an array, got {type(probs).__name__}.")
     if probs.shape != (num_inputs, num_classes):
-        raise InvalidReply(
-            f"soft labels have shape {probs.shape}, expected ({num_inputs}, {num_classes})."
-        )
+        raise InvalidReply(f"soft labels have shape {probs.shape}, expected ({num_inputs}, {num_classes}).")
     if not np.issubdtype(probs.dtype, np.floating):
         raise InvalidReply(f"soft labels have dtype {probs.dtype}, expected a float type.")
     if not np.isfinite(probs).all():

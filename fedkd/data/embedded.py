@@ -34,4 +34,3 @@ def load_digits() -> tuple[ImageArrays, ImageArrays]:
         ImageArrays(images=images[train_idx], labels=labels[train_idx]),
         ImageArrays(images=images[test_idx], labels=labels[test_idx]),
     )
-

@@ -82,12 +82,9 @@ def arrays_from_hf(hf_dataset: Any, *, image_column: str, label_column: str) -> 
         )
     if labels.size and labels.min() < 0:
         raise ValueError(
-            f"Column {label_column!r} has negative labels (min {labels.min()}); "
-            f"expected class ids 0..num_classes-1."
+            f"Column {label_column!r} has negative labels (min {labels.min()}); expected class ids 0..num_classes-1."
         )
-    return ImageArrays(
-        images=np.ascontiguousarray(images), labels=labels.astype(np.int64)
-    )
+    return ImageArrays(images=np.ascontiguousarray(images), labels=labels.astype(np.int64))
 
 
 def _to_uint8(images: np.ndarray, *, column: str) -> np.ndarray:
@@ -164,4 +161,3 @@ def load_hub_dataset(name: str) -> tuple[ImageArrays, ImageArrays]:
         arrays_from_hf(loaded["train"], image_column=column, label_column=_HUB_LABEL_COLUMN),
         arrays_from_hf(loaded["test"], image_column=column, label_column=_HUB_LABEL_COLUMN),
     )
-

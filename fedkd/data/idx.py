@@ -110,12 +110,8 @@ def load_idx_dataset(name: str, root: Path) -> tuple[ImageArrays, ImageArrays]:
     folder = root / name
     splits = []
     for prefix in ("train", "t10k"):
-        images = _read_idx_expecting(
-            folder / f"{prefix}-images-idx3-ubyte.gz", magic=_IDX_IMAGES_MAGIC, kind="images"
-        )
-        labels = _read_idx_expecting(
-            folder / f"{prefix}-labels-idx1-ubyte.gz", magic=_IDX_LABELS_MAGIC, kind="labels"
-        )
+        images = _read_idx_expecting(folder / f"{prefix}-images-idx3-ubyte.gz", magic=_IDX_IMAGES_MAGIC, kind="images")
+        labels = _read_idx_expecting(folder / f"{prefix}-labels-idx1-ubyte.gz", magic=_IDX_LABELS_MAGIC, kind="labels")
         if images.shape[1:] != (28, 28):
             raise ValueError(
                 f"{folder / f'{prefix}-images-idx3-ubyte.gz'} holds images of shape "
@@ -133,4 +129,3 @@ def load_idx_dataset(name: str, root: Path) -> tuple[ImageArrays, ImageArrays]:
             )
         )
     return splits[0], splits[1]
-

@@ -92,8 +92,7 @@ def public_inputs(spec: SplitSpec, positions: np.ndarray | None = None) -> Label
         positions = np.asarray(positions)
         if positions.size and (positions.min() < 0 or positions.max() >= len(public)):
             raise ValueError(
-                f"transfer positions must lie in 0..{len(public) - 1}, "
-                f"got {positions.min()}..{positions.max()}."
+                f"transfer positions must lie in 0..{len(public) - 1}, got {positions.min()}..{positions.max()}."
             )
         public = public[positions]
     return _tensors(spec, public, split="train")

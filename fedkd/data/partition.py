@@ -16,8 +16,7 @@ def _validate_labels(labels: np.ndarray) -> np.ndarray:
     array = np.asarray(labels)
     if array.ndim != 1 or array.size == 0 or array.dtype.kind not in "iu":
         raise ValueError(
-            f"labels must be a non-empty 1-D integer array; got dtype {array.dtype} "
-            f"and shape {array.shape}."
+            f"labels must be a non-empty 1-D integer array; got dtype {array.dtype} and shape {array.shape}."
         )
     return array.astype(np.int64, copy=False)
 
@@ -79,15 +78,11 @@ def partition_indices(
     num_examples = len(labels)
     if not isinstance(num_partitions, (int, np.integer)) or not 1 <= num_partitions <= num_examples:
         raise ValueError(
-            f"num_partitions must be an integer in 1..{num_examples} (the number of "
-            f"labels); got {num_partitions!r}."
+            f"num_partitions must be an integer in 1..{num_examples} (the number of labels); got {num_partitions!r}."
         )
     num_partitions = int(num_partitions)
     if scheme not in PARTITION_SCHEMES:
-        raise ValueError(
-            f"Unknown partition scheme {scheme!r}. Known schemes: "
-            f"{', '.join(PARTITION_SCHEMES)}."
-        )
+        raise ValueError(f"Unknown partition scheme {scheme!r}. Known schemes: {', '.join(PARTITION_SCHEMES)}.")
     is_number = isinstance(alpha, (int, float, np.integer, np.floating))
     if scheme == "dirichlet" and not (is_number and np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive number; got {alpha!r}.")
@@ -151,10 +146,7 @@ def _read_partitions(partitioner: Any, order: np.ndarray) -> list[np.ndarray]:
     mapping = getattr(partitioner, "_partition_id_to_indices", None)
     if isinstance(mapping, dict) and set(mapping) == set(range(num_partitions)):
         return [order[np.asarray(mapping[pid], dtype=np.int64)] for pid in range(num_partitions)]
-    return [
-        partitioner.load_partition(pid).with_format("arrow")[:]["row"].to_numpy()
-        for pid in range(num_partitions)
-    ]
+    return [partitioner.load_partition(pid).with_format("arrow")[:]["row"].to_numpy() for pid in range(num_partitions)]
 
 
 @dataclass(frozen=True)

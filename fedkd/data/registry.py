@@ -56,17 +56,14 @@ def load_dataset(name: str, *, data_root: str | Path | None = None) -> Dataset:
         When a Hub dataset is requested and the Hub cannot be reached.
     """
     if name not in available_datasets():
-        raise ValueError(
-            f"Unknown dataset {name!r}. Known datasets: "
-            f"{', '.join(available_datasets())}."
-        )
+        raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}.")
     # Only the IDX names depend on the root, so the others share one cache entry
     # whatever data_root the caller passes.
     root = str(resolve_data_root(data_root)) if name in IDX_DATASETS else None
     return _load_dataset_cached(name, root)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_dataset_cached(name: str, root: str | None) -> Dataset:
     if name == DIGITS:
         train, test = load_digits()
@@ -109,4 +106,3 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
         means.append(mean)
         stds.append(var**0.5)
     return tuple(means), tuple(stds)
-

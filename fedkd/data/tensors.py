@@ -45,7 +45,7 @@ def to_tensor(images: np.ndarray, info: DatasetInfo) -> torch.Tensor:
     return tensor.sub_(mean).div_(std)
 
 
-def to_uint8(tensor: "torch.Tensor", info: DatasetInfo) -> np.ndarray:
+def to_uint8(tensor: torch.Tensor, info: DatasetInfo) -> np.ndarray:
     """Inverse of :func:`to_tensor`: normalized inputs to ``uint8`` pixels, rounded and clipped.
 
     Synthetic inputs cross the wire in this form, exactly like real images: four times fewer

@@ -86,7 +86,7 @@ class PrivacyLedger:
         sigmas, rates, steps = (list(record[key]) for key in ("noise-multipliers", "sample-rates", "steps"))
         if not len(sigmas) == len(rates) == len(steps):
             raise ValueError("a stored privacy ledger has lists of different lengths; it is corrupt.")
-        return cls([(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps)])
+        return cls([(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)])
 
 
 def check_delta(delta: float) -> None:
@@ -94,9 +94,7 @@ def check_delta(delta: float) -> None:
         raise ValueError(f"privacy.delta must lie in (0, 1), got {delta}; 1e-5 is usual for MNIST-sized data.")
 
 
-def calibrate_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int
-) -> float:
+def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier (to Opacus's search precision) that keeps ``steps``
     subsampled-Gaussian releases within ``target_epsilon`` at ``delta``.
 

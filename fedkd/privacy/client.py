@@ -18,8 +18,8 @@ from torch import nn
 
 from fedkd.config import RunConfig
 from fedkd.data import DatasetInfo
-from fedkd.distillation import OptimizerSettings
 from fedkd.data.local import LabeledTensors
+from fedkd.distillation import OptimizerSettings
 from fedkd.privacy.accountant import PrivacyLedger
 from fedkd.privacy.dpsgd import NoisePlan, calibrate_for_run, train_dp_sgd
 from fedkd.privacy.feature_statistics import (

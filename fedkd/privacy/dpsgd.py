@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -89,9 +89,7 @@ def calibrate_for_run(
     sample_rate, steps = 1.0 / batches, epochs_in_run * batches
     if feature_releases == 0:
         return NoisePlan(
-            calibrate_noise_multiplier(
-                target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps
-            )
+            calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
         )
     if math.isinf(target_epsilon):
         return NoisePlan(0.0, 0.0)
@@ -154,8 +152,12 @@ def train_dp_sgd(
         )
         try:
             last_epoch_loss = _private_epochs(
-                private_model, private_optimizer, private_loader,
-                epochs=epochs, generator=generator, max_shift=max_shift,
+                private_model,
+                private_optimizer,
+                private_loader,
+                epochs=epochs,
+                generator=generator,
+                max_shift=max_shift,
             )
         finally:
             private_model._close()  # removes the per-sample-gradient hooks from ``model``

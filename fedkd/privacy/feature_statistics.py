@@ -123,8 +123,7 @@ def release_feature_statistics(
     width = 2 * sum(layout)
     if moments.ndim != 2 or moments.shape[1] != width or len(moments) == 0:
         raise ValueError(
-            f"moments must be (n ≥ 1, {width}) for layers with {list(layout)} channels, "
-            f"got {moments.shape}."
+            f"moments must be (n ≥ 1, {width}) for layers with {list(layout)} channels, got {moments.shape}."
         )
     if len(scales) != len(layout) or not all(np.isfinite(s) and s > 0 for s in scales):
         raise ValueError(f"give one finite scale > 0 per layer ({len(layout)}), got {list(scales)}.")

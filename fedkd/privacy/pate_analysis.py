@@ -50,13 +50,9 @@ def _check_sigma(sigma: float, name: str = "sigma") -> float:
 def _check_orders(orders: ArrayLike) -> NDArray[np.float64]:
     orders_array = np.atleast_1d(np.asarray(orders, dtype=np.float64))
     if orders_array.ndim != 1 or orders_array.size == 0:
-        raise ValueError(
-            f"orders must be a non-empty list of Rényi orders, got {orders!r}."
-        )
+        raise ValueError(f"orders must be a non-empty list of Rényi orders, got {orders!r}.")
     if not (np.all(np.isfinite(orders_array)) and np.all(orders_array > 1)):
-        raise ValueError(
-            f"every Rényi order must be finite and > 1 (RDP is undefined at 1), got {orders!r}."
-        )
+        raise ValueError(f"every Rényi order must be finite and > 1 (RDP is undefined at 1), got {orders!r}.")
     return orders_array
 
 
@@ -82,8 +78,7 @@ def _check_vote_matrix(votes: ArrayLike) -> NDArray[np.float64]:
     matrix = np.asarray(votes, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] < 2:
         raise ValueError(
-            f"votes must be a (queries, classes) matrix with ≥ 1 query and ≥ 2 classes, "
-            f"got shape {matrix.shape}."
+            f"votes must be a (queries, classes) matrix with ≥ 1 query and ≥ 2 classes, got shape {matrix.shape}."
         )
     if not np.all(np.isfinite(matrix)):
         raise ValueError("votes must be finite numbers (per-class vote counts).")
@@ -92,9 +87,7 @@ def _check_vote_matrix(votes: ArrayLike) -> NDArray[np.float64]:
 
 def _check_delta(delta: float) -> float:
     if not 0.0 < delta < 1.0:
-        raise ValueError(
-            f"delta must lie in (0, 1), got {delta}; 1e-5 or below is usual."
-        )
+        raise ValueError(f"delta must lie in (0, 1), got {delta}; 1e-5 or below is usual.")
     return float(delta)
 
 
@@ -157,18 +150,11 @@ def epsilon_from_rdp(
     orders_array = _check_orders(orders)
     rdp_array = np.atleast_1d(np.asarray(rdp, dtype=np.float64))
     if rdp_array.shape != orders_array.shape:
-        raise ValueError(
-            f"rdp and orders must have the same length, got {rdp_array.shape} and "
-            f"{orders_array.shape}."
-        )
+        raise ValueError(f"rdp and orders must have the same length, got {rdp_array.shape} and {orders_array.shape}.")
     _check_delta(delta)
     epsilons = rdp_array - math.log(delta) / (orders_array - 1)
     if improved_conversion:
-        epsilons = (
-            epsilons
-            - np.log(orders_array) / (orders_array - 1)
-            + np.log((orders_array - 1) / orders_array)
-        )
+        epsilons = epsilons - np.log(orders_array) / (orders_array - 1) + np.log((orders_array - 1) / orders_array)
     best = int(np.argmin(epsilons))
     return float(epsilons[best]), float(orders_array[best])
 
@@ -176,9 +162,7 @@ def epsilon_from_rdp(
 # --- GNMax -----------------------------------------------------------------------------------
 
 
-def rdp_gnmax_data_independent(
-    *, sigma: float, orders: ArrayLike
-) -> NDArray[np.float64]:
+def rdp_gnmax_data_independent(*, sigma: float, orders: ArrayLike) -> NDArray[np.float64]:
     """Data-independent RDP of GNMax: λ/σ² at every order (Prop. 8).
 
     One changed record changes one teacher's vote, moving two counts by one: L2 sensitivity √2,
@@ -201,9 +185,7 @@ def compute_logq_gnmax(votes: ArrayLike, *, sigma: float) -> float:
     counts = _check_votes(votes, min_classes=2)
     top = int(np.argmax(counts))
     gaps = counts[top] - np.delete(counts, top)
-    logq = float(
-        special.logsumexp(stats.norm.logsf(gaps, scale=math.sqrt(2.0) * sigma))
-    )
+    logq = float(special.logsumexp(stats.norm.logsf(gaps, scale=math.sqrt(2.0) * sigma)))
     return min(logq, math.log(1.0 - 1.0 / counts.size))
 
 
@@ -219,9 +201,7 @@ def _mu_gnmax(logq: float, sigma: float) -> tuple[float, float]:
     return mu2 + 1.0, mu2
 
 
-def _theorem6_bound(
-    logq: float, sigma: float, orders: NDArray[np.float64]
-) -> NDArray[np.float64]:
+def _theorem6_bound(logq: float, sigma: float, orders: NDArray[np.float64]) -> NDArray[np.float64]:
     """Theorem 6's expression, without its validity conditions (callers check them).
 
     RDP(λ) ≤ log((1 − q)·A^(λ−1) + q·B^(λ−1)) / (λ − 1) with
@@ -236,9 +216,7 @@ def _theorem6_bound(
     return np.logaddexp(log1q + log_a, logq + log_b) / (orders - 1)
 
 
-def rdp_gnmax_data_dependent(
-    logq: float, *, sigma: float, orders: ArrayLike
-) -> NDArray[np.float64]:
+def rdp_gnmax_data_dependent(logq: float, *, sigma: float, orders: ArrayLike) -> NDArray[np.float64]:
     """Data-dependent RDP of GNMax given log q, an upper bound on Pr[outcome ≠ argmax]
     (Theorem 6 with Prop. 10's μ₁, μ₂; the reference's ``rdp_gaussian``).
 
@@ -260,9 +238,7 @@ def rdp_gnmax_data_dependent(
     # Both global conditions are evaluated only once μ₂ > 1, where log(1 + 1/(μ₂ − 1)) exists.
     if not (
         np.any(applies)
-        and logq
-        <= (mu2 - 1) * eps2
-        - mu2 * (math.log(1 + 1 / (mu1 - 1)) + math.log(1 + 1 / (mu2 - 1)))
+        and logq <= (mu2 - 1) * eps2 - mu2 * (math.log(1 + 1 / (mu1 - 1)) + math.log(1 + 1 / (mu2 - 1)))
         and -logq > eps2
     ):
         return independent
@@ -273,9 +249,7 @@ def rdp_gnmax_data_dependent(
 # --- the threshold check ---------------------------------------------------------------------
 
 
-def compute_logpr_answered(
-    votes: ArrayLike, *, threshold: float, sigma: float
-) -> float:
+def compute_logpr_answered(votes: ArrayLike, *, threshold: float, sigma: float) -> float:
     """log Pr[max(votes) + N(0, σ₁²) ≥ T]: the chance that Confident-GNMax answers.
 
     ``max(votes)`` is rounded to the nearest integer as in the reference
@@ -286,22 +260,16 @@ def compute_logpr_answered(
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}.")
     counts = _check_votes(votes)
-    return float(
-        stats.norm.logsf(threshold - round(float(np.max(counts))), scale=sigma)
-    )
+    return float(stats.norm.logsf(threshold - round(float(np.max(counts))), scale=sigma))
 
 
-def rdp_threshold_data_independent(
-    *, sigma: float, orders: ArrayLike
-) -> NDArray[np.float64]:
+def rdp_threshold_data_independent(*, sigma: float, orders: ArrayLike) -> NDArray[np.float64]:
     """Data-independent RDP of the threshold check: λ/(2σ₁²) (sensitivity 1 of max(votes))."""
     sigma = _check_sigma(sigma, "sigma1")
     return _check_orders(orders) / (2 * sigma**2)
 
 
-def rdp_threshold_data_dependent(
-    log_pr_answered: float, *, sigma: float, orders: ArrayLike
-) -> NDArray[np.float64]:
+def rdp_threshold_data_dependent(log_pr_answered: float, *, sigma: float, orders: ArrayLike) -> NDArray[np.float64]:
     """Data-dependent RDP of the threshold check (the reference's ``compute_rdp_threshold``).
 
     The check releases one bit; Theorem 6 applies with q the probability of the less likely
@@ -382,9 +350,7 @@ def confident_gnmax_cost(
         weights = None
     else:
         weights = _check_answered(answered, matrix.shape[0]).astype(np.float64)
-    threshold_independent = rdp_threshold_data_independent(
-        sigma=sigma1, orders=orders_array
-    )
+    threshold_independent = rdp_threshold_data_independent(sigma=sigma1, orders=orders_array)
     gnmax_independent = rdp_gnmax_data_independent(sigma=sigma2, orders=orders_array)
     rdp = np.zeros_like(orders_array)
     independent = np.zeros_like(orders_array)
@@ -397,13 +363,9 @@ def confident_gnmax_cost(
         independent += threshold_independent
         if weight > 0:
             logq = compute_logq_gnmax(histogram, sigma=sigma2)
-            rdp += weight * rdp_gnmax_data_dependent(
-                logq, sigma=sigma2, orders=orders_array
-            )
+            rdp += weight * rdp_gnmax_data_dependent(logq, sigma=sigma2, orders=orders_array)
             independent += weight * gnmax_independent
-    epsilon, order = epsilon_from_rdp(
-        rdp, orders=orders_array, delta=delta, improved_conversion=improved_conversion
-    )
+    epsilon, order = epsilon_from_rdp(rdp, orders=orders_array, delta=delta, improved_conversion=improved_conversion)
     independent_epsilon, independent_order = epsilon_from_rdp(
         independent,
         orders=orders_array,
@@ -458,42 +420,28 @@ def logq0_gnmax(*, sigma: float, order: float) -> float:
         if mu1 < order:
             return False
         eps2 = mu2 / sigma**2
-        return logq <= (mu2 - 1) * eps2 - mu2 * math.log(
-            mu1 / (mu1 - 1) * mu2 / (mu2 - 1)
-        )
+        return logq <= (mu2 - 1) * eps2 - mu2 * math.log(mu1 / (mu1 - 1) * mu2 / (mu2 - 1))
 
     def dependent_minus_independent(logq: float) -> float:
-        return (
-            float(_theorem6_bound(logq, sigma, np.array([order]))[0]) - order / sigma**2
-        )
+        return float(_theorem6_bound(logq, sigma, np.array([order]))[0]) - order / sigma**2
 
-    log_upper = min(
-        -((1 + 1 / sigma) ** 2), -(((order - 0.99) / sigma) ** 2), -1 / sigma**2
-    )
+    log_upper = min(-((1 + 1 / sigma) ** 2), -(((order - 0.99) / sigma) ** 2), -1 / sigma**2)
     if not theorem6_valid(log_upper):
-        raise ValueError(
-            f"Theorem 6 does not hold at the starting point for σ={sigma}, λ={order}."
-        )
+        raise ValueError(f"Theorem 6 does not hold at the starting point for σ={sigma}, λ={order}.")
     if dependent_minus_independent(log_upper) < 0:
         return log_upper
     log_lower = 2 * log_upper
     while dependent_minus_independent(log_lower) > 0:
         if log_lower < -10_000:
-            raise ValueError(
-                f"no q₀ above e^-10000 for σ={sigma}, λ={order}; use a lower order."
-            )
+            raise ValueError(f"no q₀ above e^-10000 for σ={sigma}, λ={order}; use a lower order.")
         log_lower *= 1.5
-    root, result = optimize.brentq(
-        dependent_minus_independent, log_lower, log_upper, full_output=True
-    )
+    root, result = optimize.brentq(dependent_minus_independent, log_lower, log_upper, full_output=True)
     if not (result.converged and theorem6_valid(root)):
         raise ValueError(f"the search for q₀ failed for σ={sigma}, λ={order}.")
     return float(root)
 
 
-def _neighbour_q_bounds(
-    q: float, sigma: float, num_classes: int
-) -> tuple[float, float]:
+def _neighbour_q_bounds(q: float, sigma: float, num_classes: int) -> tuple[float, float]:
     # How far Prop. 7's q can move when one vote changes (Prop. 13): each gap moves by at most 2,
     # which shifts every term's Gaussian quantile by 1/σ: the bounds b_l(q) ≤ q' ≤ b_u(q).
     quantile = special.erfcinv(2 * q / (num_classes - 1))
@@ -514,9 +462,7 @@ def _logq1_gnmax(sigma: float, order: float, num_classes: int) -> float:
     return _safe_log(_neighbour_q_bounds(q0, sigma, num_classes)[0])
 
 
-def _local_sensitivity_at_logq(
-    logq: float, sigma: float, num_classes: int, order: float
-) -> float:
+def _local_sensitivity_at_logq(logq: float, sigma: float, num_classes: int, order: float) -> float:
     # Algorithm 3: the larger of the RDP's rise to b_u(q) and its fall to b_l(q). Between q₁ and
     # q₀ the value at q₁ is an upper bound (Prop. 13).
     logq0 = logq0_gnmax(sigma=sigma, order=order)
@@ -531,9 +477,7 @@ def _local_sensitivity_at_logq(
     return max(rise, fall)
 
 
-def local_sensitivity_gnmax(
-    votes: ArrayLike, *, num_teachers: int, sigma: float, order: float
-) -> NDArray[np.float64]:
+def local_sensitivity_gnmax(votes: ArrayLike, *, num_teachers: int, sigma: float, order: float) -> NDArray[np.float64]:
     """Upper bounds on the local sensitivity of GNMax's data-dependent RDP at order λ, at
     distance d = 0, …, num_teachers − 1 from ``votes`` (Algorithms 3–5; the reference's
     ``compute_local_sensitivity_bounds_gnmax``).
@@ -551,18 +495,14 @@ def local_sensitivity_gnmax(
     logq0 = logq0_gnmax(sigma=sigma, order=order)
     logq1 = _logq1_gnmax(sigma, order, num_classes)
     logq = compute_logq_gnmax(counts, sigma=sigma)
-    result = np.full(
-        num_teachers, _local_sensitivity_at_logq(logq1, sigma, num_classes, order)
-    )
+    result = np.full(num_teachers, _local_sensitivity_at_logq(logq1, sigma, num_classes, order))
     if logq1 <= logq <= logq0:
         return result
     ranked = np.sort(counts)[::-1].copy()  # kept non-increasing throughout
     result[0] = _local_sensitivity_at_logq(logq, sigma, num_classes, order)
     widen = logq > logq0  # otherwise logq < logq1 and the lead narrows
     distance = 0
-    while distance < num_teachers - 1 and (
-        (widen and logq > logq0 and ranked[1] > 0) or (not widen and logq < logq1)
-    ):
+    while distance < num_teachers - 1 and ((widen and logq > logq0 and ranked[1] > 0) or (not widen and logq < logq1)):
         distance += 1
         if widen:
             # One vote from the runner-up to the leader; bubble the runner-up down so the
@@ -570,9 +510,7 @@ def local_sensitivity_gnmax(
             ranked[0] += 1
             ranked[1] -= 1
             position = 1
-            while (
-                position < num_classes - 1 and ranked[position] < ranked[position + 1]
-            ):
+            while position < num_classes - 1 and ranked[position] < ranked[position + 1]:
                 ranked[[position, position + 1]] = ranked[[position + 1, position]]
                 position += 1
         else:
@@ -624,9 +562,7 @@ def local_sensitivity_threshold(
 
 
 @functools.lru_cache(maxsize=256)
-def _threshold_rdp_by_max(
-    num_teachers: int, threshold: float, sigma: float, order: float
-) -> NDArray[np.float64]:
+def _threshold_rdp_by_max(num_teachers: int, threshold: float, sigma: float, order: float) -> NDArray[np.float64]:
     # The threshold check's data-dependent RDP for every possible maximum vote 0..num_teachers.
     curve = np.array(
         [
@@ -647,17 +583,13 @@ def smooth_sensitivity(local_sensitivities: ArrayLike, *, beta: float) -> float:
     max_d e^{−βd}·LS(d) (Nissim et al. 2007; the reference's ``compute_discounted_max``)."""
     values = np.asarray(local_sensitivities, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
-        raise ValueError(
-            "local_sensitivities must be a non-empty 1-D array (index = distance)."
-        )
+        raise ValueError("local_sensitivities must be a non-empty 1-D array (index = distance).")
     if not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be finite and ≥ 0, got {beta}.")
     return float(np.max(values * np.exp(-beta * np.arange(values.size))))
 
 
-def rdp_smooth_sensitivity_gaussian(
-    *, beta: float, sigma: float, order: float
-) -> float:
+def rdp_smooth_sensitivity_gaussian(*, beta: float, sigma: float, order: float) -> float:
     """RDP at order λ of GNSS, f(D) + SS_β(D)·N(0, σ²) (Theorem 23 of the arXiv version;
     the reference's ``compute_rdp_of_smooth_sensitivity_gaussian``):
     λe^{2β}/σ² + (βλ − ½·log(1 − 2λβ))/(λ − 1), valid for 1 < λ < 1/(2β)."""
@@ -666,17 +598,11 @@ def rdp_smooth_sensitivity_gaussian(
     if not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be finite and ≥ 0, got {beta}.")
     if beta > 0 and not order < 1 / (2 * beta):
-        raise ValueError(
-            f"GNSS needs λ < 1/(2β): λ={order}, β={beta}; lower beta below {1 / (2 * order)}."
-        )
-    return order * math.exp(2 * beta) / sigma**2 + (
-        -0.5 * math.log(1 - 2 * order * beta) + beta * order
-    ) / (order - 1)
+        raise ValueError(f"GNSS needs λ < 1/(2β): λ={order}, β={beta}; lower beta below {1 / (2 * order)}.")
+    return order * math.exp(2 * beta) / sigma**2 + (-0.5 * math.log(1 - 2 * order * beta) + beta * order) / (order - 1)
 
 
-def smooth_sensitivity_parameters(
-    *, epsilon: float, delta: float
-) -> tuple[float, float]:
+def smooth_sensitivity_parameters(*, epsilon: float, delta: float) -> tuple[float, float]:
     """(α, β) for an (ε, δ)-DP release f(D) + SS_β(D)/α·N(0, 1) (Nissim et al. 2007, Lemma
     2.6, with α from the sufficient condition in the proof of their Lemma 2.10; the reference's
     ``compute_params_for_ss_release``).
@@ -715,9 +641,7 @@ def gnmax_always_data_independent(
     )
 
 
-def threshold_always_data_independent(
-    *, num_teachers: int, threshold: float, sigma: float, orders: ArrayLike
-) -> bool:
+def threshold_always_data_independent(*, num_teachers: int, threshold: float, sigma: float, orders: ArrayLike) -> bool:
     """Whether the threshold check's data-dependent bound equals the data-independent one for
     every maximum vote in [0, num_teachers] (the reference's
     ``is_data_independent_always_opt_threshold``). The bound depends only on the maximum
@@ -776,7 +700,7 @@ def run_local_sensitivity(
         )[0]
     )
     total = np.zeros(num_teachers)
-    for histogram, was_answered in zip(matrix, mask):
+    for histogram, was_answered in zip(matrix, mask, strict=True):
         if not threshold_constant:
             total += local_sensitivity_threshold(
                 histogram,
@@ -786,9 +710,7 @@ def run_local_sensitivity(
                 order=order,
             )
         if was_answered and not gnmax_constant:
-            total += local_sensitivity_gnmax(
-                histogram, num_teachers=num_teachers, sigma=sigma2, order=order
-            )
+            total += local_sensitivity_gnmax(histogram, num_teachers=num_teachers, sigma=sigma2, order=order)
     return total
 
 
@@ -838,9 +760,7 @@ def release_epsilon(
     threshold checks (public once released).
     """
     _check_delta(delta)
-    release_cost = rdp_smooth_sensitivity_gaussian(
-        beta=beta, sigma=sigma_ss, order=order
-    )
+    release_cost = rdp_smooth_sensitivity_gaussian(beta=beta, sigma=sigma_ss, order=order)
     matrix = _check_vote_matrix(votes)
     cost = confident_gnmax_cost(
         matrix,
@@ -863,9 +783,7 @@ def release_epsilon(
         ),
         beta=beta,
     )
-    noisy_rdp = float(cost.rdp[0]) + sensitivity * sigma_ss * float(
-        rng.standard_normal()
-    )
+    noisy_rdp = float(cost.rdp[0]) + sensitivity * sigma_ss * float(rng.standard_normal())
     return EpsilonRelease(
         epsilon=noisy_rdp + math.log(1 / delta) / (order - 1),
         release_cost=release_cost,
