@@ -89,8 +89,8 @@ def test_a_nan_client_is_rejected_every_round_and_the_rest_still_teach():
     assert [row["rejected"] for row in rows] == [1, 1]
     assert [row["rejected_nodes"] for row in rows] == [[attacker + 1]] * 2  # node k + 1 holds partition k
     assert all(row["clients"] == 4 for row in rows)
-    # the four honest teachers still teach: seeds 0-4 end NAN_SPREAD
-    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(config) + 0.0
+    # the four honest teachers still teach: final − untrained was 0.37 (seed 0)
+    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(config) + 0.15
 
 
 @pytest.mark.slow

@@ -355,12 +355,12 @@ def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | 
 def assert_student_learned(rows: list[dict]) -> None:
     assert all(row["clients"] == NUM_NODES for row in rows), rows
     first, last = rows[0]["student_accuracy"], rows[-1]["student_accuracy"]
-    # the in-process run of this configuration, seeds 0-4, ends DEPLOY_SPREAD
+    # in process, this configuration's final − untrained was DEPLOY_SPREAD
     same_run = RunConfig(
         dataset="digits", num_clients=NUM_NODES, rounds=len(rows), public_size=300, local_epochs=2, distill_epochs=3,
         partition=PartitionConfig(scheme="iid"), student_model="cnn_small",
     )
-    assert last > untrained_student_accuracy(same_run) + 0.0, rows
+    assert last > untrained_student_accuracy(same_run) + 0.15, rows
     assert last >= first - 0.05, rows
 
 

@@ -34,10 +34,15 @@ TINY = RunConfig(
     client_models=("cnn_small", "lenet5_bn"),
     student_model="cnn_small",
 )
-# How far above its untrained self the student must end. MARGIN_TINY_OVER_UNTRAINED: TINY with
-# seeds 0-4 ends MEASURE_TINY. MARGIN_STRATEGY_OVER_UNTRAINED: MEASURE_STRATEGIES.
-LEARNED = 0.0
-STRATEGY_LEARNED = 0.0
+# How far above its untrained self (test accuracy 0.10-0.13) the student must end. Measured
+# final − untrained over seeds: TINY 0.35-0.54 (seeds 0-4); fedmd 0.37-0.53, dsfl 0.37-0.53
+# (0-2); fd 0.72-0.78 over its clients' untrained models (0-3); feddf 0.70 (0); fedavg after one
+# round 0.80 (0). A student that never learns ends exactly at its untrained accuracy.
+LEARNED = 0.15
+STRATEGY_LEARNED = 0.15
+FEDAVG_LEARNED = 0.3
+# A client's whole part of a round, kept short for the quick tier.
+ONE_EPOCH = dataclasses.replace(TINY, local_epochs=1)
 ROW_KEYS = {"round", "student_accuracy", "student_loss", "clients", "bytes_up", "bytes_down", "wall_seconds"}
 
 
@@ -89,8 +94,8 @@ def test_replies_hold_exactly_the_soft_labels_of_the_requested_inputs_and_no_wei
 
 
 def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
-    grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
-    task = ClientTask.from_run(TINY, mode="soft-labels", server_round=1).to_record()
+    grid = InProcessGrid(client_app, num_nodes=ONE_EPOCH.num_clients)
+    task = ClientTask.from_run(ONE_EPOCH, mode="soft-labels", server_round=1).to_record()
     wanted = np.array([7, 3, 250])
     message = Message(
         RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(wanted)}),
@@ -99,14 +104,14 @@ def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
     )
     (reply,) = grid.send_and_receive([message])
     probs = reply.content[SOFT_LABELS_KEY][SOFT_LABELS_ARRAY].numpy()
-    teacher = _teacher_from_state(grid, 2, TINY)
-    expected = soften(predict_logits(teacher, public_inputs(TINY.split_spec(), wanted).images), TINY.temperature)
+    teacher = _teacher_from_state(grid, 2, ONE_EPOCH)
+    expected = soften(predict_logits(teacher, public_inputs(ONE_EPOCH.split_spec(), wanted).images), ONE_EPOCH.temperature)
     np.testing.assert_allclose(probs, expected.numpy(), atol=1e-6)
 
 
 def test_out_of_range_transfer_indices_come_back_as_an_error_reply():
-    grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
-    task = ClientTask.from_run(TINY, mode="soft-labels", server_round=1).to_record()
+    grid = InProcessGrid(client_app, num_nodes=ONE_EPOCH.num_clients)
+    task = ClientTask.from_run(ONE_EPOCH, mode="soft-labels", server_round=1).to_record()
     message = Message(
         RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(np.array([0, 10_000]))}),
         dst_node_id=1,

@@ -48,8 +48,8 @@ def test_crashed_and_late_clients_are_recorded_and_the_round_uses_the_rest():
     assert [row["failed"] for row in rows] == [2, 2]
     assert [row["failed_nodes"] for row in rows] == [[CRASHING_NODE, SLOW_NODE]] * 2
     assert all(row["clients"] == 2 for row in rows)
-    # the two clients that answered still teach: seeds 0-4 end FAILURES_SPREAD
-    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(config) + 0.0
+    # the two clients that answered still teach: final − untrained was FAILURES_SPREAD
+    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(config) + 0.15
 
 
 @pytest.mark.slow

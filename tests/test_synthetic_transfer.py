@@ -102,7 +102,7 @@ DATA_FREE = RunConfig(
 )
 
 
-DATA_FREE_LEARNED = 0.0
+DATA_FREE_LEARNED = 0.05
 
 
 @pytest.mark.slow
@@ -121,8 +121,8 @@ def test_data_free_run_learns_without_the_server_touching_real_data(monkeypatch)
     rows = run_federation(grid, DATA_FREE, run_dir=None)
 
     assert [row["round"] for row in rows] == [1, 2]
-    # Data-free distillation lifts the student well clear of its untrained self, not far: seeds
-    # 0-4 end DATAFREE_SPREAD; another CPU ended seed 0 at 0.257.
+    # Data-free distillation lifts the student clear of its untrained self (0.10-0.12), not far:
+    # final − untrained was 0.26 and 0.33 for seeds 0 and 1 here, 0.16 for seed 0 on another CPU.
     assert rows[-1]["student_accuracy"] > untrained_student_accuracy(DATA_FREE) + DATA_FREE_LEARNED
     assert all(row["synthetic_inputs"] == 3 * 60 and row["rejected"] == 0 for row in rows)
 
