@@ -101,5 +101,5 @@ def test_the_median_resists_a_minority_that_the_mean_follows():
         config = dataclasses.replace(TINY, attack=attack, strategy=StrategyConfig(aggregator=aggregator))
         return run_federation(InProcessGrid(client_app, num_nodes=5), config, run_dir=None)[-1]["student_accuracy"]
 
-    # seeds 0-4: median − mean MEDIAN_SPREAD
+    # median − mean was 0.37 for seed 0 (the mean followed the attackers down to 0.02)
     assert accuracy("median") > accuracy("mean") + 0.1

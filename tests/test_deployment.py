@@ -355,7 +355,7 @@ def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | 
 def assert_student_learned(rows: list[dict]) -> None:
     assert all(row["clients"] == NUM_NODES for row in rows), rows
     first, last = rows[0]["student_accuracy"], rows[-1]["student_accuracy"]
-    # in process, this configuration's final − untrained was DEPLOY_SPREAD
+    # in process, the same run with three clients ended 0.35-0.54 above untrained over seeds 0-4
     same_run = RunConfig(
         dataset="digits", num_clients=NUM_NODES, rounds=len(rows), public_size=300, local_epochs=2, distill_epochs=3,
         partition=PartitionConfig(scheme="iid"), student_model="cnn_small",
