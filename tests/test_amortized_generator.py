@@ -16,6 +16,7 @@ def _small(**overrides) -> GeneratorConfig:
     return GeneratorConfig(**settings)
 
 
+@pytest.mark.slow  # trains a generator against a full-size LeNet for 40 steps
 def test_training_loss_falls_on_a_lenet_teacher_and_outputs_stay_in_pixel_range():
     teacher = build_model("lenet5_bn", input_shape=(1, 28, 28), num_classes=10, seed=0)
     _fill_running_statistics(teacher, (1, 28, 28), seed=0)
