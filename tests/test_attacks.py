@@ -17,6 +17,7 @@ from federation.client_app import app as client_app
 from fedkd.config import AttackConfig, PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, run_config_from_mapping
 from federation.run import run_federation
 from federation.inprocess import InProcessGrid
+from baselines import untrained_student_accuracy
 
 
 @given(num_clients=st.integers(1, 500), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
@@ -90,7 +91,8 @@ def test_a_nan_client_is_rejected_every_round_and_the_rest_still_teach():
     assert [row["rejected"] for row in rows] == [1, 1]
     assert [row["rejected_nodes"] for row in rows] == [[attacker + 1]] * 2  # node k + 1 holds partition k
     assert all(row["clients"] == 4 for row in rows)
-    assert rows[-1]["student_accuracy"] > 0.3
+    # the four honest teachers still teach: final − untrained was 0.37 (seed 0)
+    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(config) + 0.15
 
 
 @pytest.mark.slow
@@ -101,4 +103,5 @@ def test_the_median_resists_a_minority_that_the_mean_follows():
         config = dataclasses.replace(TINY, attack=attack, strategy=StrategyConfig(aggregator=aggregator))
         return run_federation(InProcessGrid(client_app, num_nodes=5), config, run_dir=None)[-1]["student_accuracy"]
 
+    # median − mean was 0.37 for seed 0 (the mean followed the attackers down to 0.02)
     assert accuracy("median") > accuracy("mean") + 0.1

@@ -32,7 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedkd.config import PartitionConfig, RunConfig
 from fedkd.results import read_metrics
+from baselines import untrained_student_accuracy
 from test_flwr_run import _cmdlines, with_parent_pid_children
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,7 +355,12 @@ def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | 
 def assert_student_learned(rows: list[dict]) -> None:
     assert all(row["clients"] == NUM_NODES for row in rows), rows
     first, last = rows[0]["student_accuracy"], rows[-1]["student_accuracy"]
-    assert last > 0.5, rows  # chance is 0.1 on digits
+    # in process, the same run with three clients ended 0.35-0.54 above untrained over seeds 0-4
+    same_run = RunConfig(
+        dataset="digits", num_clients=NUM_NODES, rounds=len(rows), public_size=300, local_epochs=2, distill_epochs=3,
+        partition=PartitionConfig(scheme="iid"), student_model="cnn_small",
+    )
+    assert last > untrained_student_accuracy(same_run) + 0.15, rows
     assert last >= first - 0.05, rows
 
 

@@ -20,6 +20,7 @@ from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TASK_KEY, TRANSFE
 from fedkd.models import build_model, model_for_client
 from fedkd.results import read_metrics
 from federation.sim import simulate
+from baselines import untrained_client_accuracy, untrained_student_accuracy
 from grids import RecordingGrid
 
 TINY = RunConfig(
@@ -33,6 +34,15 @@ TINY = RunConfig(
     client_models=("cnn_small", "lenet5_bn"),
     student_model="cnn_small",
 )
+# How far above its untrained self (test accuracy 0.10-0.13) the student must end. Measured
+# final − untrained over seeds: TINY 0.35-0.54 (seeds 0-4); fedmd 0.37-0.53, dsfl 0.37-0.53
+# (0-2); fd 0.72-0.78 over its clients' untrained models (0-3); feddf 0.70 (0); fedavg after one
+# round 0.80, 0.83 (0-1). A student that never learns ends exactly at its untrained accuracy.
+LEARNED = 0.15
+STRATEGY_LEARNED = 0.15
+FEDAVG_LEARNED = 0.3
+# A client's whole part of a round, kept short for the quick tier.
+ONE_EPOCH = dataclasses.replace(TINY, local_epochs=1)
 ROW_KEYS = {"round", "student_accuracy", "student_loss", "clients", "bytes_up", "bytes_down", "wall_seconds"}
 
 
@@ -47,10 +57,11 @@ def _teacher_from_state(grid: InProcessGrid, node_id: int, config: RunConfig) ->
     return teacher
 
 
-def test_inprocess_run_writes_run_folder_and_student_beats_chance(tmp_path):
+@pytest.mark.slow
+def test_inprocess_run_writes_run_folder_and_the_student_learns(tmp_path):
     rows = simulate(TINY, run_dir=tmp_path)
     assert [row["round"] for row in rows] == [1, 2]
-    assert rows[-1]["student_accuracy"] > 0.5  # chance is 0.1 on ten balanced digit classes
+    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(TINY) + LEARNED
     written = read_metrics(tmp_path)
     assert [row["student_accuracy"] for row in written] == [row["student_accuracy"] for row in rows]
     assert ROW_KEYS <= set(rows[0])
@@ -60,6 +71,7 @@ def test_inprocess_run_writes_run_folder_and_student_beats_chance(tmp_path):
     assert checkpoint["round"] == 2 and checkpoint["architecture"] == "cnn_small"
 
 
+@pytest.mark.slow
 def test_replies_hold_exactly_the_soft_labels_of_the_requested_inputs_and_no_weights():
     grid = RecordingGrid(client_app, num_nodes=TINY.num_clients)
     rows = run_federation(grid, TINY, run_dir=None)
@@ -82,8 +94,8 @@ def test_replies_hold_exactly_the_soft_labels_of_the_requested_inputs_and_no_wei
 
 
 def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
-    grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
-    task = ClientTask(mode="soft-labels", server_round=1, run=TINY).to_record()
+    grid = InProcessGrid(client_app, num_nodes=ONE_EPOCH.num_clients)
+    task = ClientTask(mode="soft-labels", server_round=1, run=ONE_EPOCH).to_record()
     wanted = np.array([7, 3, 250])
     message = Message(
         RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(wanted)}),
@@ -92,14 +104,14 @@ def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
     )
     (reply,) = grid.send_and_receive([message])
     probs = reply.content[SOFT_LABELS_KEY][SOFT_LABELS_ARRAY].numpy()
-    teacher = _teacher_from_state(grid, 2, TINY)
-    expected = soften(predict_logits(teacher, public_inputs(TINY.split_spec(), wanted).images), TINY.temperature)
+    teacher = _teacher_from_state(grid, 2, ONE_EPOCH)
+    expected = soften(predict_logits(teacher, public_inputs(ONE_EPOCH.split_spec(), wanted).images), ONE_EPOCH.temperature)
     np.testing.assert_allclose(probs, expected.numpy(), atol=1e-6)
 
 
 def test_out_of_range_transfer_indices_come_back_as_an_error_reply():
-    grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
-    task = ClientTask(mode="soft-labels", server_round=1, run=TINY).to_record()
+    grid = InProcessGrid(client_app, num_nodes=ONE_EPOCH.num_clients)
+    task = ClientTask(mode="soft-labels", server_round=1, run=ONE_EPOCH).to_record()
     message = Message(
         RecordDict({TASK_KEY: ConfigRecord(task), TRANSFER_KEY: transfer_record(np.array([0, 10_000]))}),
         dst_node_id=1,
@@ -109,6 +121,7 @@ def test_out_of_range_transfer_indices_come_back_as_an_error_reply():
     assert reply.has_error() and "transfer positions" in reply.error.reason
 
 
+@pytest.mark.slow
 def test_teacher_persists_between_rounds_in_the_node_context():
     grid = InProcessGrid(client_app, num_nodes=2)
     config = dataclasses.replace(TINY, num_clients=2, rounds=1)
@@ -119,6 +132,7 @@ def test_teacher_persists_between_rounds_in_the_node_context():
     assert any(not torch.equal(first[name], second[name]) for name in first)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result():
     first = run_federation(InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, rounds=1), run_dir=None)
     second = run_federation(InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, rounds=1), run_dir=None)
@@ -126,29 +140,33 @@ def test_same_seed_same_result():
     assert first[0]["student_loss"] == second[0]["student_loss"]
 
 
+@pytest.mark.slow
 def test_fedavg_baseline_sends_weights_and_many_more_bytes():
     fd = run_federation(InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, rounds=1), run_dir=None)
     fedavg_config = dataclasses.replace(TINY, rounds=1, strategy=StrategyConfig(name="fedavg"), student_model="cnn_fc")
     fedavg = run_federation(InProcessGrid(client_app, num_nodes=3), fedavg_config, run_dir=None)
     assert fedavg[0]["clients"] == 3
     assert fedavg[0]["bytes_up"] > 5 * fd[0]["bytes_up"]
-    assert fedavg[0]["student_accuracy"] > 0.3
+    assert fedavg[0]["student_accuracy"] > untrained_student_accuracy(fedavg_config) + FEDAVG_LEARNED
 
 
 @pytest.mark.slow
 def test_ray_engine_runs_the_same_apps(tmp_path):
     rows = simulate(dataclasses.replace(TINY, engine="ray"), run_dir=tmp_path)
     assert [row["round"] for row in rows] == [1, 2]
-    assert rows[-1]["student_accuracy"] > 0.5
+    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(TINY) + LEARNED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fedmd", "dsfl", "fd", "feddf"])
 def test_every_strategy_trains_through_flower_and_reports_its_traffic(name):
     config = dataclasses.replace(TINY, strategy=StrategyConfig(name=name), public_size=0 if name == "fd" else 300)
     rows = run_federation(InProcessGrid(client_app, num_nodes=3), config, run_dir=None)
     assert [row["round"] for row in rows] == [1, 2]
     assert all(row["clients"] == 3 and row["failed"] == 0 for row in rows)
-    assert rows[-1]["student_accuracy"] > 0.2  # chance is 0.1
+    # FD has no student: the accuracy it reports is its clients' own models'.
+    untrained = untrained_client_accuracy(config) if name == "fd" else untrained_student_accuracy(config)
+    assert rows[-1]["student_accuracy"] > untrained + STRATEGY_LEARNED
     soft_labels_up = 3 * (300 * 10 * 4 + 128 + 3 * 8)
     if name in ("fedmd", "dsfl"):
         assert rows[0]["bytes_up"] == soft_labels_up

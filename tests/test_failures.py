@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import Context, Message
@@ -10,14 +11,28 @@ from flwr.clientapp import ClientApp
 
 from federation.client_app import app as honest_app
 from fedkd.config import PartitionConfig, RunConfig, StrategyConfig
+from federation import inprocess
 from federation.run import run_federation
 from federation.inprocess import InProcessGrid
+from baselines import untrained_student_accuracy
 
 CRASHING_NODE, SLOW_NODE = 2, 3
+# Far beyond what an honest client needs on any machine, however loaded: only the slow node is late.
+TIMEOUT = 600.0
 
 
-def unreliable_app(*, delay: float) -> ClientApp:
-    """The honest ClientApp, except that one node crashes and another answers after ``delay`` s."""
+@pytest.fixture
+def clock(monkeypatch):
+    """The in-process grid's clock, which a test can move forward instead of sleeping."""
+    fake = SimpleNamespace(offset=0.0)
+    fake.perf_counter = lambda: time.perf_counter() + fake.offset
+    fake.time = time.time
+    monkeypatch.setattr(inprocess, "time", fake)
+    return fake
+
+
+def unreliable_app(clock) -> ClientApp:
+    """The honest ClientApp, except that one node crashes and another answers after TIMEOUT + 1 s."""
     app = ClientApp()
 
     @app.train()
@@ -26,7 +41,7 @@ def unreliable_app(*, delay: float) -> ClientApp:
             raise RuntimeError("simulated crash")
         reply = honest_app(message, context)
         if context.node_id == SLOW_NODE:
-            time.sleep(delay)
+            clock.offset += TIMEOUT + 1.0
         return reply
 
     return app
@@ -41,18 +56,19 @@ def _config(**changes):
 
 
 @pytest.mark.slow
-def test_crashed_and_late_clients_are_recorded_and_the_round_uses_the_rest():
-    config = _config(round_timeout=2.0)
-    rows = run_federation(InProcessGrid(unreliable_app(delay=3.0), num_nodes=4), config, run_dir=None)
+def test_crashed_and_late_clients_are_recorded_and_the_round_uses_the_rest(clock):
+    config = _config(round_timeout=TIMEOUT)
+    rows = run_federation(InProcessGrid(unreliable_app(clock), num_nodes=4), config, run_dir=None)
     assert [row["failed"] for row in rows] == [2, 2]
     assert [row["failed_nodes"] for row in rows] == [[CRASHING_NODE, SLOW_NODE]] * 2
     assert all(row["clients"] == 2 for row in rows)
-    assert rows[-1]["student_accuracy"] > 0.3
+    # the two clients that answered still teach: final − untrained was 0.41 (seed 0)
+    assert rows[-1]["student_accuracy"] > untrained_student_accuracy(config) + 0.15
 
 
 @pytest.mark.slow
-def test_too_few_replies_leave_the_student_unchanged():
-    config = _config(round_timeout=2.0, strategy=StrategyConfig(min_replies=3))
-    rows = run_federation(InProcessGrid(unreliable_app(delay=3.0), num_nodes=4), config, run_dir=None)
+def test_too_few_replies_leave_the_student_unchanged(clock):
+    config = _config(round_timeout=TIMEOUT, strategy=StrategyConfig(min_replies=3))
+    rows = run_federation(InProcessGrid(unreliable_app(clock), num_nodes=4), config, run_dir=None)
     assert all(row["clients"] == 2 for row in rows)
-    assert rows[0]["student_accuracy"] == rows[1]["student_accuracy"]  # never distilled
+    assert rows[0]["student_accuracy"] == rows[1]["student_accuracy"] == untrained_student_accuracy(config)  # never distilled

@@ -52,6 +52,7 @@ def test_class_mean_logits_by_hand():
     assert counts.tolist() == [2, 1, 0]
 
 
+@pytest.mark.slow  # trains for 60 epochs
 def test_class_targets_pull_outputs_toward_the_class_soft_label():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from fedkd.config import PartitionConfig, RunConfig
 from fedkd.results import read_metrics
+from baselines import untrained_student_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +173,12 @@ def test_flwr_run_trains_a_student_through_the_simulation_runtime(tmp_path):
         rows = read_metrics(output_dir)
         assert [row["round"] for row in rows] == [1, 2]
         assert rows[-1]["clients"] == 3
-        assert rows[-1]["student_accuracy"] > 0.5
+        # in process, this configuration's final − untrained was 0.35-0.54 over seeds 0-4
+        same_run = RunConfig(
+            dataset="digits", num_clients=3, rounds=2, public_size=300, local_epochs=2, distill_epochs=3,
+            partition=PartitionConfig(scheme="iid"), student_model="cnn_small",
+        )
+        assert rows[-1]["student_accuracy"] > untrained_student_accuracy(same_run) + 0.15
         assert (output_dir / "student.pt").exists()
     finally:
         stop(processes_started_under(flwr_home))

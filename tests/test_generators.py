@@ -282,6 +282,7 @@ def test_inversion_config_rejects_bad_values(overrides, match):
         InversionConfig(**overrides)
 
 
+@pytest.mark.slow  # inverts a full-size LeNet for seconds
 def test_synthesis_loss_falls_on_a_lenet_teacher():
     teacher = build_model("lenet5_bn", input_shape=(1, 28, 28), num_classes=10, seed=0)
     _fill_running_statistics(teacher, (1, 28, 28), seed=0)

@@ -9,19 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from fedkd.checkpoint import CHECKPOINT_FILE, Checkpoint, ResumeError, arrays_record, load_checkpoint, save_checkpoint
 from federation.client_app import app as client_app
 from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, SynthesisConfig
 from federation.run import run_federation
 from federation.inprocess import InProcessGrid
-from fedkd.results import read_metrics
+from fedkd.results import METRICS_FILE, read_metrics
+from grids import RecordingGrid
 
 TINY = RunConfig(
     dataset="digits", num_clients=3, rounds=4, public_size=300, local_epochs=1, distill_epochs=1,
@@ -77,6 +79,10 @@ def _final(rows):
     return [(row["round"], row["student_accuracy"], row["student_loss"], row.get("epsilon")) for row in rows]
 
 
+def _messages_by_type(grid: RecordingGrid) -> Counter:
+    return Counter(message.metadata.message_type for message, _ in grid.exchanges)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "changes",
@@ -93,12 +99,24 @@ def _final(rows):
 )
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path, changes):
     config = dataclasses.replace(TINY, **changes)
-    uninterrupted = run_federation(InProcessGrid(client_app, num_nodes=3), config, run_dir=tmp_path / "whole")
+    whole_grid = RecordingGrid(client_app, num_nodes=3)
+    uninterrupted = run_federation(whole_grid, config, run_dir=tmp_path / "whole")
+    cut_grid = RecordingGrid(client_app, num_nodes=3)
     with pytest.raises(Crash):
-        run_federation(InProcessGrid(client_app, num_nodes=3), config, run_dir=tmp_path / "cut", on_round=_crash_after(2))
-    resumed = run_federation(InProcessGrid(client_app, num_nodes=3), config, run_dir=tmp_path / "cut", resume=True)
+        run_federation(cut_grid, config, run_dir=tmp_path / "cut", on_round=_crash_after(2))
+    rows_before = (tmp_path / "cut" / METRICS_FILE).read_text().splitlines()
+    assert [row["round"] for row in read_metrics(tmp_path / "cut")] == [1, 2]
+    resumed_grid = RecordingGrid(client_app, num_nodes=3)
+    resumed = run_federation(resumed_grid, config, run_dir=tmp_path / "cut", resume=True)
     assert _final(resumed) == _final(uninterrupted)
     assert _final(read_metrics(tmp_path / "cut")) == _final(read_metrics(tmp_path / "whole"))
+    # Only rounds 3 and 4 ran again: the clients got exactly the messages the cut run had not
+    # sent yet, and the rows of rounds 1 and 2 (their wall_seconds included) are the old ones.
+    remaining = _messages_by_type(whole_grid) - _messages_by_type(cut_grid)
+    assert remaining[MessageType.TRAIN] == 2 * 3
+    assert _messages_by_type(resumed_grid) == remaining
+    rows_after = (tmp_path / "cut" / METRICS_FILE).read_text().splitlines()
+    assert rows_after[:2] == rows_before and len(rows_after) == 4
 
 
 @pytest.mark.slow
@@ -137,11 +155,16 @@ def test_fedkd_sim_killed_with_sigkill_after_round_2_resumes_to_the_same_final_a
     os.kill(cut.pid, signal.SIGKILL)
     cut.wait()
     assert len(read_metrics(metrics)) == 2, "the kill came too late to interrupt the run"
+    rows_before = metrics.read_text().splitlines()
     assert whole.wait(timeout=300) == 0, whole.stdout.read()
     resumed = _fedkd_sim(tmp_path / "cut", "resume=true")
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
-    assert "resuming" in output or "round 3/3" in output
+    # The resumed process trains round 3 only: it reports no earlier round, and the rows of
+    # rounds 1 and 2 (their wall_seconds included) are still the ones the killed process wrote.
+    assert "round 3/3" in output and "round 1/3" not in output and "round 2/3" not in output, output
+    rows_after = metrics.read_text().splitlines()
+    assert rows_after[:2] == rows_before and len(rows_after) == 3
     final_whole, final_cut = read_metrics(tmp_path / "whole")[-1], read_metrics(metrics)[-1]
     assert final_cut["round"] == 3
     assert math.isclose(final_cut["student_accuracy"], final_whole["student_accuracy"], rel_tol=0, abs_tol=0)
