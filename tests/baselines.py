@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fedkd.config import RunConfig
-from fedkd.distillation import evaluate
 from fedkd.data.local import evaluation_split, info_for
+from fedkd.distillation import evaluate
 from fedkd.models import build_model, model_for_client
-from fedkd.seeding import STUDENT_INIT, TEACHER_INIT, derive_seed
+from fedkd.seeding import SeedPurpose, derive_seed
 
 
 def untrained_student_accuracy(config: RunConfig) -> float:
@@ -16,7 +16,7 @@ def untrained_student_accuracy(config: RunConfig) -> float:
         config.student_model,
         input_shape=info.input_shape,
         num_classes=info.num_classes,
-        seed=derive_seed(config.seed, STUDENT_INIT),
+        seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
     test = evaluation_split(config.split_spec())
     return evaluate(student, test.images, test.labels).accuracy
@@ -32,7 +32,7 @@ def untrained_client_accuracy(config: RunConfig) -> float:
             model_for_client(config.client_models, client_id),
             input_shape=info.input_shape,
             num_classes=info.num_classes,
-            seed=derive_seed(config.seed, client_id, TEACHER_INIT),
+            seed=derive_seed(config.seed, client_id, SeedPurpose.TEACHER_INIT),
         )
         accuracies.append(evaluate(model, test.images, test.labels).accuracy)
     return max(accuracies)

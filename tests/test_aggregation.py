@@ -188,13 +188,9 @@ def test_trimmed_mean_by_hand():
     stack, weights = _three_clients()
     # default trim_fraction 0.1: floor(0.1·3) = 0 values trimmed -> unweighted mean
     # input 0: (1 + 0.75 + 0) / 3 = 1.75/3; input 1: (0.5 + 0.2 + 0.4) / 3 = 1.1/3
-    np.testing.assert_allclose(
-        trimmed_mean(stack, weights), [[1.75 / 3, 1.25 / 3], [1.1 / 3, 1.9 / 3]], rtol=1e-6
-    )
+    np.testing.assert_allclose(trimmed_mean(stack, weights), [[1.75 / 3, 1.25 / 3], [1.1 / 3, 1.9 / 3]], rtol=1e-6)
     # trim_fraction 0.34: floor(0.34·3) = 1 trimmed at each end -> the middle value, i.e. the median
-    np.testing.assert_allclose(
-        trimmed_mean(stack, weights, trim_fraction=0.34), [[0.75, 0.25], [0.4, 0.6]], rtol=1e-6
-    )
+    np.testing.assert_allclose(trimmed_mean(stack, weights, trim_fraction=0.34), [[0.75, 0.25], [0.4, 0.6]], rtol=1e-6)
 
 
 def test_trimmed_mean_drops_floor_of_fraction_times_k_per_end():
@@ -226,9 +222,7 @@ def test_sharpen_by_hand():
         rtol=1e-6,
     )
     # T = 0.1: (0.75, 0.25)^10 ∝ (3^10, 1) = (59049, 1)
-    np.testing.assert_allclose(
-        sharpen(probs[3:], temperature=0.1), [[59049 / 59050, 1 / 59050]], rtol=1e-6
-    )
+    np.testing.assert_allclose(sharpen(probs[3:], temperature=0.1), [[59049 / 59050, 1 / 59050]], rtol=1e-6)
     # T = 1 leaves probability rows unchanged
     np.testing.assert_allclose(sharpen(probs, temperature=1.0), probs, atol=1e-7)
     assert sharpen(probs, temperature=0.5).dtype == np.float32
@@ -297,9 +291,7 @@ def test_contract_client_order_does_not_matter(name):
     stack, weights = _random_stack(2)
     order = np.array([3, 0, 4, 2, 1])
     aggregate = get_aggregator(name)
-    np.testing.assert_allclose(
-        aggregate(stack, weights), aggregate(stack[order], weights[order]), atol=1e-6
-    )
+    np.testing.assert_allclose(aggregate(stack, weights), aggregate(stack[order], weights[order]), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)

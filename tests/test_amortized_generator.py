@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from test_generators import NUM_CLASSES, SHAPE, _all_hooks, _fill_running_statistics, _state_copy, _tiny_teacher
 from torch import nn
 
 from fedkd.models import build_model
 from generators.amortized import AmortizedGenerator, GeneratorConfig
 from generators.registry import build_synthesizer
-from test_generators import NUM_CLASSES, SHAPE, _all_hooks, _fill_running_statistics, _state_copy, _tiny_teacher
 
 
 def _small(**overrides) -> GeneratorConfig:
@@ -56,7 +56,9 @@ def test_same_seed_gives_the_same_samples_and_another_seed_does_not():
 
 def test_samples_differ_within_a_class():
     synthesizer = AmortizedGenerator(_tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small())
-    images = synthesizer.synthesize(targets=torch.zeros(6, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    images = synthesizer.synthesize(
+        targets=torch.zeros(6, dtype=torch.long), generator=torch.Generator().manual_seed(0)
+    )
     assert images.flatten(1).std(dim=0).mean() > 1e-3
 
 
@@ -137,7 +139,13 @@ def test_registry_builds_each_synthesizer_with_the_data_normalization(method):
 def test_registry_rejects_unknown_methods():
     with pytest.raises(ValueError, match="generator"):
         build_synthesizer(
-            "gan", _tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, steps=1, pixel_mean=(0.0,), pixel_std=(1.0,)
+            "gan",
+            _tiny_teacher(),
+            input_shape=SHAPE,
+            num_classes=NUM_CLASSES,
+            steps=1,
+            pixel_mean=(0.0,),
+            pixel_std=(1.0,),
         )
 
 
@@ -156,7 +164,9 @@ def test_balanced_targets_follow_a_prior_exactly_up_to_rounding():
 @pytest.mark.parametrize("prior", [[1.0, 1.0], [1.0, -1.0, 1.0, 1.0], [0.0] * 4, [float("nan")] * 4])
 def test_bad_class_priors_are_rejected(prior):
     with pytest.raises(ValueError, match="class_prior"):
-        AmortizedGenerator(_tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small(), class_prior=prior)
+        AmortizedGenerator(
+            _tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small(), class_prior=prior
+        )
 
 
 def test_samples_skip_classes_the_prior_excludes():

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from strategies.registry import check_run
-
 import dataclasses
 import math
 
 import pytest
 import torch
+from baselines import untrained_student_accuracy
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedkd.attacks import ATTACK_KINDS, attacked_logits, flip_labels, malicious_clients
 from federation.client_app import app as client_app
-from fedkd.config import AttackConfig, PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, run_config_from_mapping
-from federation.run import run_federation
 from federation.inprocess import InProcessGrid
-from baselines import untrained_student_accuracy
+from federation.run import run_federation
+from fedkd.attacks import ATTACK_KINDS, attacked_logits, flip_labels, malicious_clients
+from fedkd.config import (
+    AttackConfig,
+    PartitionConfig,
+    PrivacyConfig,
+    RunConfig,
+    StrategyConfig,
+    run_config_from_mapping,
+)
+from strategies.registry import check_run
 
 
 @given(num_clients=st.integers(1, 500), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
@@ -52,8 +58,14 @@ def test_each_logit_attack_does_what_it_says():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(attack=AttackConfig(kind="nan", fraction=0.1), strategy=StrategyConfig(name="fedavg")), "strategy=fedavg"),
-        (dict(attack=AttackConfig(kind="nan", fraction=0.1), privacy=PrivacyConfig(mechanism="gnmax")), "privacy=gnmax"),
+        (
+            dict(attack=AttackConfig(kind="nan", fraction=0.1), strategy=StrategyConfig(name="fedavg")),
+            "strategy=fedavg",
+        ),
+        (
+            dict(attack=AttackConfig(kind="nan", fraction=0.1), privacy=PrivacyConfig(mechanism="gnmax")),
+            "privacy=gnmax",
+        ),
     ],
 )
 def test_attacks_the_run_cannot_simulate_fail_with_the_fix(kwargs, match):
@@ -63,8 +75,11 @@ def test_attacks_the_run_cannot_simulate_fail_with_the_fix(kwargs, match):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [(dict(kind="poison", fraction=0.1), "attack.kind"), (dict(kind="nan", fraction=1.5), "attack.fraction"),
-     (dict(kind="nan"), "attacks nobody")],
+    [
+        (dict(kind="poison", fraction=0.1), "attack.kind"),
+        (dict(kind="nan", fraction=1.5), "attack.fraction"),
+        (dict(kind="nan"), "attacks nobody"),
+    ],
 )
 def test_bad_attack_values_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -78,8 +93,15 @@ def test_a_bare_nan_from_the_command_line_means_the_nan_attack():
 
 
 TINY = RunConfig(
-    dataset="digits", num_clients=5, rounds=2, public_size=300, local_epochs=2, distill_epochs=3,
-    partition=PartitionConfig(scheme="iid"), client_models=("cnn_small",), student_model="cnn_small",
+    dataset="digits",
+    num_clients=5,
+    rounds=2,
+    public_size=300,
+    local_epochs=2,
+    distill_epochs=3,
+    partition=PartitionConfig(scheme="iid"),
+    client_models=("cnn_small",),
+    student_model="cnn_small",
 )
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from fedkd.config import (
+    GROUPS,
     ClientTask,
     PartitionConfig,
     RunConfig,
@@ -13,7 +14,6 @@ from fedkd.config import (
     run_config_from_mapping,
     run_config_to_flower,
 )
-from fedkd.config import GROUPS
 
 GROUPS_PRIMARY = {group: primary for group, (_, primary) in GROUPS.items()}
 
@@ -130,11 +130,10 @@ def test_config_is_frozen():
 
 def test_the_three_default_configs_agree():
     """pyproject's Flower run config, the Hydra defaults and RunConfig() describe one run."""
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
 
     from federation.hydra_schema import sim_config_from_hydra
 
@@ -167,7 +166,11 @@ def test_every_group_file_names_its_choice_and_lists_only_what_differs(path):
     assert values[primary] == path.stem
     defaults, run_defaults = schema(), RunConfig()
     repeated = [key for key, value in values.items() if key != primary and getattr(defaults, key) == value]
-    repeated += [key for key, value in run_level.items() if getattr(run_defaults, key) in (value, tuple(value) if isinstance(value, list) else value)]
+    repeated += [
+        key
+        for key, value in run_level.items()
+        if getattr(run_defaults, key) in (value, tuple(value) if isinstance(value, list) else value)
+    ]
     assert not repeated, f"{path} repeats the defaults of {repeated}; delete those lines"
 
 

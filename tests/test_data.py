@@ -168,9 +168,7 @@ def test_arrays_from_hf_pil_cifar_shaped() -> None:
     from PIL import Image
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
-    hf = datasets.Dataset.from_dict(
-        {"img": [Image.fromarray(p) for p in pixels], "label": [0, 1, 2, 3, 9]}
-    )
+    hf = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "label": [0, 1, 2, 3, 9]})
     arrays = data.arrays_from_hf(hf, image_column="img", label_column="label")
     assert arrays.images.shape == (5, 3, 32, 32)
     assert arrays.images.dtype == np.uint8
@@ -249,9 +247,9 @@ def test_partition_schemes_are_valid_and_deterministic(labels: np.ndarray, schem
     assert len(parts) == 20
     _assert_valid_partitions(parts, len(labels), cover=True)
     again = data.partition_indices(labels, num_partitions=20, scheme=scheme, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=False))
     other = data.partition_indices(labels, num_partitions=20, scheme=scheme, seed=4)
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=False))
 
 
 def test_iid_partitions_are_balanced_and_mixed(labels: np.ndarray) -> None:

@@ -104,9 +104,7 @@ def fake_mnist(root: Path, train: int = 256, test: int = 64) -> Path:
 def test_the_last_line_and_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = fake_mnist(tmp_path / "data")
     out = tmp_path / "run"
-    central.main(
-        ["--data-root", str(root), "--epochs", "2", "--batch-size", "64", "--threads", "1", "--out", str(out)]
-    )
+    central.main(["--data-root", str(root), "--epochs", "2", "--batch-size", "64", "--threads", "1", "--out", str(out)])
     captured = capsys.readouterr()
     last = captured.out.strip().splitlines()[-1]
     match = RESULT_LINE.fullmatch(last)

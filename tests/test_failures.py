@@ -6,15 +6,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from baselines import untrained_student_accuracy
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from federation.client_app import app as honest_app
-from fedkd.config import PartitionConfig, RunConfig, StrategyConfig
 from federation import inprocess
-from federation.run import run_federation
+from federation.client_app import app as honest_app
 from federation.inprocess import InProcessGrid
-from baselines import untrained_student_accuracy
+from federation.run import run_federation
+from fedkd.config import PartitionConfig, RunConfig, StrategyConfig
 
 CRASHING_NODE, SLOW_NODE = 2, 3
 # Far beyond what an honest client needs on any machine, however loaded: only the slow node is late.
@@ -49,8 +49,15 @@ def unreliable_app(clock) -> ClientApp:
 
 def _config(**changes):
     return RunConfig(
-        dataset="digits", num_clients=4, rounds=2, public_size=300, local_epochs=2, distill_epochs=3,
-        partition=PartitionConfig(scheme="iid"), client_models=("cnn_small",), student_model="cnn_small",
+        dataset="digits",
+        num_clients=4,
+        rounds=2,
+        public_size=300,
+        local_epochs=2,
+        distill_epochs=3,
+        partition=PartitionConfig(scheme="iid"),
+        client_models=("cnn_small",),
+        student_model="cnn_small",
         **changes,
     )
 
@@ -71,4 +78,6 @@ def test_too_few_replies_leave_the_student_unchanged(clock):
     config = _config(round_timeout=TIMEOUT, strategy=StrategyConfig(min_replies=3))
     rows = run_federation(InProcessGrid(unreliable_app(clock), num_nodes=4), config, run_dir=None)
     assert all(row["clients"] == 2 for row in rows)
-    assert rows[0]["student_accuracy"] == rows[1]["student_accuracy"] == untrained_student_accuracy(config)  # never distilled
+    assert (
+        rows[0]["student_accuracy"] == rows[1]["student_accuracy"] == untrained_student_accuracy(config)
+    )  # never distilled

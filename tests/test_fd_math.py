@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from fedkd.distillation import OptimizerSettings, class_mean_logits, soften, train_with_class_targets
-from strategies.dsfl import entropy_reduced
 from strategies.aggregation import weighted_mean
+from strategies.dsfl import entropy_reduced
 from strategies.fd import average_class_logits
 
 
@@ -61,8 +61,15 @@ def test_class_targets_pull_outputs_toward_the_class_soft_label():
     # the global soft label for class 0 is not one-hot: CE alone would drive p(0) → 1
     class_probs = torch.tensor([[0.7, 0.3], [float("nan"), float("nan")]])
     train_with_class_targets(
-        model, images, labels, class_probs=class_probs, weight=20.0, temperature=1.0,
-        epochs=60, settings=OptimizerSettings(lr=0.05, batch_size=16), generator=torch.Generator().manual_seed(0),
+        model,
+        images,
+        labels,
+        class_probs=class_probs,
+        weight=20.0,
+        temperature=1.0,
+        epochs=60,
+        settings=OptimizerSettings(lr=0.05, batch_size=16),
+        generator=torch.Generator().manual_seed(0),
     )
     mean_p0 = soften(model(images), 1.0)[:, 0].mean().item()
     assert 0.65 < mean_p0 < 0.85

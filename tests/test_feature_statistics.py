@@ -55,7 +55,7 @@ def test_noise_free_release_reproduces_the_batch_statistics_the_synthesizer_meas
     with bn_statistics(teacher, targets=released) as hooks, torch.no_grad():
         teacher(batch)
         measured = hooks.batch_statistics()
-    for (mean, var), (target_mean, target_var) in zip(measured, released.per_layer()):
+    for (mean, var), (target_mean, target_var) in zip(measured, released.per_layer(), strict=False):
         torch.testing.assert_close(target_mean, mean, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(target_var, var.clamp_min(VARIANCE_FLOOR), rtol=1e-3, atol=1e-4)
 
@@ -141,7 +141,9 @@ def test_calibration_beside_fixed_releases_never_overshoots(epsilon, fixed_sigma
 @pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(**CALIBRATIONS_BESIDE)
-def test_calibration_beside_fixed_releases_never_overshoots_on_many_draws(epsilon, fixed_sigma, fixed_steps, rate, steps):
+def test_calibration_beside_fixed_releases_never_overshoots_on_many_draws(
+    epsilon, fixed_sigma, fixed_steps, rate, steps
+):
     check_calibration_beside(epsilon, fixed_sigma, fixed_steps, rate, steps)
 
 
@@ -182,7 +184,10 @@ def test_a_dp_sgd_teacher_synthesizes_against_released_statistics(method):
         per_sample_moments(teacher, data),
         layout,
         scales=reference_scales(
-            teacher, input_shape=(1, 28, 28), pixel_mean=(0.5,), pixel_std=(0.5,),
+            teacher,
+            input_shape=(1, 28, 28),
+            pixel_mean=(0.5,),
+            pixel_std=(0.5,),
             generator=torch.Generator().manual_seed(0),
         ),
         clip_norm=3.0,
@@ -190,8 +195,14 @@ def test_a_dp_sgd_teacher_synthesizes_against_released_statistics(method):
         rng=np.random.default_rng(0),
     )
     synthesizer = build_synthesizer(
-        method, teacher, input_shape=(1, 28, 28), num_classes=10, steps=3,
-        pixel_mean=(0.5,), pixel_std=(0.5,), statistics=released,
+        method,
+        teacher,
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        steps=3,
+        pixel_mean=(0.5,),
+        pixel_std=(0.5,),
+        statistics=released,
     )
     inputs, targets = synthesizer.sample(8, generator=torch.Generator().manual_seed(0))
     assert inputs.shape == (8, 1, 28, 28) and torch.isfinite(inputs).all() and targets.shape == (8,)
@@ -223,8 +234,12 @@ def check_plan_against_opacus(num_examples, batch_size, releases):
         DataLoader(TensorDataset(torch.empty(num_examples, 0)), batch_size=batch_size)
     )
     plan = calibrate_for_run(
-        target_epsilon=8.0, delta=1e-5, num_examples=num_examples, batch_size=batch_size,
-        epochs_in_run=3, feature_releases=releases,
+        target_epsilon=8.0,
+        delta=1e-5,
+        num_examples=num_examples,
+        batch_size=batch_size,
+        epochs_in_run=3,
+        feature_releases=releases,
     )
     ledger = PrivacyLedger()  # what Opacus's accountant records: rate 1/len(loader), len(loader) steps
     ledger.record(noise_multiplier=plan.training, sample_rate=1 / len(loader), steps=3 * len(loader))

@@ -8,6 +8,7 @@ there, so each test gives its own a pair of free ports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from baselines import untrained_student_accuracy
 
 from fedkd.config import PartitionConfig, RunConfig
 from fedkd.results import read_metrics
-from baselines import untrained_student_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,18 +143,14 @@ def _alive(pid: int) -> bool:
 
 def stop(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.2)
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow
@@ -175,8 +172,14 @@ def test_flwr_run_trains_a_student_through_the_simulation_runtime(tmp_path):
         assert rows[-1]["clients"] == 3
         # in process, this configuration's final − untrained was 0.35-0.54 over seeds 0-4
         same_run = RunConfig(
-            dataset="digits", num_clients=3, rounds=2, public_size=300, local_epochs=2, distill_epochs=3,
-            partition=PartitionConfig(scheme="iid"), student_model="cnn_small",
+            dataset="digits",
+            num_clients=3,
+            rounds=2,
+            public_size=300,
+            local_epochs=2,
+            distill_epochs=3,
+            partition=PartitionConfig(scheme="iid"),
+            student_model="cnn_small",
         )
         assert rows[-1]["student_accuracy"] > untrained_student_accuracy(same_run) + 0.15
         assert (output_dir / "student.pt").exists()
@@ -198,7 +201,10 @@ def test_a_newcomers_plain_flwr_run_completes_and_a_mismatch_stops_at_once_namin
     try:
         plain = subprocess.run(
             flwr("run", str(REPO), "--stream", "--run-config", f'rounds=1 output-dir="{output_dir}"'),
-            env=env, capture_output=True, text=True, timeout=300,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         output = plain.stdout + plain.stderr
         assert plain.returncode == 0, output[-3000:]
@@ -210,7 +216,10 @@ def test_a_newcomers_plain_flwr_run_completes_and_a_mismatch_stops_at_once_namin
         started = time.monotonic()
         insisting = subprocess.run(
             flwr("run", str(REPO), "--stream", "--run-config", "num-clients=3"),
-            env=env, capture_output=True, text=True, timeout=90,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
         )
         elapsed = time.monotonic() - started
         output = insisting.stdout + insisting.stderr

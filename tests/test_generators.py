@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from scipy.spatial.distance import jensenshannon as scipy_jensenshannon
@@ -11,12 +10,12 @@ from generators import (
     InversionConfig,
     RunningStatistics,
     SuppliedStatistics,
-    normalization_layers,
     bn_statistics,
     competition_loss,
     feature_matching_loss,
     jensen_shannon,
     l2_prior,
+    normalization_layers,
     total_variation,
 )
 
@@ -85,7 +84,7 @@ def test_recorded_statistics_equal_those_of_inputs_captured_independently(name):
         handle.remove()
 
     assert len(recorded) == len(captured) == len(normalization_layers(model)) > 0
-    for (mean, var), inputs in zip(recorded, captured):
+    for (mean, var), inputs in zip(recorded, captured, strict=False):
         dims = [0, *range(2, inputs.dim())]
         torch.testing.assert_close(mean, torch.mean(inputs, dim=dims))
         torch.testing.assert_close(var, torch.var(inputs, dim=dims, unbiased=False))
@@ -153,10 +152,9 @@ def test_hooks_are_removed_after_the_block():
 
 def test_hooks_are_removed_when_the_block_raises():
     model = _tiny_teacher()
-    with pytest.raises(KeyError):
-        with bn_statistics(model):
-            model(torch.randn(2, *SHAPE))
-            raise KeyError("boom")
+    with pytest.raises(KeyError), bn_statistics(model):
+        model(torch.randn(2, *SHAPE))
+        raise KeyError("boom")
     assert _all_hooks(model) == 0
 
 
@@ -245,10 +243,13 @@ def test_l2_prior_is_mean_image_norm():
 def test_jensen_shannon_matches_scipy():
     p_logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 3.0]])
     q_logits = torch.tensor([[0.0, 1.0, 0.5], [1.0, -2.0, 0.0]])
-    expected = sum(
-        scipy_jensenshannon(torch.softmax(p / 2, -1).numpy(), torch.softmax(q / 2, -1).numpy()) ** 2
-        for p, q in zip(p_logits.double(), q_logits.double())
-    ) / 2
+    expected = (
+        sum(
+            scipy_jensenshannon(torch.softmax(p / 2, -1).numpy(), torch.softmax(q / 2, -1).numpy()) ** 2
+            for p, q in zip(p_logits.double(), q_logits.double(), strict=False)
+        )
+        / 2
+    )
     value = jensen_shannon(p_logits, q_logits, temperature=2.0)
     assert value.item() == pytest.approx(expected, rel=1e-5)
     assert jensen_shannon(q_logits, p_logits, temperature=2.0).item() == pytest.approx(value.item(), rel=1e-6)
@@ -257,9 +258,7 @@ def test_jensen_shannon_matches_scipy():
 def test_competition_loss_spans_zero_to_one():
     logits = torch.tensor([[1.0, -1.0, 0.3]])
     assert competition_loss(logits, logits, temperature=3.0).item() == pytest.approx(1.0)
-    opposite = competition_loss(
-        torch.tensor([[50.0, -50.0]]), torch.tensor([[-50.0, 50.0]]), temperature=1.0
-    )
+    opposite = competition_loss(torch.tensor([[50.0, -50.0]]), torch.tensor([[-50.0, 50.0]]), temperature=1.0)
     assert opposite.item() == pytest.approx(0.0, abs=1e-6)
 
 

@@ -69,10 +69,10 @@ def test_a_deployment_may_have_more_nodes_than_clients():
 
 def test_flowers_simulation_grid_registers_nodes_at_once():
     from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.superlink.grid import InMemoryGrid
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
 
     state = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     assert registers_nodes_at_once(InMemoryGrid(state_factory=state))

@@ -38,7 +38,9 @@ def test_the_gaussian_release_adds_the_calibrated_noise_to_the_sum():
     # Every client sends rows (0.5, 0.5): the released p0 = (50 + n0) / (100 + n0 + n1)
     # ≈ 0.5 + (n0 − n1) / 200, whose standard deviation is σ / (100 √2) while σ ≪ 100.
     rows = np.full((clients, server.queries, 2), 0.5)
-    released = np.stack([server.release(rows, server_round=draw)[:, 0] for draw in range(1, DRAWS // server.queries + 1)])
+    released = np.stack(
+        [server.release(rows, server_round=draw)[:, 0] for draw in range(1, DRAWS // server.queries + 1)]
+    )
     assert expected_std < 5
     assert released.std() == pytest.approx(expected_std / (clients * math.sqrt(2)), rel=0.1)
 
@@ -75,7 +77,9 @@ def test_feature_statistics_carry_their_noise():
     means = [
         release_feature_statistics(
             moments, [1], scales=[1.0], clip_norm=clip, noise_multiplier=sigma, rng=np.random.default_rng(draw)
-        ).per_layer()[0][0].item()
+        )
+        .per_layer()[0][0]
+        .item()
         for draw in range(DRAWS)
     ]
     # The mean is (Σ x + N(0, (σ·clip)²)) / n.
@@ -96,9 +100,15 @@ def test_dp_sgd_steps_carry_noise_where_the_data_gives_no_gradient():
         images[:, 0, 0, 0] = torch.randn(64, generator=torch.Generator().manual_seed(0))
         labels = torch.randint(0, 2, (64,), generator=torch.Generator().manual_seed(1))
         train_dp_sgd(
-            model, images, labels, epochs=1, settings=OptimizerSettings(lr=0.01, batch_size=64),
-            generator=torch.Generator().manual_seed(2), noise_multiplier=noise_multiplier,
-            max_grad_norm=1.0, ledger=PrivacyLedger(),
+            model,
+            images,
+            labels,
+            epochs=1,
+            settings=OptimizerSettings(lr=0.01, batch_size=64),
+            generator=torch.Generator().manual_seed(2),
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=1.0,
+            ledger=PrivacyLedger(),
         )
         return float(model[1].weight.detach()[:, 1].abs().max())
 
@@ -117,7 +127,10 @@ def test_client_noise_stays_at_least_calibrated_when_clients_drop_out(replies):
     probs = np.full((DRAWS, 2), 0.5, dtype=np.float32)
     total = sum(
         shared_rows(
-            probs, run, noise_std=task["privacy-noise-std"], noise_shares=task["privacy-noise-shares"],
+            probs,
+            run,
+            noise_std=task["privacy-noise-std"],
+            noise_shares=task["privacy-noise-shares"],
             rng=np.random.default_rng(client),
         )
         for client in range(replies)

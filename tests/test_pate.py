@@ -39,7 +39,9 @@ PATE = dict(mechanism="pate", threshold=200.0, sigma_threshold=150.0, sigma_gnma
 def _votes(rng, *, queries, teachers=250, classes=10, agreement=0.9):
     """Vote histograms where each teacher picks the query's class with probability ``agreement``."""
     truth = rng.integers(0, classes, size=queries)
-    picks = np.where(rng.random((queries, teachers)) < agreement, truth[:, None], rng.integers(0, classes, (queries, teachers)))
+    picks = np.where(
+        rng.random((queries, teachers)) < agreement, truth[:, None], rng.integers(0, classes, (queries, teachers))
+    )
     return np.stack([np.bincount(row, minlength=classes) for row in picks])
 
 
@@ -64,7 +66,9 @@ def test_threshold_check_noise_has_the_stated_spread():
         assert _estimated_sigma(rate, margin) == pytest.approx(sigma, rel=0.05)
     at_threshold = np.zeros((draws, 10))
     at_threshold[:, 0] = threshold
-    assert threshold_check(at_threshold, threshold=threshold, sigma=sigma, rng=rng).mean() == pytest.approx(0.5, abs=0.01)
+    assert threshold_check(at_threshold, threshold=threshold, sigma=sigma, rng=rng).mean() == pytest.approx(
+        0.5, abs=0.01
+    )
 
 
 def test_gnmax_noise_has_the_stated_spread():
@@ -92,9 +96,13 @@ def test_confident_gnmax_answers_only_confident_queries_and_labels_them_by_vote(
 def test_a_refused_query_costs_only_the_threshold_check():
     orders = np.array([2.0, 8.0, 32.0])
     votes = _votes(np.random.default_rng(2), queries=5)
-    refused = confident_gnmax_cost(votes, answered=np.zeros(5, bool), threshold=200, sigma1=150, sigma2=40, orders=orders, delta=1e-5)
+    refused = confident_gnmax_cost(
+        votes, answered=np.zeros(5, bool), threshold=200, sigma1=150, sigma2=40, orders=orders, delta=1e-5
+    )
     one = np.array([True, False, False, False, False])
-    answered = confident_gnmax_cost(votes, answered=one, threshold=200, sigma1=150, sigma2=40, orders=orders, delta=1e-5)
+    answered = confident_gnmax_cost(
+        votes, answered=one, threshold=200, sigma1=150, sigma2=40, orders=orders, delta=1e-5
+    )
     assert refused.data_independent_rdp == pytest.approx(5 * rdp_threshold_data_independent(sigma=150, orders=orders))
     assert answered.data_independent_rdp - refused.data_independent_rdp == pytest.approx(
         rdp_gnmax_data_independent(sigma=40, orders=orders)
@@ -106,9 +114,7 @@ def test_reported_epsilon_is_never_above_the_data_independent_one(seed):
     rng = np.random.default_rng(seed)
     votes = _votes(rng, queries=200, agreement=rng.uniform(0.3, 0.95))
     answered = rng.random(200) < 0.5
-    result = pate_epsilon(
-        votes, answered, config=PrivacyConfig(**PATE), num_teachers=250, releases=1, rng=rng
-    )
+    result = pate_epsilon(votes, answered, config=PrivacyConfig(**PATE), num_teachers=250, releases=1, rng=rng)
     assert result.epsilon <= result.data_independent
     assert result.epsilon == min(result.released, result.data_independent)
     assert result.answered == answered.sum() and result.queries == 200
@@ -149,7 +155,9 @@ def test_pate_release_labels_answered_queries_and_hands_the_rest_over_unlabelled
     inputs = torch.randn(num_public, 1, 8, 8)
     # σ₁ small enough that unanimous queries (250 votes) pass T = 200 and flat ones (50) never do.
     config = PrivacyConfig(**{**PATE, "sigma_threshold": 10.0}, queries=queries, teachers_per_client=per_client)
-    source = PATERelease(config=config, inputs=inputs, indices=np.arange(num_public), num_teachers=clients * per_client, seed=0)
+    source = PATERelease(
+        config=config, inputs=inputs, indices=np.arange(num_public), num_teachers=clients * per_client, seed=0
+    )
     source.prepare(1, None, [], None)  # type: ignore[arg-type]
     truth = np.random.default_rng(0).integers(0, 10, queries)
     replies = np.zeros((clients, queries, 10), dtype=np.float32)
@@ -179,7 +187,7 @@ def test_teacher_shards_are_disjoint_and_cover_the_partition(num_examples, teach
     assert sorted(joined.tolist()) == list(range(num_examples))  # each example in exactly one shard
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
     again = teacher_shards(num_examples, teachers, rng=np.random.default_rng(0))
-    assert all(np.array_equal(a, b) for a, b in zip(shards, again))  # the same every round
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=False))  # the same every round
 
 
 def test_too_few_examples_for_the_teachers_names_the_fix():
@@ -235,8 +243,14 @@ def test_semi_supervised_training_learns_from_labels_and_unlabelled_inputs():
     model = build_model("mlp", input_shape=(1, 8, 8), num_classes=2, seed=0)
     targets = torch.nn.functional.one_hot(labels[:6], 2).float()
     train_semi_supervised(
-        model, images[:6], targets, images[6:], epochs=3, temperature=1.0,
-        settings=OptimizerSettings(lr=1e-2, batch_size=4), generator=torch.Generator().manual_seed(0),
+        model,
+        images[:6],
+        targets,
+        images[6:],
+        epochs=3,
+        temperature=1.0,
+        settings=OptimizerSettings(lr=1e-2, batch_size=4),
+        generator=torch.Generator().manual_seed(0),
     )
     model.eval()
     assert (model(images).argmax(dim=1) == labels).float().mean() > 0.9
@@ -252,17 +266,31 @@ def task_identity():
 
 @pytest.mark.slow
 def test_pate_runs_end_to_end_with_several_teachers_per_client(task_identity, tmp_path):
-    from federation.client_app import app as client_app
-    from federation.run import run_federation
     from grids import RecordingGrid
 
+    from federation.client_app import app as client_app
+    from federation.run import run_federation
+
     config = RunConfig(
-        dataset="digits", num_clients=4, rounds=2, local_epochs=2, distill_epochs=1, public_size=300,
-        partition=PartitionConfig(scheme="iid"), client_models=("lenet5_bn",), student_model="cnn_small",
+        dataset="digits",
+        num_clients=4,
+        rounds=2,
+        local_epochs=2,
+        distill_epochs=1,
+        public_size=300,
+        partition=PartitionConfig(scheme="iid"),
+        client_models=("lenet5_bn",),
+        student_model="cnn_small",
         semi_supervised=True,
         privacy=PrivacyConfig(
-            mechanism="pate", queries=60, teachers_per_client=3, threshold=8.0, sigma_threshold=2.0,
-            sigma_gnmax=1.0, release_order=8.0, epsilon=math.inf,
+            mechanism="pate",
+            queries=60,
+            teachers_per_client=3,
+            threshold=8.0,
+            sigma_threshold=2.0,
+            sigma_gnmax=1.0,
+            release_order=8.0,
+            epsilon=math.inf,
         ),
     )
     grid = RecordingGrid(client_app, num_nodes=config.num_clients)

@@ -15,9 +15,7 @@ from hypothesis import strategies as st
 
 from fedkd.privacy import pate_analysis as pa
 
-FIXTURE = json.loads(
-    (Path(__file__).parent / "fixtures" / "pate_reference.json").read_text()
-)
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "pate_reference.json").read_text())
 ORDERS = np.array(FIXTURE["orders"])
 HISTOGRAMS = FIXTURE["histograms"]
 RTOL = 1e-6
@@ -28,9 +26,7 @@ def decode(runs: list[list[float]]) -> np.ndarray:
 
 
 def label(entry: dict) -> str:
-    return "-".join(
-        f"{k}={v}" for k, v in entry.items() if isinstance(v, (str, int, float))
-    )
+    return "-".join(f"{k}={v}" for k, v in entry.items() if isinstance(v, (str, int, float)))
 
 
 def close(actual, expected, rtol: float = RTOL, atol: float = 1e-15) -> None:
@@ -59,9 +55,7 @@ def test_gnmax_q_and_rdp_match_reference(entry):
 @pytest.mark.parametrize("entry", FIXTURE["threshold"], ids=label)
 def test_threshold_probability_and_rdp_match_reference(entry):
     votes = HISTOGRAMS[entry["histogram"]]["votes"]
-    logpr = pa.compute_logpr_answered(
-        votes, threshold=entry["threshold"], sigma=entry["sigma1"]
-    )
+    logpr = pa.compute_logpr_answered(votes, threshold=entry["threshold"], sigma=entry["sigma1"])
     close(logpr, entry["logpr_answered"])
     close(
         pa.rdp_threshold_data_dependent(logpr, sigma=entry["sigma1"], orders=ORDERS),
@@ -76,13 +70,11 @@ def test_threshold_probability_and_rdp_match_reference(entry):
 def test_data_dependent_rdp_exercises_both_regimes():
     # The fixture is only a good test if some curves are data-dependent and some are not.
     dependent = [
-        np.any(np.array(e["rdp_data_dependent"]) < np.array(e["rdp_data_independent"]))
-        for e in FIXTURE["gnmax"]
+        np.any(np.array(e["rdp_data_dependent"]) < np.array(e["rdp_data_independent"])) for e in FIXTURE["gnmax"]
     ]
     assert any(dependent) and not all(dependent)
     dependent = [
-        np.any(np.array(e["rdp_data_dependent"]) < np.array(e["rdp_data_independent"]))
-        for e in FIXTURE["threshold"]
+        np.any(np.array(e["rdp_data_dependent"]) < np.array(e["rdp_data_independent"])) for e in FIXTURE["threshold"]
     ]
     assert any(dependent) and not all(dependent)
 
@@ -146,18 +138,14 @@ def test_threshold_far_end_is_filled_in():
 
 @pytest.mark.parametrize("entry", FIXTURE["smooth_sensitivity"], ids=label)
 def test_smooth_sensitivity_matches_reference(entry):
-    ls = decode(
-        FIXTURE["local_sensitivity_gnmax"][entry["local_sensitivity_gnmax_index"]]["ls"]
-    )
+    ls = decode(FIXTURE["local_sensitivity_gnmax"][entry["local_sensitivity_gnmax_index"]]["ls"])
     close(pa.smooth_sensitivity(ls, beta=entry["beta"]), entry["value"])
 
 
 @pytest.mark.parametrize("entry", FIXTURE["rdp_gnss"], ids=label)
 def test_rdp_of_smooth_sensitivity_release_matches_reference(entry):
     close(
-        pa.rdp_smooth_sensitivity_gaussian(
-            beta=entry["beta"], sigma=entry["sigma"], order=entry["order"]
-        ),
+        pa.rdp_smooth_sensitivity_gaussian(beta=entry["beta"], sigma=entry["sigma"], order=entry["order"]),
         entry["rdp"],
     )
 
@@ -165,9 +153,7 @@ def test_rdp_of_smooth_sensitivity_release_matches_reference(entry):
 @pytest.mark.parametrize("entry", FIXTURE["ss_release_params"], ids=label)
 def test_smooth_sensitivity_parameters_match_reference(entry):
     close(
-        pa.smooth_sensitivity_parameters(
-            epsilon=entry["epsilon"], delta=entry["delta"]
-        ),
+        pa.smooth_sensitivity_parameters(epsilon=entry["epsilon"], delta=entry["delta"]),
         (entry["alpha"], entry["beta"]),
     )
 
@@ -183,9 +169,7 @@ def test_gnmax_always_data_independent_matches_reference(entry):
     assert value.tolist() == entry["value"]
 
 
-@pytest.mark.parametrize(
-    "entry", FIXTURE["always_data_independent_threshold"], ids=label
-)
+@pytest.mark.parametrize("entry", FIXTURE["always_data_independent_threshold"], ids=label)
 def test_threshold_always_data_independent_matches_reference(entry):
     value = pa.threshold_always_data_independent(
         num_teachers=entry["num_teachers"],
@@ -210,9 +194,7 @@ def run_kwargs(run: dict) -> dict:
 @pytest.mark.parametrize(
     "run",
     FIXTURE["runs"],
-    ids=lambda r: label(
-        {k: r[k] for k in ("num_teachers", "num_classes", "sigma1", "sigma2")}
-    ),
+    ids=lambda r: label({k: r[k] for k in ("num_teachers", "num_classes", "sigma1", "sigma2")}),
 )
 def test_run_cost_matches_reference(run):
     for delta_key, expected in run["epsilon"].items():
@@ -227,10 +209,7 @@ def test_run_cost_matches_reference(run):
         close(cost.data_independent_rdp, run["rdp_data_independent"])
         close(cost.epsilon, expected["epsilon"])
         close(cost.data_independent_epsilon, expected["data_independent_epsilon"])
-        assert (
-            cost.order == expected["order"]
-            and cost.data_independent_order == expected["data_independent_order"]
-        )
+        assert cost.order == expected["order"] and cost.data_independent_order == expected["data_independent_order"]
         assert cost.answered == sum(run["answered"])
 
 
@@ -303,9 +282,7 @@ def test_release_adds_smooth_sensitivity_scaled_noise_and_reports_its_cost():
         rng=np.random.default_rng(7),
         **kwargs,
     )
-    ss = pa.smooth_sensitivity(
-        pa.run_local_sensitivity(run["votes"], **kwargs), beta=beta
-    )
+    ss = pa.smooth_sensitivity(pa.run_local_sensitivity(run["votes"], **kwargs), beta=beta)
     assert ss > 0
     z = np.random.default_rng(7).standard_normal()
     close(
@@ -334,9 +311,7 @@ def opacus_get_privacy_spent():
 def test_improved_conversion_matches_opacus():
     get_privacy_spent = opacus_get_privacy_spent()
     rdp = np.array(FIXTURE["runs"][0]["rdp"])
-    eps, order = pa.epsilon_from_rdp(
-        rdp, orders=ORDERS, delta=1e-5, improved_conversion=True
-    )
+    eps, order = pa.epsilon_from_rdp(rdp, orders=ORDERS, delta=1e-5, improved_conversion=True)
     expected_eps, expected_order = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)
     close(eps, expected_eps, rtol=1e-12)
     assert order == expected_order
@@ -364,19 +339,13 @@ SIGMAS = st.sampled_from([2.0, 5.0, 10.0, 40.0])
     threshold=st.floats(0, 150),
     sigma1=SIGMAS,
 )
-def test_data_dependent_rdp_never_exceeds_the_data_independent_bound(
-    votes, sigma, threshold, sigma1
-):
+def test_data_dependent_rdp_never_exceeds_the_data_independent_bound(votes, sigma, threshold, sigma1):
     logq = pa.compute_logq_gnmax(votes, sigma=sigma)
     gnmax = pa.rdp_gnmax_data_dependent(logq, sigma=sigma, orders=ORDERS)
-    assert np.all(gnmax >= 0) and np.all(
-        gnmax <= pa.rdp_gnmax_data_independent(sigma=sigma, orders=ORDERS)
-    )
+    assert np.all(gnmax >= 0) and np.all(gnmax <= pa.rdp_gnmax_data_independent(sigma=sigma, orders=ORDERS))
     logpr = pa.compute_logpr_answered(votes, threshold=threshold, sigma=sigma1)
     check = pa.rdp_threshold_data_dependent(logpr, sigma=sigma1, orders=ORDERS)
-    assert np.all(check >= 0) and np.all(
-        check <= pa.rdp_threshold_data_independent(sigma=sigma1, orders=ORDERS)
-    )
+    assert np.all(check >= 0) and np.all(check <= pa.rdp_threshold_data_independent(sigma=sigma1, orders=ORDERS))
 
 
 @settings(max_examples=60, deadline=None)
@@ -390,18 +359,14 @@ def test_q_is_non_increasing_in_the_vote_margin(votes, sigma, donor):
     wider[donor] -= 1
     # The leader gains a vote from another class: every margin grows or stays.
     wider[top] += 1
-    assert pa.compute_logq_gnmax(wider, sigma=sigma) <= pa.compute_logq_gnmax(
-        votes, sigma=sigma
-    )
+    assert pa.compute_logq_gnmax(wider, sigma=sigma) <= pa.compute_logq_gnmax(votes, sigma=sigma)
 
 
 @st.composite
 def runs(draw):
     queries = draw(st.integers(1, 6))
     votes = [draw(histograms_strategy()) for _ in range(queries)]
-    answered = np.array(
-        draw(st.lists(st.booleans(), min_size=queries, max_size=queries))
-    )
+    answered = np.array(draw(st.lists(st.booleans(), min_size=queries, max_size=queries)))
     return np.array(votes), answered
 
 
@@ -431,9 +396,7 @@ def test_answering_fewer_queries_never_costs_more(run, drop):
 def test_a_refused_query_costs_only_the_threshold_check(run, refused):
     votes, answered = run
     before = pa.confident_gnmax_cost(votes, answered=answered, **RUN_PARAMS)
-    after = pa.confident_gnmax_cost(
-        np.vstack([votes, refused]), answered=np.append(answered, False), **RUN_PARAMS
-    )
+    after = pa.confident_gnmax_cost(np.vstack([votes, refused]), answered=np.append(answered, False), **RUN_PARAMS)
     logpr = pa.compute_logpr_answered(refused, threshold=15.0, sigma=5.0)
     close(
         after.rdp - before.rdp,
@@ -481,9 +444,7 @@ def test_a_refused_query_costs_only_the_threshold_check(run, refused):
             "same length",
         ),
         (
-            lambda: pa.confident_gnmax_cost(
-                np.zeros((0, 3)), answered=None, **RUN_PARAMS
-            ),
+            lambda: pa.confident_gnmax_cost(np.zeros((0, 3)), answered=None, **RUN_PARAMS),
             "≥ 1 query",
         ),
         (
@@ -495,15 +456,11 @@ def test_a_refused_query_costs_only_the_threshold_check(run, refused):
             "λ < 1/\\(2β\\)",
         ),
         (
-            lambda: pa.local_sensitivity_threshold(
-                [40], num_teachers=30, threshold=5.0, sigma=1.0, order=2.0
-            ),
+            lambda: pa.local_sensitivity_threshold([40], num_teachers=30, threshold=5.0, sigma=1.0, order=2.0),
             "outside",
         ),
         (
-            lambda: pa.local_sensitivity_gnmax(
-                [3, 1], num_teachers=0, sigma=1.0, order=2.0
-            ),
+            lambda: pa.local_sensitivity_gnmax([3, 1], num_teachers=0, sigma=1.0, order=2.0),
             "num_teachers",
         ),
     ],

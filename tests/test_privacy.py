@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from strategies.registry import check_run
-
 import math
 
 import numpy as np
@@ -30,6 +28,7 @@ from fedkd.privacy.mechanisms import (
     vote_counts,
 )
 from strategies.private_aggregation import ServerPrivacy, WorstClientEpsilon
+from strategies.registry import check_run
 
 
 def opacus_epsilon(history, delta):
@@ -94,7 +93,7 @@ def test_epsilon_never_decreases_as_releases_compose(sigmas, rate):
     for sigma in sigmas:
         ledger.record(noise_multiplier=sigma, sample_rate=rate, steps=3)
         spent.append(ledger.epsilon(1e-5))
-    assert all(later >= earlier for earlier, later in zip(spent, spent[1:]))
+    assert all(later >= earlier for earlier, later in zip(spent, spent[1:], strict=False))
 
 
 # Each calibration is a bisection over Opacus's accountant: the quick tier tries a few fixed
@@ -200,8 +199,13 @@ def test_server_privacy_calibrates_for_the_whole_run_and_stays_within_budget():
 
 
 def test_server_privacy_without_noise_reports_infinite_epsilon():
-    server = ServerPrivacy(PrivacyConfig(mechanism="gaussian", epsilon=math.inf, queries=5),
-                           rounds=2, num_public=5, expected_clients=2, seed=0)
+    server = ServerPrivacy(
+        PrivacyConfig(mechanism="gaussian", epsilon=math.inf, queries=5),
+        rounds=2,
+        num_public=5,
+        expected_clients=2,
+        seed=0,
+    )
     stack = np.random.default_rng(0).dirichlet(np.ones(3), size=(2, 5))
     np.testing.assert_allclose(server.release(stack, server_round=1), stack.mean(axis=0), rtol=1e-5)
     assert server.epsilon() == math.inf and server.ledger.history == []
@@ -226,8 +230,15 @@ def test_private_compatible_model_has_no_batchnorm_and_trains_with_a_ledger():
     ledger = PrivacyLedger()
     for _ in range(2):  # two rounds of two epochs: the ledger carries over
         train_dp_sgd(
-            model, images, labels, epochs=2, settings=OptimizerSettings(batch_size=8),
-            generator=torch.Generator().manual_seed(0), noise_multiplier=sigma, max_grad_norm=1.0, ledger=ledger,
+            model,
+            images,
+            labels,
+            epochs=2,
+            settings=OptimizerSettings(batch_size=8),
+            generator=torch.Generator().manual_seed(0),
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            ledger=ledger,
         )
     assert ledger.history == [(sigma, 1 / 5, 20)]
     assert ledger.epsilon(1e-5) <= 3.0
@@ -241,8 +252,14 @@ def test_dp_sgd_changes_the_weights_and_is_reproducible():
         labels = torch.randint(0, 10, (30,), generator=torch.Generator().manual_seed(2))
         torch.manual_seed(0)
         train_dp_sgd(
-            model, images, labels, epochs=1, settings=OptimizerSettings(batch_size=10),
-            generator=torch.Generator().manual_seed(0), noise_multiplier=1.0, max_grad_norm=1.0,
+            model,
+            images,
+            labels,
+            epochs=1,
+            settings=OptimizerSettings(batch_size=10),
+            generator=torch.Generator().manual_seed(0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
             ledger=PrivacyLedger(),
         )
         return torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -292,4 +309,9 @@ def test_dpsgd_with_synthetic_transfer_releases_feature_statistics_every_round()
     assert config.releases_feature_statistics
     task = ClientTask(mode="soft-labels", server_round=1, run=config)
     assert task.feature_releases == 4
-    assert ClientTask(mode="soft-labels", server_round=1, run=RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"))).feature_releases == 0
+    assert (
+        ClientTask(
+            mode="soft-labels", server_round=1, run=RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"))
+        ).feature_releases
+        == 0
+    )

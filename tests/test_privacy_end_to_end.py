@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
+from grids import RecordingGrid
 
 from federation.client_app import app as client_app
-from fedkd.privacy.client import LEDGER_STATE as PRIVACY_LEDGER_STATE
-from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, SynthesisConfig
 from federation.run import run_federation
+from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, SynthesisConfig
+from fedkd.data.local import private_partition
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TRANSFER_INDICES, TRANSFER_KEY
 from fedkd.privacy.accountant import PrivacyLedger
+from fedkd.privacy.client import LEDGER_STATE as PRIVACY_LEDGER_STATE
 from fedkd.privacy.dpsgd import batches_per_epoch
-from fedkd.data.local import private_partition
-from grids import RecordingGrid
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +28,17 @@ def task_identity():
 
 def _config(run=None, **privacy):
     return RunConfig(
-        dataset="digits", num_clients=3, rounds=2, local_epochs=1, distill_epochs=1, public_size=300,
-        partition=PartitionConfig(scheme="iid"), client_models=("cnn_small",), student_model="cnn_small",
-        privacy=PrivacyConfig(**privacy), **(run or {}),
+        dataset="digits",
+        num_clients=3,
+        rounds=2,
+        local_epochs=1,
+        distill_epochs=1,
+        public_size=300,
+        partition=PartitionConfig(scheme="iid"),
+        client_models=("cnn_small",),
+        student_model="cnn_small",
+        privacy=PrivacyConfig(**privacy),
+        **(run or {}),
     )
 
 
@@ -43,7 +51,7 @@ def _run(config, run_dir=None):
 def _check_budget(rows, target):
     spent = [row["epsilon"] for row in rows]
     assert all(row["delta"] == 1e-5 for row in rows)
-    assert spent == sorted(spent) and 0 < spent[0] and spent[-1] <= target
+    assert spent == sorted(spent) and spent[0] > 0 and spent[-1] <= target
 
 
 @pytest.mark.slow

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fedkd.config import ClientTask, RunConfig
-from fedkd.messages import METRICS_KEY, TASK_KEY, TRANSFER_KEY, metric_record, transfer_record
-from fedkd.privacy.config import PrivacyConfig
 from federation.client_app import ClientRound, class_prior
 from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid
+from fedkd.config import ClientTask, RunConfig
+from fedkd.messages import METRICS_KEY, TASK_KEY, TRANSFER_KEY, metric_record, transfer_record
+from fedkd.privacy.config import PrivacyConfig
+
 
 @pytest.fixture(autouse=True)
 def task_identity():
@@ -28,11 +29,16 @@ TINY = RunConfig(num_clients=4, public_size=200, local_epochs=1, client_models=(
 
 def _client(run: RunConfig) -> ClientRound:
     context = Context(
-        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": run.num_clients}, state=RecordDict(),
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": run.num_clients},
+        state=RecordDict(),
         run_config={},
     )
     task = ClientTask(mode="soft-labels", server_round=1, run=run)
-    message = Message(RecordDict({TASK_KEY: ConfigRecord(task.to_record())}), dst_node_id=1, message_type=MessageType.TRAIN)
+    message = Message(
+        RecordDict({TASK_KEY: ConfigRecord(task.to_record())}), dst_node_id=1, message_type=MessageType.TRAIN
+    )
     return ClientRound(message, context, task, client_id=0, data_root=None)
 
 

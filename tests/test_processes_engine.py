@@ -21,8 +21,15 @@ from fedkd.config import PartitionConfig, RunConfig, run_config_to_flower
 from fedkd.messages import TASK_KEY
 
 TINY = RunConfig(
-    dataset="digits", num_clients=4, rounds=2, public_size=200, local_epochs=1, distill_epochs=1,
-    partition=PartitionConfig(scheme="iid"), client_models=("cnn_small", "lenet5_bn"), student_model="cnn_small",
+    dataset="digits",
+    num_clients=4,
+    rounds=2,
+    public_size=200,
+    local_epochs=1,
+    distill_epochs=1,
+    partition=PartitionConfig(scheme="iid"),
+    client_models=("cnn_small", "lenet5_bn"),
+    student_model="cnn_small",
 )
 
 
@@ -142,7 +149,10 @@ def _numbers(rows):
 
 def _states(states):
     return {
-        node: {name: {key: array.numpy().tobytes() for key, array in record.items()} for name, record in state.array_records.items()}
+        node: {
+            name: {key: array.numpy().tobytes() for key, array in record.items()}
+            for name, record in state.array_records.items()
+        }
         for node, state in states.items()
     }
 

@@ -58,8 +58,11 @@ def _imported_packages(path: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     "package, forbidden",
-    [("fedkd", {"strategies", "federation", "experiments"}), ("strategies", {"federation", "experiments"}),
-     ("generators", {"fedkd", "strategies", "federation", "experiments"})],
+    [
+        ("fedkd", {"strategies", "federation", "experiments"}),
+        ("strategies", {"federation", "experiments"}),
+        ("generators", {"fedkd", "strategies", "federation", "experiments"}),
+    ],
 )
 def test_layers_import_only_downwards(package, forbidden):
     """fedkd (the library) < generators, strategies < federation (the composition root)."""

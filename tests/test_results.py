@@ -70,8 +70,15 @@ def test_iter_run_folders_yields_the_finished_runs_by_name(tmp_path):
 
 def test_progress_line_is_one_short_line():
     row = {
-        "round": 3, "student_accuracy": 0.9, "student_loss": 0.3, "clients": 1000,
-        "bytes_up": 80_152_000, "bytes_down": 8_300_000, "wall_seconds": 12.0, "failed": 2, "rejected": 0,
+        "round": 3,
+        "student_accuracy": 0.9,
+        "student_loss": 0.3,
+        "clients": 1000,
+        "bytes_up": 80_152_000,
+        "bytes_down": 8_300_000,
+        "wall_seconds": 12.0,
+        "failed": 2,
+        "rejected": 0,
     }
     line = progress_line(row, total_rounds=10)
     assert "\n" not in line and "clients 1000" in line and "failed 2" in line

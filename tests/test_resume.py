@@ -16,18 +16,25 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
-
-from fedkd.checkpoint import CHECKPOINT_FILE, Checkpoint, ResumeError, arrays_record, load_checkpoint, save_checkpoint
-from federation.client_app import app as client_app
-from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, SynthesisConfig
-from federation.run import run_federation
-from federation.inprocess import InProcessGrid
-from fedkd.results import METRICS_FILE, read_metrics
 from grids import RecordingGrid
 
+from federation.client_app import app as client_app
+from federation.inprocess import InProcessGrid
+from federation.run import run_federation
+from fedkd.checkpoint import CHECKPOINT_FILE, Checkpoint, ResumeError, arrays_record, load_checkpoint, save_checkpoint
+from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig, StrategyConfig, SynthesisConfig
+from fedkd.results import METRICS_FILE, read_metrics
+
 TINY = RunConfig(
-    dataset="digits", num_clients=3, rounds=4, public_size=300, local_epochs=1, distill_epochs=1,
-    partition=PartitionConfig(scheme="iid"), client_models=("cnn_small", "lenet5_bn"), student_model="cnn_small",
+    dataset="digits",
+    num_clients=3,
+    rounds=4,
+    public_size=300,
+    local_epochs=1,
+    distill_epochs=1,
+    partition=PartitionConfig(scheme="iid"),
+    client_models=("cnn_small", "lenet5_bn"),
+    student_model="cnn_small",
 )
 
 
@@ -124,7 +131,9 @@ def test_resume_refuses_another_configuration_and_starts_afresh_without_a_checkp
     with pytest.raises(Crash):
         run_federation(InProcessGrid(client_app, num_nodes=3), TINY, run_dir=tmp_path, on_round=_crash_after(1))
     with pytest.raises(ResumeError, match="different configuration"):
-        run_federation(InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, seed=1), run_dir=tmp_path, resume=True)
+        run_federation(
+            InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, seed=1), run_dir=tmp_path, resume=True
+        )
     fresh = tmp_path / "fresh"
     rows = run_federation(
         InProcessGrid(client_app, num_nodes=3), dataclasses.replace(TINY, rounds=1), run_dir=fresh, resume=True
@@ -134,8 +143,17 @@ def test_resume_refuses_another_configuration_and_starts_afresh_without_a_checkp
 
 def _fedkd_sim(run_dir: Path, *extra: str) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "federation.sim", "num_clients=3", "rounds=3", "local_epochs=1", "distill_epochs=1",
-        "public_size=300", "partition=iid", f"hydra.run.dir={run_dir}", *extra,
+        sys.executable,
+        "-m",
+        "federation.sim",
+        "num_clients=3",
+        "rounds=3",
+        "local_epochs=1",
+        "distill_epochs=1",
+        "public_size=300",
+        "partition=iid",
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from fedkd import seeding
 from fedkd.seeding import SeedPurpose, derive_seed
 
 # The values every committed result was drawn with. A new purpose takes a new value; an

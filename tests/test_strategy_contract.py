@@ -62,9 +62,7 @@ def _soft_label_content(client_id: int) -> RecordDict:
 def _class_logit_content(client_id: int) -> RecordDict:
     rng = np.random.default_rng(client_id)
     metrics = MetricRecord({NUM_EXAMPLES: 10, CLIENT_ID: client_id, "train-loss": 0.5})
-    record = class_logits_record(
-        rng.normal(size=(NUM_CLASSES, NUM_CLASSES)), rng.integers(0, 5, size=NUM_CLASSES)
-    )
+    record = class_logits_record(rng.normal(size=(NUM_CLASSES, NUM_CLASSES)), rng.integers(0, 5, size=NUM_CLASSES))
     return RecordDict({"class-logits": record, METRICS_KEY: metrics})
 
 
@@ -154,7 +152,12 @@ def _outcome(strategy: Strategy, result: tuple) -> list[np.ndarray]:
 
 def _snapshot(replies: list[Message]) -> list[bytes]:
     return [
-        b"".join(array.data for record in reply.content.values() if isinstance(record, ArrayRecord) for array in record.values())
+        b"".join(
+            array.data
+            for record in reply.content.values()
+            if isinstance(record, ArrayRecord)
+            for array in record.values()
+        )
         for reply in replies
     ]
 
@@ -182,7 +185,9 @@ def test_client_order_does_not_change_the_result(case):
     shuffled = replies[:]
     random.Random(3).shuffle(shuffled)
     first, second = case.build(), case.build()
-    for a, b in zip(_outcome(first, _aggregate(first, replies)), _outcome(second, _aggregate(second, shuffled))):
+    for a, b in zip(
+        _outcome(first, _aggregate(first, replies)), _outcome(second, _aggregate(second, shuffled)), strict=False
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -191,6 +196,7 @@ def test_same_seed_same_result(case):
     for a, b in zip(
         _outcome(first, _aggregate(first, _replies(case, [0, 1, 2]))),
         _outcome(second, _aggregate(second, _replies(case, [0, 1, 2]))),
+        strict=False,
     ):
         np.testing.assert_array_equal(a, b)
 

@@ -2,14 +2,16 @@
 
 import numpy as np
 import pytest
+from baselines import untrained_student_accuracy
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from grids import RecordingGrid
 
 from federation.client_app import app as client_app
+from federation.inprocess import InProcessGrid
+from federation.run import run_federation
 from fedkd.config import PartitionConfig, RunConfig, SynthesisConfig
 from fedkd.data import local as local_data
-from federation.run import run_federation
-from federation.inprocess import InProcessGrid
 from fedkd.messages import (
     SYNTHESIZE_MESSAGE,
     SYNTHETIC_KEY,
@@ -19,8 +21,6 @@ from fedkd.messages import (
 )
 from strategies.synthetic_transfer import pool_synthetic_replies, validate_synthetic_images
 from strategies.validation import InvalidReply
-from baselines import untrained_student_accuracy
-from grids import RecordingGrid
 
 SHAPE = (1, 4, 4)
 
@@ -61,9 +61,7 @@ def test_pool_counts_failures_and_rejects_malformed_images_without_losing_the_re
     query.metadata.__dict__["_message_id"] = "q9"
     failed = Message(Error(code=0, reason="boom"), reply_to=query)
     good = _reply(_images(2, 7), 0)
-    pool = pool_synthetic_replies(
-        [bad_dtype, too_many, wrong_shape, failed, good], input_shape=SHAPE, max_per_client=3
-    )
+    pool = pool_synthetic_replies([bad_dtype, too_many, wrong_shape, failed, good], input_shape=SHAPE, max_per_client=3)
     assert pool.contributors == [0] and len(pool.images) == 2
     assert len(pool.rejected) == 3 and len(pool.failed) == 1
     assert "uint8" in " ".join(pool.rejected) and "shape" in " ".join(pool.rejected)
@@ -158,9 +156,15 @@ def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeyp
 
     monkeypatch.setattr(client_module, "_train_locally", counting)
     config = RunConfig(
-        dataset="digits", num_clients=2, rounds=2, local_epochs=1, distill_epochs=1,
-        partition=PartitionConfig(scheme="iid"), transfer="synthetic",
-        synthesis=SynthesisConfig(per_client=10, steps=5), student_model="cnn_small",
+        dataset="digits",
+        num_clients=2,
+        rounds=2,
+        local_epochs=1,
+        distill_epochs=1,
+        partition=PartitionConfig(scheme="iid"),
+        transfer="synthetic",
+        synthesis=SynthesisConfig(per_client=10, steps=5),
+        student_model="cnn_small",
     )
     grid = InProcessGrid(client_app, num_nodes=2)
     run_federation(grid, config, run_dir=None)
@@ -187,9 +191,15 @@ def test_bad_synthetic_inputs_are_rejected_and_counted_and_the_round_goes_on():
 
     app.train()(honest.train)
     config = RunConfig(
-        dataset="digits", num_clients=3, rounds=1, local_epochs=1, distill_epochs=1,
-        partition=PartitionConfig(scheme="iid"), transfer="synthetic",
-        synthesis=SynthesisConfig(per_client=10, steps=5), student_model="cnn_small",
+        dataset="digits",
+        num_clients=3,
+        rounds=1,
+        local_epochs=1,
+        distill_epochs=1,
+        partition=PartitionConfig(scheme="iid"),
+        transfer="synthetic",
+        synthesis=SynthesisConfig(per_client=10, steps=5),
+        student_model="cnn_small",
     )
     (row,) = run_federation(InProcessGrid(app, num_nodes=3), config, run_dir=None)
     assert row["rejected"] == 1
@@ -201,9 +211,16 @@ def test_ray_engine_runs_the_data_free_mode(tmp_path):
     from federation.sim import simulate
 
     config = RunConfig(
-        dataset="digits", num_clients=2, rounds=1, local_epochs=1, distill_epochs=1,
-        partition=PartitionConfig(scheme="iid"), transfer="synthetic",
-        synthesis=SynthesisConfig(per_client=10, steps=5), student_model="cnn_small", engine="ray",
+        dataset="digits",
+        num_clients=2,
+        rounds=1,
+        local_epochs=1,
+        distill_epochs=1,
+        partition=PartitionConfig(scheme="iid"),
+        transfer="synthetic",
+        synthesis=SynthesisConfig(per_client=10, steps=5),
+        student_model="cnn_small",
+        engine="ray",
     )
     (row,) = simulate(config, run_dir=tmp_path)
     assert row["synthetic_inputs"] == 20 and row["clients"] == 2 and row["failed"] == 0
