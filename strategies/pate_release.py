@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from fedkd.checkpoint import arrays_record
-from fedkd.messages import TRANSFER_KEY, transfer_record
+from fedkd.messages import TRANSFER_KEY, number, transfer_record
 from fedkd.privacy.accountant import RDP_ORDERS
 from fedkd.privacy.config import PrivacyConfig
 from fedkd.privacy.mechanisms import confident_gnmax, is_vote_count_matrix, one_hot, summed_votes
@@ -317,15 +317,20 @@ class PATERelease:
         batches = stored(state, "pate", ArrayRecord)
         count = stored_count(state, "pate-count", "batches")
         self._batches = [
-            tuple(batches[f"{name}-{i}"].numpy() for name in ("positions", "counts", "answered", "labels"))  # type: ignore[misc]
+            (
+                batches[f"positions-{i}"].numpy(),
+                batches[f"counts-{i}"].numpy(),
+                batches[f"answered-{i}"].numpy(),
+                batches[f"labels-{i}"].numpy(),
+            )
             for i in range(count)
         ]
         record = state.get("pate-epsilon")
         if isinstance(record, ConfigRecord):
             self._epsilon = PateEpsilon(
-                epsilon=float(record["epsilon"]),
-                released=float(record["released"]),  # type: ignore[arg-type]
-                data_independent=float(record["data-independent"]),  # type: ignore[arg-type]
-                answered=int(record["answered"]),
-                queries=int(record["queries"]),  # type: ignore[arg-type]
+                epsilon=number(record, "epsilon"),
+                released=number(record, "released"),
+                data_independent=number(record, "data-independent"),
+                answered=int(number(record, "answered")),
+                queries=int(number(record, "queries")),
             )
