@@ -28,7 +28,36 @@ logger = logging.getLogger(__name__)
 SERVER_NODE_ID = 0
 
 
-class InProcessGrid(Grid):
+class TimedReplies:
+    """Replies kept with the seconds their client took, until the server pulls them; shared by
+    the grids that run clients themselves. A reply that took longer than the round's timeout is
+    dropped as late, as a deployment would drop it."""
+
+    def __init__(self) -> None:
+        self._replies: dict[str, tuple[Message, float]] = {}
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [reply for reply, _ in self._take(message_ids)]
+
+    def _take(self, message_ids: Iterable[str]) -> list[tuple[Message, float]]:
+        return [self._replies.pop(message_id) for message_id in message_ids if message_id in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for reply, seconds in self._take(list(self.push_messages(messages))):
+            if timeout is not None and seconds > timeout:
+                logger.debug(
+                    "node %d answered after %.1f s > timeout %.1f s; dropped.",
+                    reply.metadata.src_node_id,
+                    seconds,
+                    timeout,
+                )
+                continue
+            replies.append(reply)
+        return replies
+
+
+class InProcessGrid(TimedReplies, Grid):
     """Deliver messages to ``client_app`` instances living in this process.
 
     Parameters
@@ -67,7 +96,7 @@ class InProcessGrid(Grid):
             )
             for node in (range(num_nodes) if node_ids is None else [node_id - 1 for node_id in node_ids])
         }
-        self._replies: dict[str, tuple[Message, float]] = {}
+        TimedReplies.__init__(self)
         # Instruction messages are stamped with the sender's identity (Flower's runtime sets it).
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
@@ -132,23 +161,3 @@ class InProcessGrid(Grid):
             self._replies[message.metadata.message_id] = (reply, time.perf_counter() - started)
             ids.append(message.metadata.message_id)
         return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [reply for reply, _ in self._take(message_ids)]
-
-    def _take(self, message_ids: Iterable[str]) -> list[tuple[Message, float]]:
-        return [self._replies.pop(message_id) for message_id in message_ids if message_id in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for reply, seconds in self._take(list(self.push_messages(messages))):
-            if timeout is not None and seconds > timeout:
-                logger.debug(
-                    "node %d answered after %.1f s > timeout %.1f s; dropped.",
-                    reply.metadata.src_node_id,
-                    seconds,
-                    timeout,
-                )
-                continue
-            replies.append(reply)
-        return replies

@@ -51,7 +51,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.inprocess import SERVER_NODE_ID, InProcessGrid
+from federation.inprocess import SERVER_NODE_ID, InProcessGrid, TimedReplies
 from fedkd.config import SplitSpec
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class _Progress:
             sys.stderr.flush()
 
 
-class ProcessPoolGrid(Grid):
+class ProcessPoolGrid(TimedReplies, Grid):
     """Deliver messages to ``client_app`` in ``workers`` forked processes, one shard of nodes each.
 
     Parameters
@@ -243,7 +243,7 @@ class ProcessPoolGrid(Grid):
         self.shards = assign_shards(num_nodes, workers or available_cores())
         self._owner = {node: index for index, shard in enumerate(self.shards) for node in shard}
         self._run = Run.create_empty(run_id=run_id)
-        self._replies: dict[str, tuple[Message, float]] = {}
+        TimedReplies.__init__(self)
         self.restarts = 0  # workers forked again after one died
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
@@ -346,26 +346,6 @@ class ProcessPoolGrid(Grid):
         for message, answer in zip(messages, self._exchange(messages), strict=True):
             self._replies[message.metadata.message_id] = answer
         return [message.metadata.message_id for message in messages]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [reply for reply, _ in self._take(message_ids)]
-
-    def _take(self, message_ids: Iterable[str]) -> list[tuple[Message, float]]:
-        return [self._replies.pop(message_id) for message_id in message_ids if message_id in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for reply, seconds in self._take(list(self.push_messages(messages))):
-            if timeout is not None and seconds > timeout:
-                logger.debug(
-                    "node %d answered after %.1f s > timeout %.1f s; dropped.",
-                    reply.metadata.src_node_id,
-                    seconds,
-                    timeout,
-                )
-                continue
-            replies.append(reply)
-        return replies
 
     def _exchange(self, messages: list[Message]) -> list[tuple[Message, float]]:
         """Each worker gets its shard's messages in one batch; returns (reply, the client's own

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from fedkd.config import RunConfig
 from strategies.aggregation import ENTROPY_REDUCING, Aggregator, entropy_reduce
-from strategies.ensemble_distillation import client_privacy
+from strategies.ensemble_distillation import build_soft_label_strategy
 from strategies.fedmd import FedMD
 from strategies.registry import BuildContext, StrategySpec, register
 
@@ -45,14 +45,8 @@ class DSFL(FedMD):
 
 def build(context: BuildContext) -> DSFL:
     temperature = context.config.strategy.sharpen_temperature
-    return DSFL(
-        student=context.student(),
-        source=context.public_transfer(entropy_reduced(context.aggregator, temperature=temperature)),
-        num_classes=context.info.num_classes,
-        sampling=context.sampling,
-        min_replies=context.config.strategy.min_replies,
-        client_privacy=client_privacy(context),
-    )
+    source = context.public_transfer(entropy_reduced(context.aggregator, temperature=temperature))
+    return build_soft_label_strategy(DSFL, context, source)
 
 
 def refuse_double_reduction(config: RunConfig) -> None:

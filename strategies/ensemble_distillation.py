@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -305,15 +305,23 @@ def client_privacy(context: BuildContext) -> PrivacyConfig | None:
     return privacy if privacy.mechanism == "dpsgd" else None
 
 
-def build(context: BuildContext) -> EnsembleDistillation:
-    return EnsembleDistillation(
+Distiller = TypeVar("Distiller", bound=EnsembleDistillation)
+
+
+def build_soft_label_strategy(kind: type[Distiller], context: BuildContext, source: TransferSource) -> Distiller:
+    """A soft-label strategy of class ``kind`` for the run, learning from ``source``."""
+    return kind(
         student=context.student(),
-        source=transfer_source(context),
+        source=source,
         num_classes=context.info.num_classes,
         sampling=context.sampling,
         min_replies=context.config.strategy.min_replies,
         client_privacy=client_privacy(context),
     )
+
+
+def build(context: BuildContext) -> EnsembleDistillation:
+    return build_soft_label_strategy(EnsembleDistillation, context, transfer_source(context))
 
 
 register(

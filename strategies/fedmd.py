@@ -26,7 +26,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedkd.messages import CONSENSUS_KEY, consensus_record
-from strategies.ensemble_distillation import EnsembleDistillation, client_privacy
+from strategies.ensemble_distillation import EnsembleDistillation, build_soft_label_strategy
 from strategies.registry import BuildContext, StrategySpec, register
 from strategies.transfer import PublicTransfer
 
@@ -47,14 +47,7 @@ class FedMD(EnsembleDistillation):
 
 
 def build(context: BuildContext) -> FedMD:
-    return FedMD(
-        student=context.student(),
-        source=context.public_transfer(),
-        num_classes=context.info.num_classes,
-        sampling=context.sampling,
-        min_replies=context.config.strategy.min_replies,
-        client_privacy=client_privacy(context),
-    )
+    return build_soft_label_strategy(FedMD, context, context.public_transfer())
 
 
 register(

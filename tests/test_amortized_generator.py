@@ -43,6 +43,7 @@ def test_generator_is_trained_once_then_sampling_is_a_forward_pass():
     assert synthesizer.loss_history == first_history
 
 
+@pytest.mark.slow  # seconds of training; the quick tier keeps the cheaper checks
 def test_same_seed_gives_the_same_samples_and_another_seed_does_not():
     def run(seed):
         synthesizer = AmortizedGenerator(_tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small())
@@ -54,6 +55,7 @@ def test_same_seed_gives_the_same_samples_and_another_seed_does_not():
     assert not torch.allclose(first[0], other[0])
 
 
+@pytest.mark.slow  # seconds of training; the quick tier keeps the cheaper checks
 def test_samples_differ_within_a_class():
     synthesizer = AmortizedGenerator(_tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small())
     images = synthesizer.synthesize(
@@ -89,6 +91,7 @@ def test_hooks_are_removed_when_training_fails():
     assert _all_hooks(teacher) == 0
 
 
+@pytest.mark.slow  # seconds of training; the quick tier keeps the cheaper checks
 def test_competition_term_needs_a_student():
     synthesizer = AmortizedGenerator(
         _tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small(adi_weight=1.0)

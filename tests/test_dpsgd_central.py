@@ -80,6 +80,7 @@ def test_a_step_adds_gaussian_noise_of_the_calibrated_scale() -> None:
     assert update.std().item() == pytest.approx(expected, rel=0.05)
 
 
+@pytest.mark.slow  # seconds of training; the quick tier keeps the cheaper checks
 def test_the_same_seed_gives_the_same_run() -> None:
     train, test = synthetic(128, seed=1), synthetic(50, seed=2)
     runs = [central.train_and_evaluate(train, test, TINY) for _ in range(2)]

@@ -222,6 +222,7 @@ def test_worst_client_epsilon_keeps_each_clients_latest():
 # --- DP-SGD --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds of training; the quick tier keeps the cheaper checks
 def test_private_compatible_model_has_no_batchnorm_and_trains_with_a_ledger():
     model = make_private_compatible(build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10, seed=0))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
@@ -245,6 +246,7 @@ def test_private_compatible_model_has_no_batchnorm_and_trains_with_a_ledger():
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())  # hooks gone
 
 
+@pytest.mark.slow  # seconds of training; the quick tier keeps the cheaper checks
 def test_dp_sgd_changes_the_weights_and_is_reproducible():
     def run():
         model = make_private_compatible(build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10, seed=0))
