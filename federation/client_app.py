@@ -191,8 +191,11 @@ def train_locally(model: torch.nn.Module, client: ClientRound) -> float:
 def restore_teacher(client: ClientRound) -> torch.nn.Module:
     """This client's teacher as it was at the end of its last round (fresh in round 1)."""
     run = client.run
+    architecture = model_for_client(run.client_models, client.client_id)
+    if run.privacy.mechanism == "dpsgd":
+        architecture = client_privacy.teacher_architecture(run, client.client_id)  # privacy.teacher_model
     teacher = build_model(
-        model_for_client(run.client_models, client.client_id),
+        architecture,
         input_shape=client.info.input_shape,
         num_classes=client.info.num_classes,
         seed=derive_seed(run.seed, client.client_id, SeedPurpose.TEACHER_INIT),
