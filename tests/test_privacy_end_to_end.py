@@ -100,7 +100,7 @@ def test_dpsgd_teachers_synthesize_from_privately_released_feature_statistics():
     config = _config(synthetic, mechanism="dpsgd", epsilon=4.0, teacher_model="client_models", local_epochs=1)
     grid, rows = _run(config)
     _check_budget(rows, 4.0)
-    assert all(row["distill_inputs"] > 0 for row in rows)
+    assert all(row["synthetic_inputs"] > 0 for row in rows)
     for node in (1, 2, 3):
         ledger = PrivacyLedger.from_record(grid.context(node).state[PRIVACY_LEDGER_STATE])
         releases = [steps for _, rate, steps in ledger.history if rate == 1.0]
