@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedkd.data import load_dataset
+from fedkd.models import TanhCNN
 from fedkd.privacy.accountant import PrivacyLedger, calibrate_noise_multiplier, check_delta
 from fedkd.privacy.dpsgd import batches_per_epoch
 from fedkd.seeding import derive_seed, torch_generator
@@ -122,23 +123,9 @@ def calibrate(recipe: Recipe, num_examples: int) -> NoiseCalibration:
 
 
 def build_model() -> nn.Module:
-    """Papernot et al.'s tanh CNN for MNIST, as in Tramèr & Boneh's ``MNIST_CNN``.
-
-    tanh bounds activations, so clipped gradients lose less signal than with ReLU; the model
-    has no normalisation layer, so per-sample gradients need no GroupNorm substitute.
-    """
-    return nn.Sequential(
-        nn.Conv2d(1, 16, kernel_size=8, stride=2, padding=2),  # 28 → 13
-        nn.Tanh(),
-        nn.MaxPool2d(kernel_size=2, stride=1),  # 13 → 12
-        nn.Conv2d(16, 32, kernel_size=4, stride=2),  # 12 → 5
-        nn.Tanh(),
-        nn.MaxPool2d(kernel_size=2, stride=1),  # 5 → 4
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 32),
-        nn.Tanh(),
-        nn.Linear(32, 10),
-    )
+    """Papernot et al.'s tanh CNN for MNIST, as in Tramèr & Boneh's ``MNIST_CNN``: the same
+    definition the federated DP-SGD teachers use (``fedkd.models.TanhCNN``, ``tanh_cnn``)."""
+    return TanhCNN()
 
 
 def normalize(images: np.ndarray) -> torch.Tensor:

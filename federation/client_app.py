@@ -210,9 +210,13 @@ def restore_teacher(client: ClientRound, teacher_index: int = 0) -> torch.nn.Mod
     run = client.run
     per_client = run.privacy.teachers_per_client
     init = (run.seed, client.client_id, SeedPurpose.TEACHER_INIT) + ((teacher_index,) if teacher_index else ())
+    # Architectures go round-robin over every teacher of the federation; DP-SGD teachers use
+    # privacy.teacher_model.
+    architecture = model_for_client(run.client_models, client.client_id * per_client + teacher_index)
+    if run.privacy.mechanism == "dpsgd":
+        architecture = client_privacy.teacher_architecture(run, client.client_id)
     teacher = build_model(
-        # Architectures go round-robin over every teacher of the federation.
-        model_for_client(run.client_models, client.client_id * per_client + teacher_index),
+        architecture,
         input_shape=client.info.input_shape,
         num_classes=client.info.num_classes,
         seed=derive_seed(*init),

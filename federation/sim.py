@@ -19,7 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-import hydra
+# Idle OpenMP threads sleep instead of spinning: on a few cores shared with other work, spinning
+# threads starve the busy ones (see experiments/dpsgd_central.py). Read when torch first loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 

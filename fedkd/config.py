@@ -21,7 +21,7 @@ from typing import Any
 
 from fedkd.attacks import ATTACK_KINDS
 from fedkd.data.partition import PARTITION_SCHEMES
-from fedkd.models import check_model_name
+from fedkd.models import NORMALIZATION_FREE_MODELS, check_model_name
 from fedkd.privacy.config import PrivacyConfig
 
 ENGINES = ("inprocess", "processes", "ray")
@@ -234,6 +234,12 @@ class RunConfig:
                 "inputs come from the teachers and their feature statistics, which only privacy=dpsgd "
                 "protects (DP-SGD teachers, privately released statistics). Use privacy=dpsgd or "
                 "transfer=public."
+            )
+        if self.releases_feature_statistics and privacy.teacher_model in NORMALIZATION_FREE_MODELS:
+            raise ValueError(
+                f"privacy=dpsgd with transfer=synthetic inverts the teachers' normalization layers, and "
+                f"privacy.teacher_model={privacy.teacher_model} has none; set "
+                "privacy.teacher_model=client_models (or a model with BatchNorm, e.g. cnn_small)."
             )
         if privacy.on_server and privacy.queries > self.public_size:
             raise ValueError(

@@ -2,7 +2,8 @@
 
 Every model takes ``in_channels``, ``num_classes`` and ``image_size`` so one registry serves
 MNIST-shaped and CIFAR-shaped data. Teachers keep BatchNorm on purpose: the data-free
-synthesizers invert its running statistics.
+synthesizers invert its running statistics. The exception is ``tanh_cnn``, the DP-SGD teacher
+(``privacy=dpsgd``): no normalization layer, tanh activations.
 """
 
 from __future__ import annotations
@@ -199,6 +200,34 @@ class MLP(nn.Module):
         return self.net(inputs)
 
 
+class TanhCNN(nn.Sequential):
+    """Papernot et al.'s tanh CNN for MNIST ("Tempered Sigmoid Activations for Deep Learning with
+    Differential Privacy", AAAI 2021), as in Tramèr & Boneh's ``MNIST_CNN`` (ICLR 2021): two
+    strided convolutions and a 32-unit hidden layer, all with tanh (≈ 26 k params for 28×28).
+
+    Built for DP-SGD: tanh bounds the activations, so clipped per-example gradients lose less
+    signal than with ReLU, and without a normalization layer per-example gradients need no
+    GroupNorm stand-in. A ``Sequential`` (indexable) whose layers are created in the same order as
+    the reference code, so a seed gives the same initial weights.
+    """
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        side = (image_size + 2 * 2 - 8) // 2 + 1 - 1  # first convolution, then a 2×2 stride-1 pool
+        side = (side - 4) // 2 + 1 - 1  # second convolution and pool: 28 → 13 → 12 → 5 → 4
+        super().__init__(
+            nn.Conv2d(in_channels, 16, kernel_size=8, stride=2, padding=2),
+            nn.Tanh(),
+            nn.MaxPool2d(kernel_size=2, stride=1),
+            nn.Conv2d(16, 32, kernel_size=4, stride=2),
+            nn.Tanh(),
+            nn.MaxPool2d(kernel_size=2, stride=1),
+            nn.Flatten(),
+            nn.Linear(32 * side * side, 32),
+            nn.Tanh(),
+            nn.Linear(32, num_classes),
+        )
+
+
 MODEL_REGISTRY: dict[str, ModelFactory] = {
     "cnn_small": SmallCNN,
     "lenet5_bn": LeNet5BN,
@@ -208,7 +237,10 @@ MODEL_REGISTRY: dict[str, ModelFactory] = {
     "resnet8": lambda **kw: ResNetCifar(depth=8, **kw),
     "resnet20": lambda **kw: ResNetCifar(depth=20, **kw),
     "mlp": MLP,
+    "tanh_cnn": TanhCNN,
 }
+# Registered models without BatchNorm or GroupNorm: data-free synthesis has nothing to invert.
+NORMALIZATION_FREE_MODELS = frozenset({"tanh_cnn"})
 
 
 def available_models() -> list[str]:

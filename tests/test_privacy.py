@@ -307,7 +307,9 @@ def test_bad_privacy_values_name_the_key(kwargs, match):
 
 
 def test_dpsgd_with_synthetic_transfer_releases_feature_statistics_every_round():
-    config = RunConfig(privacy=PrivacyConfig(mechanism="dpsgd"), transfer="synthetic", rounds=4)
+    config = RunConfig(
+        privacy=PrivacyConfig(mechanism="dpsgd", teacher_model="client_models"), transfer="synthetic", rounds=4
+    )
     assert config.releases_feature_statistics
     task = ClientTask(mode="soft-labels", server_round=1, run=config)
     assert task.feature_releases == 4

@@ -56,13 +56,13 @@ def _check_budget(rows, target):
 
 @pytest.mark.slow
 def test_dpsgd_clients_account_for_every_step_of_the_run():
-    config = _config(mechanism="dpsgd", epsilon=3.0, queries=10)
+    config = _config(mechanism="dpsgd", epsilon=3.0, queries=10, local_epochs=1)
     grid, rows = _run(config)
     _check_budget(rows, 3.0)
     for node in (1, 2, 3):
         ledger = PrivacyLedger.from_record(grid.context(node).state[PRIVACY_LEDGER_STATE])
-        batches = batches_per_epoch(len(private_partition(config.split_spec(), node - 1)), config.batch_size)
-        assert sum(steps for _, _, steps in ledger.history) == config.rounds * config.local_epochs * batches
+        batches = batches_per_epoch(len(private_partition(config.split_spec(), node - 1)), config.privacy.batch_size)
+        assert sum(steps for _, _, steps in ledger.history) == config.rounds * config.privacy.local_epochs * batches
         assert ledger.epsilon(1e-5) <= 3.0
     assert rows[-1]["epsilon"] == pytest.approx(
         max(PrivacyLedger.from_record(grid.context(n).state[PRIVACY_LEDGER_STATE]).epsilon(1e-5) for n in (1, 2, 3))
@@ -105,10 +105,10 @@ def test_infinite_epsilon_runs_without_noise_and_says_so():
 @pytest.mark.slow
 def test_dpsgd_teachers_synthesize_from_privately_released_feature_statistics():
     synthetic = dict(transfer="synthetic", synthesis=SynthesisConfig(per_client=16, steps=5))
-    config = _config(synthetic, mechanism="dpsgd", epsilon=4.0)
+    config = _config(synthetic, mechanism="dpsgd", epsilon=4.0, teacher_model="client_models", local_epochs=1)
     grid, rows = _run(config)
     _check_budget(rows, 4.0)
-    assert all(row["distill_inputs"] > 0 for row in rows)
+    assert all(row["synthetic_inputs"] > 0 for row in rows)
     for node in (1, 2, 3):
         ledger = PrivacyLedger.from_record(grid.context(node).state[PRIVACY_LEDGER_STATE])
         releases = [steps for _, rate, steps in ledger.history if rate == 1.0]

@@ -20,7 +20,9 @@ from fedkd.config import RunConfig
 from fedkd.data import DatasetInfo
 from fedkd.data.local import LabeledTensors
 from fedkd.distillation import OptimizerSettings
+from fedkd.models import model_for_client
 from fedkd.privacy.accountant import PrivacyLedger
+from fedkd.privacy.config import CLIENT_MODELS
 from fedkd.privacy.dpsgd import NoisePlan, calibrate_for_run, train_dp_sgd
 from fedkd.privacy.feature_statistics import (
     per_sample_moments,
@@ -55,14 +57,22 @@ def reported_epsilon(run: RunConfig, state: RecordDict) -> float:
     return client_ledger(state).epsilon(run.privacy.delta)
 
 
+def teacher_architecture(run: RunConfig, client_id: int) -> str:
+    """The architecture of a DP-SGD client's teacher: ``privacy.teacher_model`` for every
+    client, or the run's ``client_models`` (round-robin) when it says ``client_models``."""
+    if run.privacy.teacher_model == CLIENT_MODELS:
+        return model_for_client(run.client_models, client_id)
+    return run.privacy.teacher_model
+
+
 def noise_plan(run: RunConfig, *, num_examples: int, feature_releases: int) -> NoisePlan:
     """Noise for every epoch of the whole run (and its feature releases), calibrated once."""
     return calibrate_for_run(
         target_epsilon=run.privacy.epsilon,
         delta=run.privacy.delta,
         num_examples=num_examples,
-        batch_size=run.batch_size,
-        epochs_in_run=run.rounds * run.local_epochs,
+        batch_size=run.privacy.batch_size,
+        epochs_in_run=run.rounds * run.privacy.local_epochs,
         feature_releases=feature_releases,
     )
 
@@ -76,19 +86,22 @@ def train_privately(
     feature_releases: int,
     generator: torch.Generator,
 ) -> float:
-    """DP-SGD for this round's local epochs; the steps go into the node's ledger."""
+    """DP-SGD for this round with the privacy group's recipe (local epochs, logical batch,
+    momentum SGD, learning rate, clip, augmentation); the steps go into the node's ledger."""
     ledger = client_ledger(state)
+    privacy = run.privacy
     loss = train_dp_sgd(
         model,
         partition.images,
         partition.labels,
-        epochs=run.local_epochs,
-        settings=OptimizerSettings(lr=run.lr, batch_size=run.batch_size),
+        epochs=privacy.local_epochs,
+        settings=OptimizerSettings(lr=privacy.lr, batch_size=privacy.batch_size),
         generator=generator,
         noise_multiplier=noise_plan(run, num_examples=len(partition), feature_releases=feature_releases).training,
-        max_grad_norm=run.privacy.max_grad_norm,
+        max_grad_norm=privacy.max_grad_norm,
         ledger=ledger,
-        max_shift=run.augment_shift,
+        max_shift=privacy.augment_shift,
+        momentum=privacy.momentum,
     )
     store_ledger(state, ledger)
     return loss

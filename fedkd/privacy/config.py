@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fedkd.models import check_model_name
+
 PRIVACY_MECHANISMS = ("none", "dpsgd", "gaussian", "gnmax", "pate")
 NOISE_LOCATIONS = ("server", "clients")
+# privacy.teacher_model's value for "the run's client_models" (the architectures without privacy).
+CLIENT_MODELS = "client_models"
 # Mechanisms the server applies to a fresh batch of ``queries`` public inputs per round.
 SERVER_MECHANISMS = ("gaussian", "gnmax", "pate")
 
@@ -23,7 +27,18 @@ class PrivacyConfig:
     mechanism: str = "none"
     epsilon: float = 2.0  # target ε at the end of the run; inf trains the same way without noise
     delta: float = 1e-5
-    max_grad_norm: float = 1.0  # dpsgd: per-example gradient clip
+    # dpsgd: every client's teacher is this architecture (it replaces client_models; "client_models"
+    # keeps them, BatchNorm made GroupNorm) trained with DP-SGD for local_epochs per round:
+    # per-example gradients clipped to max_grad_norm, Gaussian noise, then SGD with momentum, on
+    # Poisson-sampled batches of batch_size examples in expectation, images shifted by up to
+    # augment_shift. The run's local_epochs, lr, batch_size and augment_shift are for non-private training.
+    teacher_model: str = "tanh_cnn"
+    local_epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.5
+    momentum: float = 0.9
+    max_grad_norm: float = 0.1
+    augment_shift: float = 0.0
     clip_norm: float = 1.0  # gaussian: L2 bound on each soft-label row (≥ 1 leaves probabilities as they are)
     noise_at: str = "server"  # gaussian: server (central DP) | clients (each adds its share)
     queries: int = 100  # gaussian, gnmax, pate: public inputs queried per round
@@ -79,11 +94,28 @@ class PrivacyConfig:
             )
         if not (math.isfinite(self.release_order) and self.release_order > 1):
             raise ValueError(f"privacy.release_order must be a finite Rényi order > 1, got {self.release_order}.")
+        self._check_dpsgd_recipe()
 
     @property
     def release_beta(self) -> float:
         """pate: smoothness β of the ε release; 0.4/λ keeps the GNSS bound's λ < 1/(2β) with margin."""
         return 0.4 / self.release_order
+
+    def _check_dpsgd_recipe(self) -> None:
+        if self.teacher_model != CLIENT_MODELS:
+            try:
+                check_model_name(self.teacher_model)
+            except ValueError as error:
+                raise ValueError(f"privacy.teacher_model: {error} ({CLIENT_MODELS!r} keeps client_models)") from None
+        for name in ("local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"privacy.{name} must be ≥ 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.augment_shift < 0.5:
+            raise ValueError(f"privacy.augment_shift must lie in [0, 0.5), got {self.augment_shift}.")
+        if not self.lr > 0:
+            raise ValueError(f"privacy.lr must be > 0, got {self.lr}.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"privacy.momentum must lie in [0, 1), got {self.momentum}.")
 
     @property
     def adjacency(self) -> str:
@@ -91,6 +123,7 @@ class PrivacyConfig:
         unit = {
             "dpsgd": "one training record of one client",
             "gnmax": "one training record of one client (it changes one teacher's vote)",
+            "pate": "one training record of one client (it changes one teacher's vote)",
             "gaussian": "one client's whole contribution",
         }.get(self.mechanism, "nothing (no privacy)")
         sizes = (

@@ -118,9 +118,13 @@ def train_dp_sgd(
     max_grad_norm: float,
     ledger: PrivacyLedger,
     max_shift: float = 0.0,
+    momentum: float | None = None,
 ) -> float:
     """Cross-entropy training with DP-SGD; appends every step to ``ledger``.
 
+    ``settings.batch_size`` is the logical batch: the expected size of each Poisson-sampled
+    batch (sample rate ``1 / batches_per_epoch``). The noisy, clipped gradient is followed by
+    SGD with ``momentum`` (``privacy=dpsgd``'s recipe), or by Adam when ``momentum`` is ``None``.
     ``model`` must already be :func:`make_private_compatible`; it is trained in place and left
     without Opacus hooks. Returns the mean loss of the last epoch. ``noise_multiplier = 0``
     trains with clipping only (no guarantee; nothing is recorded).
@@ -130,7 +134,13 @@ def train_dp_sgd(
     loader = DataLoader(
         TensorDataset(images, labels), batch_size=settings.batch_size, shuffle=True, generator=generator
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if momentum is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=settings.lr, momentum=momentum, weight_decay=settings.weight_decay
+        )
     accountant = RDPAccountant()
     accountant.history = list(ledger.history)
     with warnings.catch_warnings():
