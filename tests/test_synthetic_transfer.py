@@ -111,7 +111,7 @@ def test_data_free_run_learns_without_the_server_touching_real_data(monkeypatch)
     # Clients and server share this process: nobody may read public inputs, and no public
     # split exists (its size is 0), so everything the student learns from is synthetic.
     monkeypatch.setattr(local_data, "public_inputs", no_public_set)
-    monkeypatch.setattr("federation.run.public_inputs", no_public_set)
+    monkeypatch.setattr("strategies.registry.public_inputs", no_public_set)
     monkeypatch.setattr("federation.client_app.public_inputs", no_public_set)
     assert local_data.split_for(DATA_FREE.split_spec()).public_indices.size == 0
 
@@ -148,13 +148,13 @@ def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeyp
     import federation.client_app as client_module
 
     trained: list[tuple[int, int]] = []
-    original = client_module._train_locally
+    original = client_module.train_locally
 
-    def counting(model, task, identity, context=None):
-        trained.append((task.server_round, identity.client_id))
-        return original(model, task, identity, context)
+    def counting(model, client, **kwargs):
+        trained.append((client.task.server_round, client.client_id))
+        return original(model, client, **kwargs)
 
-    monkeypatch.setattr(client_module, "_train_locally", counting)
+    monkeypatch.setattr(client_module, "train_locally", counting)
     config = RunConfig(
         dataset="digits",
         num_clients=2,
