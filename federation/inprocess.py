@@ -28,13 +28,26 @@ logger = logging.getLogger(__name__)
 SERVER_NODE_ID = 0
 
 
-class TimedReplies:
-    """Replies kept with the seconds their client took, until the server pulls them; shared by
-    the grids that run clients themselves. A reply that took longer than the round's timeout is
-    dropped as late, as a deployment would drop it."""
+class LocalGrid(Grid):
+    """What the grids that run their clients themselves share: the run, message creation, and
+    replies kept with the seconds their client took until the server pulls them. A reply that
+    took longer than the round's timeout is dropped as late, as a deployment would drop it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, run_id: int = 1) -> None:
+        self._run = Run.create_empty(run_id=run_id)
         self._replies: dict[str, tuple[Message, float]] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [reply for reply, _ in self._take(message_ids)]
@@ -57,7 +70,7 @@ class TimedReplies:
         return replies
 
 
-class InProcessGrid(TimedReplies, Grid):
+class InProcessGrid(LocalGrid):
     """Deliver messages to ``client_app`` instances living in this process.
 
     Parameters
@@ -85,7 +98,7 @@ class InProcessGrid(TimedReplies, Grid):
         node_ids: Iterable[int] | None = None,
     ) -> None:
         self.client_app = client_app
-        self._run = Run.create_empty(run_id=run_id)
+        super().__init__(run_id=run_id)
         self._contexts = {
             node + 1: Context(
                 run_id=run_id,
@@ -96,23 +109,10 @@ class InProcessGrid(TimedReplies, Grid):
             )
             for node in (range(num_nodes) if node_ids is None else [node_id - 1 for node_id in node_ids])
         }
-        TimedReplies.__init__(self)
         # Instruction messages are stamped with the sender's identity (Flower's runtime sets it).
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SERVER_NODE_ID
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self._contexts)

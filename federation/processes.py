@@ -47,11 +47,9 @@ from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.inprocess import SERVER_NODE_ID, InProcessGrid, TimedReplies
+from federation.inprocess import SERVER_NODE_ID, InProcessGrid, LocalGrid
 from fedkd.config import SplitSpec
 
 logger = logging.getLogger(__name__)
@@ -202,7 +200,7 @@ class _Progress:
             sys.stderr.flush()
 
 
-class ProcessPoolGrid(TimedReplies, Grid):
+class ProcessPoolGrid(LocalGrid):
     """Deliver messages to ``client_app`` in ``workers`` forked processes, one shard of nodes each.
 
     Parameters
@@ -242,8 +240,7 @@ class ProcessPoolGrid(TimedReplies, Grid):
         self.progress = sys.stdout.isatty() if progress is None else progress
         self.shards = assign_shards(num_nodes, workers or available_cores())
         self._owner = {node: index for index, shard in enumerate(self.shards) for node in shard}
-        self._run = Run.create_empty(run_id=run_id)
-        TimedReplies.__init__(self)
+        super().__init__(run_id=run_id)
         self.restarts = 0  # workers forked again after one died
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
@@ -320,18 +317,6 @@ class ProcessPoolGrid(TimedReplies, Grid):
         return [worker.process.pid for worker in self._workers]
 
     # --- Grid ---
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(range(1, self.num_nodes + 1))
