@@ -9,7 +9,7 @@ YAML tree under ``experiments/conf`` lists only what differs (``strategy/dsfl.ya
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -21,6 +21,14 @@ SCHEMA_NAME = "fedkd_schema"
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """Where ``engine=ray`` runs: ``address`` of a running Ray cluster (``ray start --head``
+    prints it; ``auto`` finds one on this machine), or empty to start a private Ray here."""
+
+    address: str = ""
+
+
+@dataclass(frozen=True)
 class SimConfig(RunConfig):
     """A run plus the keys that steer ``fedkd-sim`` itself (not part of the run's identity)."""
 
@@ -28,6 +36,7 @@ class SimConfig(RunConfig):
     rerun: bool = False  # redo a run even if its folder already holds it finished
     resume: bool = False  # continue an interrupted run from its folder's last checkpoint
     logger: str = "jsonl"  # jsonl (metrics.jsonl only) | tensorboard (also TensorBoard event files)
+    ray: RayConfig = field(default_factory=RayConfig)  # engine=ray only; not part of the run
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,5 +85,10 @@ def sim_config_from_hydra(cfg: DictConfig) -> SimConfig:
     from fedkd.config import run_config_from_mapping
 
     launcher = {key: values.pop(key) for key in LAUNCHER_KEYS if key in values}
+    if isinstance(launcher.get("ray"), dict):
+        unknown = sorted(set(launcher["ray"]) - {f.name for f in dataclasses.fields(RayConfig)})
+        if unknown:
+            raise ValueError(f"Unknown ray keys {unknown}; the only one is 'address'.")
+        launcher["ray"] = RayConfig(**launcher["ray"])
     run = run_config_from_mapping(values)
     return SimConfig(**{f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)}, **launcher)

@@ -295,7 +295,7 @@ def _resumable_checkpoint(folder: RunFolder | None, config: RunConfig, grid: Gri
         return None
     if checkpoint.nodes and not isinstance(grid, NodeStateGrid):
         raise ResumeError(
-            "this checkpoint holds the simulated clients' state, which only the in-process and processes "
-            "engines can restore; resume with engine=inprocess or engine=processes."
+            "this checkpoint holds the simulated clients' state, which only the in-process, processes and ray "
+            "engines can restore; resume with engine=inprocess, engine=processes or engine=ray."
         )
     return checkpoint

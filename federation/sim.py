@@ -1,11 +1,13 @@
 """``fedkd-sim``: the Hydra entry point that runs the Flower apps in simulation.
 
-Two engines run the same ServerApp logic and the same ClientApp:
+Four engines run the same ServerApp logic and the same ClientApp:
 
 * ``engine=inprocess`` (default) delivers each message to the ClientApp in this process;
 * ``engine=processes`` runs the ClientApp in ``workers`` forked processes, a fixed shard of the
   clients each (:mod:`federation.processes`);
-* ``engine=ray`` uses Flower's Ray simulation engine (many cores, GPUs, Ray clusters).
+* ``engine=ray`` runs it in ``workers`` Ray actors, a fixed shard each, on this machine or a Ray
+  cluster at ``ray.address`` (:mod:`federation.ray_grid`);
+* ``engine=flower-ray`` uses Flower's own Ray simulation engine (one task per message; GPUs).
 
 The run folder is Hydra's output directory (``hydra.run.dir=…``; ``-m`` sweeps get one each).
 """
@@ -41,23 +43,33 @@ def simulate(
     verbose: bool = False,
     resume: bool = False,
     logger: str = "jsonl",
+    ray_address: str = "",
 ) -> list[dict[str, Any]]:
     """Run ``config`` with its engine and write the run folder; returns the per-round rows.
 
-    ``resume`` continues an interrupted run in ``run_dir`` from its last checkpoint (in-process
-    and processes engines: Ray's simulated clients cannot be given their state back). ``logger="tensorboard"``
-    also writes each round into TensorBoard event files in the run folder.
+    ``resume`` continues an interrupted run in ``run_dir`` from its last checkpoint (every engine
+    but ``flower-ray``, whose simulated clients cannot be given their state back).
+    ``logger="tensorboard"`` also writes each round into TensorBoard event files in the run
+    folder. ``ray_address`` is the Ray cluster ``engine=ray`` joins (empty: a private Ray here).
     """
     tensorboard = TensorBoardLogger(run_dir) if logger == "tensorboard" else None
     try:
-        return _simulate(config, run_dir=run_dir, verbose=verbose, resume=resume, tensorboard=tensorboard)
+        return _simulate(
+            config, run_dir=run_dir, verbose=verbose, resume=resume, tensorboard=tensorboard, ray_address=ray_address
+        )
     finally:
         if tensorboard is not None:
             tensorboard.close()
 
 
 def _simulate(
-    config: RunConfig, *, run_dir: str | Path, verbose: bool, resume: bool, tensorboard: TensorBoardLogger | None
+    config: RunConfig,
+    *,
+    run_dir: str | Path,
+    verbose: bool,
+    resume: bool,
+    tensorboard: TensorBoardLogger | None,
+    ray_address: str,
 ) -> list[dict[str, Any]]:
     from federation.client_app import app as client_app
     from federation.run import print_progress, run_federation
@@ -87,10 +99,21 @@ def _simulate(
             client_app, num_nodes=config.num_clients, workers=config.workers, split_spec=config.split_spec()
         ) as pool:
             return run_federation(pool, config, run_dir=run_dir, on_round=on_round, resume=resume)
+    if config.engine == "ray":
+        from federation.ray_grid import RayGrid  # imports Ray: only this engine pays for it
+
+        with RayGrid(
+            client_app,
+            num_nodes=config.num_clients,
+            workers=config.workers,
+            address=ray_address,
+            split_spec=config.split_spec(),
+        ) as actors:
+            return run_federation(actors, config, run_dir=run_dir, on_round=on_round, resume=resume)
     if resume:
         raise ResumeError(
-            "resume=true needs engine=inprocess or engine=processes: Flower's Ray engine cannot give its "
-            "simulated clients their checkpointed state back."
+            "resume=true needs engine=inprocess, processes or ray: Flower's Ray engine (engine=flower-ray) "
+            "cannot give its simulated clients their checkpointed state back."
         )
 
     from flwr.simulation import run_simulation
@@ -132,7 +155,14 @@ def _hydra_main(cfg: DictConfig) -> float:
         rows = (
             finished
             if finished is not None
-            else simulate(config, run_dir=run_dir, verbose=sim.verbose, resume=sim.resume, logger=sim.logger)
+            else simulate(
+                config,
+                run_dir=run_dir,
+                verbose=sim.verbose,
+                resume=sim.resume,
+                logger=sim.logger,
+                ray_address=sim.ray.address,
+            )
         )
     except ResumeError as error:
         fail(f"cannot resume: {error}")

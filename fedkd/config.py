@@ -24,7 +24,7 @@ from fedkd.data.partition import PARTITION_SCHEMES
 from fedkd.models import NORMALIZATION_FREE_MODELS, check_model_name
 from fedkd.privacy.config import PrivacyConfig
 
-ENGINES = ("inprocess", "processes", "ray")
+ENGINES = ("inprocess", "processes", "ray", "flower-ray")
 # Where the transfer inputs come from: a public split, or synthesized from the teachers.
 TRANSFER_SOURCES = ("public", "synthetic")
 SYNTHESIS_METHODS = ("generator", "deepinversion")
@@ -165,8 +165,8 @@ class RunConfig:
     semi_supervised: bool = False
     seed: int = 0
     engine: str = "inprocess"
-    # engine=processes: worker processes, each holding a fixed shard of the clients; 0 = one per
-    # core this process may run on.
+    # engine=processes|ray: workers (processes, Ray actors), each holding a fixed shard of the
+    # clients; 0 = one per core this process may run on (engine=ray: one per CPU of the cluster).
     workers: int = 0
     # Seconds the server waits for a round's replies; later ones count as failed (in-process:
     # each client's own time is measured, since clients run one after another).
@@ -223,7 +223,7 @@ class RunConfig:
             check_model_name(name)
         _choice("engine", self.engine, ENGINES)
         if self.workers < 0:
-            raise ValueError(f"workers must be ≥ 0 (0 = one per available core), got {self.workers}.")
+            raise ValueError(f"workers must be ≥ 0 (0 = one per available core or Ray CPU), got {self.workers}.")
         self._check_privacy()
 
     def _check_privacy(self) -> None:

@@ -4,34 +4,19 @@ engine's numbers bit for bit, and a worker that dies becomes failed replies, not
 from __future__ import annotations
 
 import os
-import signal
 import time
 from multiprocessing.connection import wait
 
 import pytest
-from flwr.app import Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
+from sharded import TINY, ask, dying_app, echo_app, numbers, teacher_bytes
 
 from federation.client_app import app as client_app
-from federation.inprocess import InProcessGrid
-from federation.processes import ProcessPoolGrid, _pack, _unpack, assign_shards
+from federation.processes import ProcessPoolGrid, _pack, _unpack
 from federation.run import run_federation
-from fedkd.config import PartitionConfig, RunConfig, run_config_to_flower
-from fedkd.messages import TASK_KEY
-
-TINY = RunConfig(
-    dataset="digits",
-    num_clients=4,
-    rounds=2,
-    public_size=200,
-    local_epochs=1,
-    distill_epochs=1,
-    partition=PartitionConfig(scheme="iid"),
-    client_models=("cnn_small", "lenet5_bn"),
-    student_model="cnn_small",
-)
-
+from federation.shards import assign_shards
+from fedkd.config import RunConfig, run_config_to_flower
 
 # --- fast: the shards, the framing, the config key ---
 
@@ -73,32 +58,10 @@ def test_workers_is_a_runtime_key_not_part_of_flowers_run_config():
 # --- the pool itself, with a ClientApp that does no training ---
 
 
-def echo_app(*, dies: int = 0, sleeps: int = 0) -> ClientApp:
-    """Answers a query with its node id and pid; node ``dies`` kills its own process the first time
-    (a fresh worker has no note in its state), node ``sleeps`` takes a second and a half."""
-    app = ClientApp()
-
-    @app.query()
-    def query(message: Message, context: Context) -> Message:
-        if context.node_id == dies and "died" not in context.state:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if context.node_id == sleeps:
-            time.sleep(1.5)
-        context.state["seen"] = MetricRecord({"count": int(context.state.get("seen", {"count": 0})["count"]) + 1})
-        return Message(RecordDict({"m": MetricRecord({"node": context.node_id, "pid": os.getpid()})}), reply_to=message)
-
-    return app
-
-
-def _ask(grid, nodes, *, timeout=None):
-    messages = [grid.create_message(RecordDict(), "query", node, "g") for node in nodes]
-    return list(grid.send_and_receive(messages, timeout=timeout))
-
-
 def test_each_worker_serves_its_own_shard_and_keeps_its_nodes_state():
     with ProcessPoolGrid(echo_app(), num_nodes=5, workers=2, progress=False) as grid:
         for _ in range(2):
-            replies = _ask(grid, [5, 1, 2, 3, 4])
+            replies = ask(grid, [5, 1, 2, 3, 4])
         assert [reply.metadata.src_node_id for reply in replies] == [5, 1, 2, 3, 4]  # the order sent
         pids = {reply.content["m"]["node"]: reply.content["m"]["pid"] for reply in replies}
         assert pids[1] == pids[3] == pids[5] != pids[2] == pids[4] != os.getpid()
@@ -106,7 +69,7 @@ def test_each_worker_serves_its_own_shard_and_keeps_its_nodes_state():
         assert {node: state["seen"]["count"] for node, state in states.items()} == {n: 2 for n in range(1, 6)}
         states[3]["seen"] = MetricRecord({"count": 40})
         grid.restore_node_states({3: states[3]})
-        _ask(grid, [3])
+        ask(grid, [3])
         assert grid.node_states()[3]["seen"]["count"] == 41
 
 
@@ -121,7 +84,7 @@ def test_a_worker_that_dies_becomes_error_replies_and_is_forked_again_with_empty
 
     monkeypatch.setattr(federation.processes, "wait", late_wait)
     with ProcessPoolGrid(echo_app(dies=4), num_nodes=4, workers=2, progress=False) as grid:
-        replies = _ask(grid, [1, 2, 3, 4])
+        replies = ask(grid, [1, 2, 3, 4])
         assert [reply.has_error() for reply in replies] == [False, False, False, True]
         assert replies[3].error.code == ErrorCode.CLIENT_APP_CRASHED and "died" in replies[3].error.reason
         assert grid.restarts == 0
@@ -130,38 +93,16 @@ def test_a_worker_that_dies_becomes_error_replies_and_is_forked_again_with_empty
         assert states[2] == RecordDict() and states[1]["seen"]["count"] == 1  # node 2's state died with it
         states[4]["died"] = MetricRecord({"once": 1})  # tell the new worker's node 4 not to die again
         grid.restore_node_states({4: states[4]})
-        assert not any(reply.has_error() for reply in _ask(grid, [1, 2, 3, 4]))
+        assert not any(reply.has_error() for reply in ask(grid, [1, 2, 3, 4]))
 
 
 def test_the_timeout_applies_to_each_clients_own_time():
     with ProcessPoolGrid(echo_app(sleeps=1), num_nodes=4, workers=2, progress=False) as grid:
-        replies = _ask(grid, [1, 2, 3, 4], timeout=1.0)
+        replies = ask(grid, [1, 2, 3, 4], timeout=1.0)
     assert [reply.metadata.src_node_id for reply in replies] == [2, 3, 4]  # node 3 waited for node 1, in time
 
 
 # --- slow: whole runs ---
-
-
-def _numbers(rows):
-    """Every recorded value except the wall time."""
-    return [{key: value for key, value in row.items() if key != "wall_seconds"} for row in rows]
-
-
-def _states(states):
-    return {
-        node: {
-            name: {key: array.numpy().tobytes() for key, array in record.items()}
-            for name, record in state.array_records.items()
-        }
-        for node, state in states.items()
-    }
-
-
-@pytest.fixture(scope="module")
-def inprocess_reference():
-    grid = InProcessGrid(client_app, num_nodes=TINY.num_clients)
-    rows = run_federation(grid, TINY, run_dir=None)
-    return rows, grid.node_states()
 
 
 @pytest.mark.slow
@@ -171,9 +112,9 @@ def test_processes_give_the_in_process_numbers_bit_for_bit(inprocess_reference):
         assert len({*grid.worker_pids(), os.getpid()}) == 3
         got = run_federation(grid, TINY, run_dir=None)
         got_states = grid.node_states()
-    assert _numbers(got) == _numbers(rows)
+    assert numbers(got) == numbers(rows)
     assert got[-1]["failed"] == 0 and got[-1]["clients"] == TINY.num_clients
-    assert _states(got_states) == _states(states)  # every teacher, to the bit
+    assert teacher_bytes(got_states) == teacher_bytes(states)  # every teacher, to the bit
 
 
 class Crash(Exception):
@@ -192,20 +133,7 @@ def test_a_resumed_processes_run_ends_where_the_uninterrupted_one_does(inprocess
         run_federation(grid, TINY, run_dir=tmp_path, on_round=crash_after_round_1)
     with ProcessPoolGrid(client_app, num_nodes=TINY.num_clients, workers=3) as grid:  # other shards
         resumed = run_federation(grid, TINY, run_dir=tmp_path, resume=True)
-    assert _numbers(resumed) == _numbers(rows)
-
-
-def dying_app(*, node_id: int, in_round: int) -> ClientApp:
-    """The honest ClientApp, except that node ``node_id`` kills its own process in ``in_round``."""
-    app = ClientApp()
-
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        if context.node_id == node_id and int(message.content[TASK_KEY]["server-round"]) == in_round:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return client_app(message, context)
-
-    return app
+    assert numbers(resumed) == numbers(rows)
 
 
 @pytest.mark.slow

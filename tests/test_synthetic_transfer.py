@@ -207,7 +207,7 @@ def test_bad_synthetic_inputs_are_rejected_and_counted_and_the_round_goes_on():
 
 
 @pytest.mark.slow
-def test_ray_engine_runs_the_data_free_mode(tmp_path):
+def test_flowers_ray_engine_runs_the_data_free_mode(tmp_path):
     from federation.sim import simulate
 
     config = RunConfig(
@@ -220,7 +220,7 @@ def test_ray_engine_runs_the_data_free_mode(tmp_path):
         transfer="synthetic",
         synthesis=SynthesisConfig(per_client=10, steps=5),
         student_model="cnn_small",
-        engine="ray",
+        engine="flower-ray",
     )
     (row,) = simulate(config, run_dir=tmp_path)
     assert row["synthetic_inputs"] == 20 and row["clients"] == 2 and row["failed"] == 0

@@ -4,8 +4,10 @@ hundreds of simulated clients in one process share one copy of the dataset and o
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +23,21 @@ def dataset_for(spec: SplitSpec) -> Dataset:
     return load_dataset(spec.dataset, data_root=spec.data_root or None)
 
 
-@lru_cache(maxsize=8)
+# What another process loaded and handed over (:func:`adopt_shared_data`): consulted before
+# loading anything, so a process that adopted a run's data never reads the dataset's files.
+_ADOPTED_SPLITS: dict[SplitSpec, FederatedSplit] = {}
+_ADOPTED_INFO: dict[SplitSpec, DatasetInfo] = {}
+_ADOPTED_TENSORS: dict[tuple[str, str, str], LabeledTensors] = {}
+
+
 def split_for(spec: SplitSpec) -> FederatedSplit:
     """The run's public set and private partitions (computed once per process)."""
+    adopted = _ADOPTED_SPLITS.get(spec)
+    return adopted if adopted is not None else _computed_split(spec)
+
+
+@lru_cache(maxsize=8)
+def _computed_split(spec: SplitSpec) -> FederatedSplit:
     dataset = dataset_for(spec)
     return federated_split(
         dataset.train.labels,
@@ -58,7 +72,9 @@ def _converted_split(dataset_name: str, data_root: str, split: str) -> LabeledTe
 
 
 def _tensors(spec: SplitSpec, indices: np.ndarray | None, *, split: str) -> LabeledTensors:
-    whole = _converted_split(spec.dataset, spec.data_root, split)
+    whole = _ADOPTED_TENSORS.get((spec.dataset, spec.data_root, split))
+    if whole is None:
+        whole = _converted_split(spec.dataset, spec.data_root, split)
     if indices is None:
         return whole
     rows = torch.tensor(np.asarray(indices), dtype=torch.int64)
@@ -73,6 +89,46 @@ def share_loaded_data(spec: SplitSpec) -> None:
         whole = _converted_split(spec.dataset, spec.data_root, split)
         whole.images.share_memory_()
         whole.labels.share_memory_()
+
+
+def shared_data_for(spec: SplitSpec) -> dict[str, Any]:
+    """The run's split, dataset description and normalized tensors (as NumPy arrays), for
+    :func:`adopt_shared_data` in another process (``engine=ray`` hands them over through Ray's
+    object store, which maps one copy per machine)."""
+    train = _converted_split(spec.dataset, spec.data_root, "train")
+    test = _converted_split(spec.dataset, spec.data_root, "test")
+    return {
+        "spec": spec,
+        "split": split_for(spec),
+        "info": info_for(spec),
+        "train_images": train.images.numpy(),
+        "train_labels": train.labels.numpy(),
+        "test_images": test.images.numpy(),
+        "test_labels": test.labels.numpy(),
+    }
+
+
+def adopt_shared_data(
+    *,
+    spec: SplitSpec,
+    split: FederatedSplit,
+    info: DatasetInfo,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+) -> None:
+    """Use the data :func:`shared_data_for` produced elsewhere for ``spec``, without copying the
+    arrays (read-only ones, as Ray's object store gives, stay read-only: nothing here writes to
+    a whole split)."""
+    _ADOPTED_SPLITS[spec] = split
+    _ADOPTED_INFO[spec] = info
+    with warnings.catch_warnings():  # torch warns that it cannot protect a read-only array
+        warnings.simplefilter("ignore", UserWarning)
+        for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+            _ADOPTED_TENSORS[(spec.dataset, spec.data_root, name)] = LabeledTensors(
+                torch.from_numpy(images), torch.from_numpy(labels)
+            )
 
 
 def private_partition(spec: SplitSpec, client_id: int) -> LabeledTensors:
@@ -104,4 +160,5 @@ def evaluation_split(spec: SplitSpec) -> LabeledTensors:
 
 
 def info_for(spec: SplitSpec) -> DatasetInfo:
-    return dataset_for(spec).info
+    adopted = _ADOPTED_INFO.get(spec)
+    return adopted if adopted is not None else dataset_for(spec).info
