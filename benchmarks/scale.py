@@ -3,18 +3,27 @@
 The *floor* is a plain in-process Python loop doing exactly the work of a federated-distillation
 round: every client trains its persistent teacher on its partition and computes soft labels on
 the transfer set, the server aggregates them (weighted by partition size), distills the student
-and evaluates it on the test split — same models, data, seeds and settings, no Flower. The
-*project* is ``run_federation`` on the in-process Grid with the unchanged ClientApp and strategy;
-then the same on ``engine=processes`` (``--workers`` forked worker processes, one per available
-core by default), and optionally Flower's Ray engine. They run in this process, alternating,
-``--repeats`` times; the ratio of median per-round times cancels out the machine's speed and load.
+and evaluates it on the test split — same models, data, seeds and settings, no Flower, one
+thread. The *project* is ``run_federation`` on the in-process Grid with the unchanged ClientApp
+and strategy; then the same on ``engine=processes`` (``--workers`` forked worker processes, one
+per available core by default), on ``engine=ray`` (as many Ray actors, on a private Ray started
+here) and on Flower's own Ray simulation (``engine=flower-ray``). They run in this process,
+alternating, ``--repeats`` times; the ratio of median per-round times cancels out the machine's
+speed and load.
 
     python benchmarks/scale.py --clients 300
 
+A round's time is the run's own ``wall_seconds``: from the end of the previous round's
+evaluation (round 1: from the start of the federation) to the end of this round's evaluation.
+An engine's one-off start — forking the workers, starting Ray and the actors, putting the data
+into the object store — happens before the federation starts, so it is not in any round; it
+is reported on its own as ``<engine>_startup_seconds`` (for flower-ray: the whole simulation's
+wall time minus its rounds).
+
 Writes ``--out`` (JSON: clients, floor_seconds_per_round, project_seconds_per_round, ratio,
-processes_ratio, peak_rss_mib, …); the last printed line is
-``ratio=<value> processes=<value> peak_rss_mib=<value>`` (``processes`` is the processes
-engine's per-round time over the same floor).
+processes_ratio, ray_ratio, flower_ray_ratio, memory peaks, …); the last printed line is
+``ratio=<r> processes=<p> ray=<q> flower_ray=<f> peak_rss_mib=<m>`` (each engine's per-round
+time over the same floor).
 """
 
 from __future__ import annotations
@@ -39,8 +48,9 @@ import torch
 
 from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid
-from federation.processes import ProcessPoolGrid, available_cores
+from federation.processes import ProcessPoolGrid
 from federation.run import run_federation
+from federation.shards import available_cores
 from fedkd.config import PartitionConfig, RunConfig
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soften, train_supervised
@@ -149,23 +159,52 @@ def floor_run(config: RunConfig) -> list[float]:
     return seconds
 
 
-def project_run(config: RunConfig) -> list[float]:
-    """The same rounds through Flower's ClientApp/Strategy on the configured engine."""
-    if config.engine == "ray":
+ENGINES = ("inprocess", "processes", "ray", "flower-ray")
+# How the last line names each engine's ratio to the floor.
+LAST_LINE_NAMES = {"inprocess": "ratio", "processes": "processes", "ray": "ray", "flower-ray": "flower_ray"}
+
+
+def result_key(engine: str) -> str:
+    """The prefix of an engine's keys in the JSON (the in-process engine keeps its old name)."""
+    return "project" if engine == "inprocess" else engine.replace("-", "_")
+
+
+def ratio_key(engine: str) -> str:
+    return "ratio" if engine == "inprocess" else f"{result_key(engine)}_ratio"
+
+
+def project_run(config: RunConfig) -> tuple[list[float], float]:
+    """The same rounds through Flower's ClientApp/Strategy on the configured engine; returns the
+    seconds of each round and the engine's one-off start."""
+    started = time.perf_counter()
+    if config.engine == "flower-ray":
         import tempfile
 
         from federation.sim import simulate
 
         with tempfile.TemporaryDirectory() as run_dir:
             rows = simulate(config, run_dir=run_dir)
-    elif config.engine == "processes":
+        rounds = [row["wall_seconds"] for row in rows]
+        return rounds, time.perf_counter() - started - sum(rounds)
+    if config.engine == "processes":
         with ProcessPoolGrid(
             client_app, num_nodes=config.num_clients, workers=config.workers, split_spec=config.split_spec()
         ) as grid:
+            startup = time.perf_counter() - started
             rows = run_federation(grid, config, run_dir=None)
+    elif config.engine == "ray":
+        from federation.ray_grid import RayGrid
+
+        with RayGrid(
+            client_app, num_nodes=config.num_clients, workers=config.workers, split_spec=config.split_spec()
+        ) as actors:
+            startup = time.perf_counter() - started
+            rows = run_federation(actors, config, run_dir=None)
     else:
-        rows = run_federation(InProcessGrid(client_app, num_nodes=config.num_clients), config, run_dir=None)
-    return [row["wall_seconds"] for row in rows]
+        grid = InProcessGrid(client_app, num_nodes=config.num_clients)
+        startup = time.perf_counter() - started
+        rows = run_federation(grid, config, run_dir=None)
+    return [row["wall_seconds"] for row in rows], startup
 
 
 def main() -> None:
@@ -177,8 +216,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--public-size", type=int, default=500)
     parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=0, help="engine=processes workers (0: one per available core)")
-    parser.add_argument("--ray", action="store_true", help="also time Flower's Ray engine on the same work")
+    parser.add_argument("--workers", type=int, default=0, help="processes and ray workers (0: one per available core)")
+    parser.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help=f"comma-separated engines to time against the floor (default: all of {', '.join(ENGINES)})",
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.clients < 1 or args.rounds < 1 or args.repeats < 1:
@@ -197,62 +240,65 @@ def main() -> None:
         client_models=("cnn_small",),
         student_model="cnn_small",
     )
+    engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}.")
+    workers = min(args.workers or available_cores(), args.clients)
     floor: list[float] = []
-    project: list[float] = []
-    processes: list[float] = []
-    ray: list[float] = []
-    memory: dict[str, list[float]] = {"floor": [], "project": [], "processes": [], "processes_pss": [], "ray": []}
-    workers = args.workers or available_cores()
+    rounds: dict[str, list[float]] = {engine: [] for engine in engines}
+    startup: dict[str, list[float]] = {engine: [] for engine in engines}
+    rss: dict[str, list[float]] = {engine: [] for engine in ["floor", *engines]}
+    pss: dict[str, list[float]] = {engine: [] for engine in engines}
+    load = [psutil.getloadavg()[0]]
     for trial in range(1, args.repeats + 1):
-        with tree_memory_peak(memory["floor"]):
+        with tree_memory_peak(rss["floor"]):
             floor += floor_run(config)
-        with tree_memory_peak(memory["project"]):
-            project += project_run(config)
-        with tree_memory_peak(memory["processes"]), tree_memory_peak(memory["processes_pss"], proportional=True):
-            processes += project_run(dataclasses.replace(config, engine="processes", workers=workers))
-        if args.ray:
-            with tree_memory_peak(memory["ray"]):
-                ray += project_run(dataclasses.replace(config, engine="ray"))
+        for engine in engines:
+            with tree_memory_peak(rss[engine]), tree_memory_peak(pss[engine], proportional=True):
+                seconds, start = project_run(dataclasses.replace(config, engine=engine, workers=workers))
+            rounds[engine] += seconds
+            startup[engine].append(start)
+            load.append(psutil.getloadavg()[0])
         print(
             f"trial {trial}/{args.repeats}: floor {statistics.median(floor):.2f} s/round, "
-            f"in-process {statistics.median(project):.2f} s/round, "
-            f"processes ({workers} workers) {statistics.median(processes):.2f} s/round"
-            + (f", ray {statistics.median(ray):.2f} s/round" if ray else ""),
+            + ", ".join(f"{engine} {statistics.median(rounds[engine]):.2f}" for engine in engines)
+            + f" s/round ({workers} workers); load average {load[-1]:.1f}",
             flush=True,
         )
-    floor_s, project_s = statistics.median(floor), statistics.median(project)
-    result = {
+    floor_s = statistics.median(floor)
+    result: dict[str, float | int | str] = {
         "clients": args.clients,
         "dataset": args.dataset,
         "rounds": args.rounds,
         "repeats": args.repeats,
+        "workers": workers,
+        "cores": available_cores(),
+        "torch_threads": torch.get_num_threads(),
+        # 1-minute load average before the run and after each engine's run (other jobs on the machine).
+        "load_average": ", ".join(f"{value:.1f}" for value in load),
         "floor_seconds_per_round": floor_s,
-        "project_seconds_per_round": project_s,
-        "ratio": project_s / floor_s,
-        # The whole process's peak: an upper bound for the project, since the floor ran here too.
+        # The whole process's peak: an upper bound for each engine, since the floor ran here too.
         "peak_rss_mib": peak_rss_mib(),
-        "floor_peak_tree_rss_mib": max(memory["floor"]),
-        "project_peak_tree_rss_mib": max(memory["project"]),
-        "processes_workers": min(workers, args.clients),
-        "processes_seconds_per_round": statistics.median(processes),
-        "processes_ratio": statistics.median(processes) / floor_s,
-        # Summed RSS of the parent and its workers: pages they share (the dataset in shared
-        # memory, the libraries, what fork left unwritten) count once per process here.
-        "processes_peak_tree_rss_mib": max(memory["processes"]),
-        "processes_peak_tree_pss_mib": max(memory["processes_pss"]),
+        "floor_peak_tree_rss_mib": max(rss["floor"]),
     }
-    if ray:
-        result["ray_seconds_per_round"] = statistics.median(ray)
-        result["ray_ratio"] = result["ray_seconds_per_round"] / floor_s
-        # Ray's workers are separate processes: only the sampled sum over the tree counts them.
-        result["ray_peak_tree_rss_mib"] = max(memory["ray"])
+    for engine in engines:
+        key = result_key(engine)
+        result[f"{key}_seconds_per_round"] = statistics.median(rounds[engine])
+        result[f"{key}_startup_seconds"] = statistics.median(startup[engine])
+        result[ratio_key(engine)] = statistics.median(rounds[engine]) / floor_s
+        # Sampled over this process and all its descendants (workers, Ray's daemons and actors).
+        # RSS counts shared pages (the dataset in shared memory or Ray's object store, the
+        # libraries, what fork left unwritten) once per process; PSS shares them out.
+        result[f"{key}_peak_tree_rss_mib"] = max(rss[engine])
+        result[f"{key}_peak_tree_pss_mib"] = max(pss[engine])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), file=sys.stderr)
     print(
-        f"ratio={result['ratio']:.3f} processes={result['processes_ratio']:.3f} "
-        f"peak_rss_mib={result['peak_rss_mib']:.0f}"
+        " ".join(f"{LAST_LINE_NAMES[e]}={result[ratio_key(e)]:.3f}" for e in engines)
+        + f" peak_rss_mib={result['peak_rss_mib']:.0f}"
     )
 
 
