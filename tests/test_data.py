@@ -305,6 +305,34 @@ def test_many_dirichlet_partitions_are_fast() -> None:
     assert elapsed < 15, f"took {elapsed:.1f} s"
 
 
+@pytest.mark.parametrize("num_examples, num_partitions", [(103, 10), (1000, 7), (500, 500)])
+def test_iid_partitions_cut_at_once_equal_flowers_one_by_one(num_examples: int, num_partitions: int) -> None:
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedkd.data.partition import _read_partitions
+
+    order = np.random.default_rng(1).permutation(num_examples)
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    partitioner.dataset = datasets.Dataset.from_dict({"label": np.zeros(num_examples, dtype=np.int64), "row": order})
+    fast = _read_partitions(partitioner, order)
+    one_by_one = [
+        partitioner.load_partition(pid).with_format("arrow")[:]["row"].to_numpy() for pid in range(num_partitions)
+    ]
+    assert len(fast) == num_partitions
+    assert all(np.array_equal(a, b) for a, b in zip(fast, one_by_one, strict=True))
+
+
+def test_many_iid_partitions_are_fast() -> None:
+    labels = np.random.default_rng(0).integers(0, 10, size=60_000)
+    data.partition_indices(labels[:100], num_partitions=2, scheme="iid")  # library imports
+    start = time.perf_counter()
+    parts = data.partition_indices(labels, num_partitions=10_000, scheme="iid")
+    elapsed = time.perf_counter() - start
+    _assert_valid_partitions(parts, len(labels), cover=True)
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+
+
 # ---------------------------------------------------------------------------
 # Federated split
 # ---------------------------------------------------------------------------
