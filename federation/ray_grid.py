@@ -221,13 +221,13 @@ class RayGrid(ShardedGrid):
     # --- the transport ---
 
     def _run_batches(self, batches: dict[int, list[bytes]], on_reply: OnReply, on_death: OnDeath) -> None:
-        streams = {
+        streams: dict[int, Any] = {
             index: self._actors[index].deliver.options(num_returns="streaming").remote(blobs)
             for index, blobs in batches.items()
         }
         index_of = {id(stream): index for index, stream in streams.items()}
         while streams:
-            ready, _ = ray.wait(list(streams.values()), num_returns=1, timeout=1.0)
+            ready: list[Any] = ray.wait(list(streams.values()), num_returns=1, timeout=1.0)[0]
             for stream in ready:
                 index = index_of[id(stream)]
                 try:
