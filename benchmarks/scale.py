@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import resource
 import statistics
 import sys
@@ -45,6 +46,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+
+# Ray lowers its workers' priority (niceness +15) by default; on a machine shared with other jobs
+# that would time the scheduler, not the engine. Both Ray engines here run their workers at this
+# process's priority, as the other engines do.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid

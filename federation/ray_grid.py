@@ -50,6 +50,9 @@ from fedkd.config import SplitSpec
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home from a simulation
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # and skip its warning about GPUs
+# Ray lowers its workers' priority by 15 below the raylet's; here the actors are the work, so they
+# run at this process's priority (a Ray started here reads this; a cluster keeps its own setting).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import ray  # noqa: E402
 from ray.exceptions import RayActorError  # noqa: E402
