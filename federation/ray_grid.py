@@ -14,9 +14,9 @@ Flower protobuf bytes. So a study that outgrows one machine runs on a Ray cluste
 ``engine=inprocess``.
 
 The run's data goes into Ray's object store once: the driver puts the normalized train and
-test tensors and the split there, and every actor on a node maps that node's one copy (zero
-copy, read only) instead of loading its own. ``info_for`` still reads the dataset's files, so
-every node needs them under the same ``data_root`` (or a bundled dataset such as ``digits``).
+test tensors, the split and the dataset's description there, and every actor on a node maps
+that node's one copy (zero copy, read only) instead of loading its own, so only the driver
+reads the dataset's files.
 
 Failures: a client that raises becomes an error reply. An actor that dies (killed, out of
 memory, its node lost) turns the messages it had not answered into error replies
