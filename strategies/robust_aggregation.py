@@ -61,6 +61,8 @@ PASSES = 3
 # A client is fully believed on a class once its lift over chance there is at least this share of
 # the typical client's (see class_acceptance).
 TOLERANCE = 0.5
+# Which quantile of the clients' precision on a class counts as typical (see class_acceptance).
+TYPICAL_QUANTILE = 0.75
 
 
 @dataclass(frozen=True)
@@ -131,17 +133,19 @@ def chance_precision(reference: NDArray[np.integer], num_classes: int) -> NDArra
     return np.bincount(reference, minlength=num_classes) / max(len(reference), 1)
 
 
-def weighted_median(values: NDArray[np.float64], weights: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Per column, the weighted median of ``values`` ``(K, C)`` under ``weights`` ``(K, C)``.
+def weighted_quantile(
+    values: NDArray[np.float64], weights: NDArray[np.float64], quantile: float
+) -> NDArray[np.float64]:
+    """Per column, the weighted ``quantile`` of ``values`` ``(K, C)`` under ``weights`` ``(K, C)``.
 
-    The smallest value whose cumulative weight reaches half the column's total (the lower
-    weighted median); a column with no weight gets NaN.
+    The smallest value whose cumulative weight reaches ``quantile`` of the column's total (0.5:
+    the lower weighted median); a column with no weight gets NaN.
     """
     order = np.argsort(values, axis=0, kind="stable")
     sorted_values = np.take_along_axis(values, order, axis=0)
     cumulative = np.cumsum(np.take_along_axis(weights, order, axis=0), axis=0)
     totals = cumulative[-1]
-    first = (cumulative >= totals[None, :] / 2).argmax(axis=0)
+    first = (cumulative >= quantile * totals[None, :]).argmax(axis=0)
     medians = sorted_values[first, np.arange(values.shape[1])]
     return np.where(totals > 0, medians, np.nan)
 
@@ -155,8 +159,11 @@ def class_acceptance(
 ) -> NDArray[np.float64]:
     """``accept[k, c]`` in [0, 1]: how far client k's claims of class c are to be believed.
 
-    ``typical[c]`` is the median precision on class c of the mass claimed as c (weighted by
-    ``claimed``, so a majority of the *claims* decides, not of the clients that barely claim c).
+    ``typical[c]`` is the ``TYPICAL_QUANTILE`` quantile of the precision on class c of the mass
+    claimed as c (weighted by ``claimed``, so the *claims* decide, not the clients that barely
+    claim c). Above the median, so that it stays with the honest claims when sampling or
+    collusion gives attackers up to three quarters of a class's claims in a round, as long as
+    their reputation has already cost them precision.
     A client at least ``tolerance`` of the typical lift over chance is fully accepted, one at
     chance or below not at all, linearly in between. Honest clients are accepted alike whatever
     their precision, so among them the result stays the weighted mean; where the typical claim
@@ -173,7 +180,7 @@ def class_acceptance(
     tolerance : float
         In (0, 1].
     """
-    typical_lift = weighted_median(precision, claimed) - chance
+    typical_lift = weighted_quantile(precision, claimed, TYPICAL_QUANTILE) - chance
     lift = precision - chance[None, :]
     informative = np.nan_to_num(typical_lift, nan=0.0) > 0
     scale = np.where(informative, tolerance * typical_lift, 1.0)
