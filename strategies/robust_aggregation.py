@@ -61,8 +61,6 @@ PASSES = 3
 # A client is fully believed on a class once its lift over chance there is at least this share of
 # the typical client's (see class_acceptance).
 TOLERANCE = 0.5
-# Which quantile of the clients' precision on a class counts as typical (see class_acceptance).
-TYPICAL_QUANTILE = 0.75
 
 
 @dataclass(frozen=True)
@@ -150,41 +148,46 @@ def weighted_quantile(
     return np.where(totals > 0, medians, np.nan)
 
 
+def typical_precision(precision: NDArray[np.float64], claims: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``(C,)``: per class, the median precision of the mass claimed as that class.
+
+    Weighted by ``claims`` ``(K, C)``, so that the claims decide, not the clients that barely
+    claim the class; the caller zeroes the claims of clients not in good standing. NaN where
+    nobody claims the class.
+    """
+    return weighted_quantile(precision, claims, 0.5)
+
+
 def class_acceptance(
     precision: NDArray[np.float64],
-    claimed: NDArray[np.float64],
+    typical: NDArray[np.float64],
     chance: NDArray[np.float64],
     *,
     tolerance: float = TOLERANCE,
 ) -> NDArray[np.float64]:
     """``accept[k, c]`` in [0, 1]: how far client k's claims of class c are to be believed.
 
-    ``typical[c]`` is the ``TYPICAL_QUANTILE`` quantile of the precision on class c of the mass
-    claimed as c (weighted by ``claimed``, so the *claims* decide, not the clients that barely
-    claim c). Above the median, so that it stays with the honest claims when sampling or
-    collusion gives attackers up to three quarters of a class's claims in a round, as long as
-    their reputation has already cost them precision.
-    A client at least ``tolerance`` of the typical lift over chance is fully accepted, one at
-    chance or below not at all, linearly in between. Honest clients are accepted alike whatever
-    their precision, so among them the result stays the weighted mean; where the typical claim
-    of c is no better than chance, c carries no signal and every client is accepted on it.
+    A client at least ``tolerance`` of the typical lift over chance (``typical − chance``) is
+    fully accepted, one at chance or below not at all, linearly in between. Honest clients are
+    accepted alike whatever their precision, so among them the result stays the weighted mean.
+    Where the typical claim of c is no better than chance (or nobody claims c), c carries no
+    signal and every client is accepted on it.
 
     Parameters
     ----------
     precision : ndarray, shape (K, C)
         Per-client, per-class precision (:func:`class_precision`).
-    claimed : ndarray, shape (K, C)
-        The mass behind it (``Evidence.claimed``; with the prior's, so never all zero).
+    typical : ndarray, shape (C,)
+        What a client in good standing achieves (:func:`typical_precision`).
     chance : ndarray, shape (C,)
         Precision of random claims (:func:`chance_precision`).
     tolerance : float
         In (0, 1].
     """
-    typical_lift = weighted_quantile(precision, claimed, TYPICAL_QUANTILE) - chance
-    lift = precision - chance[None, :]
-    informative = np.nan_to_num(typical_lift, nan=0.0) > 0
+    typical_lift = np.nan_to_num(typical - chance, nan=0.0)
+    informative = typical_lift > 0
     scale = np.where(informative, tolerance * typical_lift, 1.0)
-    accept = np.clip(lift / scale[None, :], 0.0, 1.0)
+    accept = np.clip((precision - chance[None, :]) / scale[None, :], 0.0, 1.0)
     return np.where(informative[None, :], accept, 1.0)
 
 
@@ -215,6 +218,7 @@ def trust_weighted(
     weights: NDArray[np.floating],
     *,
     reputation: Evidence | None = None,
+    population: Evidence | None = None,
     labels: NDArray[np.integer] | None = None,
     passes: int = PASSES,
 ) -> RobustRound:
@@ -229,6 +233,10 @@ def trust_weighted(
     reputation : Evidence, optional
         Evidence carried over from earlier rounds for these K clients, in the same order (none:
         every client starts at the prior).
+    population : Evidence, optional
+        Evidence of every client known so far (default: ``reputation``). What a client in good
+        standing achieves is judged on it, so that a round in which sampling gathered the
+        attackers does not lower the bar.
     labels : ndarray of int, shape (N,), optional
         True classes of the inputs (a root set the server may use): then they are the reference.
     passes : int
@@ -249,18 +257,22 @@ def trust_weighted(
         raise ValueError(
             f"reputation holds {prior.claimed.shape} evidence for {num_clients} clients and {num_classes} classes."
         )
-    # First pass: the reputation alone decides, with uniform chance as the baseline.
+    known = prior if population is None or len(population.claimed) == 0 else population
+    # Standing: what the reputation alone says, against uniform chance. It decides the first
+    # reference, and whose claims set the bar in every later pass.
     uniform = np.full(num_classes, 1.0 / num_classes)
-    accept = class_acceptance(class_precision(prior), prior.claimed + PRIOR_STRENGTH, uniform)
+    typical = typical_precision(class_precision(known), known.claimed + PRIOR_STRENGTH)
+    standing = class_acceptance(class_precision(prior), typical, uniform)
+    accept = standing
     evidence = Evidence.none(num_clients, num_classes)
     for _ in range(1 if labels is not None else passes):
         trust = input_trust(soft_labels, accept)
         reference = labels if labels is not None else trust_weighted_mean(soft_labels, weights, trust).argmax(axis=1)
         evidence = claim_evidence(soft_labels, reference)
         total = prior + evidence
-        accept = class_acceptance(
-            class_precision(total), total.claimed + PRIOR_STRENGTH, chance_precision(reference, num_classes)
-        )
+        precision = class_precision(total)
+        typical = typical_precision(precision, (total.claimed + PRIOR_STRENGTH) * standing)
+        accept = class_acceptance(precision, typical, chance_precision(reference, num_classes))
     trust = input_trust(soft_labels, accept)
     targets = trust_weighted_mean(soft_labels, weights, trust)
     return RobustRound(targets.astype(np.float32), evidence, trust)
@@ -284,6 +296,10 @@ class Reputation:
             np.concatenate([row.claimed for row in rows]) if rows else np.zeros((0, self.num_classes)),
             np.concatenate([row.confirmed for row in rows]) if rows else np.zeros((0, self.num_classes)),
         )
+
+    def everyone(self) -> Evidence:
+        """The evidence of every client seen so far (the population the bar is set on)."""
+        return self.of(sorted(self.by_client))
 
     def update(self, client_ids: Sequence[int], evidence: Evidence) -> None:
         """Decay everyone's evidence by one round, then add this round's for ``client_ids``."""

@@ -126,7 +126,13 @@ class RobustAggregation:
     ) -> NDArray[np.float32]:
         if len(client_ids) != soft_labels.shape[0]:
             raise ValueError(f"{soft_labels.shape[0]} soft-label matrices but {len(client_ids)} client ids.")
-        result = trust_weighted(soft_labels, weights, reputation=self.reputation.of(client_ids), labels=labels)
+        result = trust_weighted(
+            soft_labels,
+            weights,
+            reputation=self.reputation.of(client_ids),
+            population=self.reputation.everyone(),
+            labels=labels,
+        )
         self.reputation.update(client_ids, result.evidence)
         return result.targets
 
