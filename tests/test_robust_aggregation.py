@@ -8,7 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedkd.config import RunConfig, StrategyConfig
+from fedkd.data.local import info_for
+from fedkd.models import build_model
 from strategies.aggregation import median, robust, weighted_mean
+from strategies.registry import build_strategy
 from strategies.robust_aggregation import (
     PRIOR_STRENGTH,
     Evidence,
@@ -23,7 +27,7 @@ from strategies.robust_aggregation import (
     typical_precision,
     weighted_quantile,
 )
-from strategies.transfer import RobustAggregation
+from strategies.transfer import PostProcessed, RobustAggregation
 
 HONEST = np.array([[1.0, 0.0], [0.0, 1.0]])
 FLIPPED = HONEST[:, ::-1]
@@ -217,3 +221,33 @@ def test_the_robust_aggregation_keeps_its_reputation_in_checkpoint_records():
         RobustAggregation(3).load_state_records({})
     with pytest.raises(ValueError, match="client ids"):
         aggregation.aggregate(stack, np.ones(10), client_ids=[0])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "transfer"),
+    [
+        ("ensemble_distillation", "public"),
+        ("ensemble_distillation", "synthetic"),
+        ("fedmd", "public"),
+        ("dsfl", "public"),
+    ],
+)
+def test_every_soft_label_strategy_runs_the_robust_aggregator_and_checkpoints_its_reputation(strategy, transfer):
+    config = RunConfig(strategy=StrategyConfig(name=strategy, aggregator="robust"), transfer=transfer, public_size=50)
+    info = info_for(config.split_spec())
+    built = build_strategy(
+        config,
+        info=info,
+        student_model=build_model(config.student_model, input_shape=info.input_shape, num_classes=info.num_classes),
+    )
+    aggregator = built.source.aggregator
+    inner = aggregator.inner if isinstance(aggregator, PostProcessed) else aggregator
+    assert isinstance(inner, RobustAggregation)
+    inner.aggregate(*_colluding_round(3, 1, classes=info.num_classes)[:1], np.ones(4), client_ids=[0, 1, 2, 3])
+    state = built.state_records()
+    assert "source/aggregator/reputation" in state
+    restored = build_strategy(config, info=info, student_model=built.student.model)
+    restored.load_state_records(state)
+    restored_inner = restored.source.aggregator
+    restored_inner = restored_inner.inner if isinstance(restored_inner, PostProcessed) else restored_inner
+    assert sorted(restored_inner.reputation.by_client) == [0, 1, 2, 3]
