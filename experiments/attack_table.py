@@ -1,60 +1,283 @@
-"""Turn the attack sweep's run folders into the README's table.
+"""The attack table: every attack against every aggregator, run and summarized by one command.
 
-    fedkd-sim -m --config-name attacks
-    fedkd-sim -m --config-name attacks attack.kind=none attack.fraction=0.0
-    python -m experiments.attack_table results/attacks
+    python -m experiments.attack_table run --data-root ../shared/data --out results/attack-table
+    python -m experiments.attack_table table results/attack-table
 
-Prints a Markdown table (and writes ``table.md`` beside the runs): one row per attack kind, one
-column per (share of malicious clients, aggregator); each cell is the final student accuracy of
-one run. Unfinished runs are left out.
+``run`` works through the grid below, one run at a time, and then writes the table and the plot.
+It is resumable: a finished run folder is kept as it is, an interrupted one continues from its
+last checkpoint, so the same command picks up where a killed sweep stopped. ``table`` only
+summarizes the finished runs under a folder (this sweep's, or an older one such as
+``results/attacks``) into ``table.md``, ``summary.json`` and ``attacks.png``.
+
+The grid: MNIST and Fashion-MNIST, 50 clients, Dirichlet α = 0.5, attack fractions 10 / 30 /
+45 % for every attack kind and 0 % once (the honest baseline), aggregators weighted, median,
+trimmed_mean and robust, seeds 0–2; every other setting is the run's default. Extra
+``key=value`` arguments after ``run`` override settings of every run in the grid (e.g.
+``rounds=1`` for a quick look); ``--datasets``, ``--kinds``, ``--fractions``, ``--aggregators``
+and ``--seeds`` shrink it.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import itertools
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from fedkd.results import iter_run_folders
+import numpy as np
 
-AGGREGATORS = ("mean", "median", "trimmed_mean")
-KINDS = ("random", "flip", "scale", "nan")
+from fedkd.config import RunConfig, run_config_from_mapping
+from fedkd.results import RunFolder, iter_run_folders
+
+DATASETS = ("mnist", "fashion_mnist")
+KINDS = ("random", "flip", "scale", "nan", "collude", "adaptive")
+FRACTIONS = (0.1, 0.3, 0.45)
+AGGREGATORS = ("weighted", "median", "trimmed_mean", "robust")
+SEEDS = (0, 1, 2)
+# What every run of the table shares beyond the defaults.
+BASE = {"num_clients": 50, "partition": {"scheme": "dirichlet", "alpha": 0.5}}
+CHECKPOINT = "checkpoint.fkd"
+# Table columns and plot lines, older sweeps' aggregators included.
+COLUMN_ORDER = ("weighted", "mean", "median", "trimmed_mean", "robust")
 
 
-def collect(root: Path) -> dict[tuple[str, float, str], float]:
-    """(kind, fraction, aggregator) → final student accuracy."""
-    found = {}
-    for run in iter_run_folders(root):
-        config, rows = run.config, run.rows
-        attack = config.get("attack") or {"kind": "none", "fraction": 0.0}
-        key = (str(attack["kind"]), float(attack["fraction"]), config["strategy"]["aggregator"])
-        found[key] = rows[-1]["student_accuracy"]
-    return found
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    dataset: str
+    kind: str
+    fraction: float
+    aggregator: str
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.dataset}/{self.kind}-{self.fraction}-{self.aggregator}-seed{self.seed}"
+
+    def config(self, *, data_root: str, overrides: dict[str, Any]) -> RunConfig:
+        values: dict[str, Any] = {
+            **BASE,
+            "dataset": self.dataset,
+            "data_root": data_root,
+            "seed": self.seed,
+            "strategy": {"aggregator": self.aggregator},
+            "attack": {"kind": self.kind, "fraction": self.fraction},
+        }
+        for key, value in overrides.items():
+            *groups, name = key.split(".")
+            target = values
+            for group in groups:
+                target = target.setdefault(group, {})
+            target[name] = value
+        return run_config_from_mapping(values)
 
 
-def table(found: dict[tuple[str, float, str], float]) -> str:
-    fractions = sorted({fraction for _, fraction, _ in found if fraction > 0})
-    columns = [(0.0, aggregator) for aggregator in AGGREGATORS] + [
-        (fraction, aggregator) for fraction in fractions for aggregator in AGGREGATORS
+def grid(
+    *,
+    datasets: Sequence[str] = DATASETS,
+    kinds: Sequence[str] = KINDS,
+    fractions: Sequence[float] = FRACTIONS,
+    aggregators: Sequence[str] = AGGREGATORS,
+    seeds: Sequence[int] = SEEDS,
+) -> list[Cell]:
+    """The honest baseline (``none``, 0 %) and every attack at every fraction, per aggregator and seed."""
+    attacks = [("none", 0.0)] + [(kind, fraction) for kind in kinds for fraction in fractions]
+    return [
+        Cell(dataset, kind, fraction, aggregator, seed)
+        for dataset, (kind, fraction), aggregator, seed in itertools.product(datasets, attacks, aggregators, seeds)
     ]
-    header = " | ".join(f"{fraction:.0%} · {aggregator}" for fraction, aggregator in columns)
-    lines = [f"| attack | {header} |", "|---|" + "---|" * len(columns)]
-    for kind in KINDS:
-        cells = []
-        for fraction, aggregator in columns:
-            accuracy = found.get(("none" if fraction == 0 else kind, fraction, aggregator))
-            cells.append("—" if accuracy is None else f"{accuracy:.3f}")
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it (numbers, booleans, lists), else the string."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise SystemExit(f"attack_table: override {pair!r} is not key=value (e.g. rounds=1).")
+        overrides[key] = _parse_value(value)
+    return overrides
+
+
+def run_grid(cells: Sequence[Cell], *, out: Path, data_root: str, overrides: dict[str, Any]) -> None:
+    """Run every cell not yet finished under ``out``; continue interrupted ones from their checkpoint."""
+    from federation.sim import simulate
+
+    configs = [(cell, cell.config(data_root=data_root, overrides=overrides)) for cell in cells]  # bad input first
+    for index, (cell, config) in enumerate(configs, start=1):
+        run_dir = out / cell.folder
+        if RunFolder(run_dir).finished_rows(config) is not None:
+            continue
+        resume = (run_dir / CHECKPOINT).exists()
+        print(f"attack_table: run {index}/{len(configs)} {cell.folder}{' (resumed)' if resume else ''}", flush=True)
+        started = time.perf_counter()
+        simulate(config, run_dir=run_dir, resume=resume)
+        print(f"attack_table: {cell.folder} took {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """One entry per finished run under ``root``: its grid coordinates and final accuracy."""
+    runs = []
+    for run in iter_run_folders(root, "**"):
+        config = run.config
+        attack = config.get("attack") or {"kind": "none", "fraction": 0.0}
+        runs.append(
+            {
+                "dataset": str(config["dataset"]),
+                "kind": str(attack["kind"]),
+                "fraction": float(attack["fraction"]),
+                "aggregator": str(config["strategy"]["aggregator"]),
+                "seed": int(config["seed"]),
+                "accuracy": float(run.rows[-1]["student_accuracy"]),
+            }
+        )
+    return runs
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, str, float, str], tuple[float, float, int]]:
+    """(dataset, kind, fraction, aggregator) → (mean, std, number of seeds) of the final accuracy."""
+    grouped: dict[tuple[str, str, float, str], list[float]] = defaultdict(list)
+    for run in runs:
+        grouped[(run["dataset"], run["kind"], run["fraction"], run["aggregator"])].append(run["accuracy"])
+    return {key: (float(np.mean(v)), float(np.std(v)), len(v)) for key, v in grouped.items()}
+
+
+def _ordered(values: Iterator[str] | set[str], order: Sequence[str]) -> list[str]:
+    return sorted(values, key=lambda name: (order.index(name) if name in order else len(order), name))
+
+
+def _cell(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.3f}" if seeds == 1 else f"{mean:.3f} ± {std:.3f} (n={seeds})"
+
+
+def _row_order(row: tuple[str, float]) -> tuple[int, float]:
+    """The honest baseline first, then the attacks in KINDS order, each by fraction."""
+    kind, fraction = row
+    rank = 0 if kind == "none" else (KINDS.index(kind) + 1 if kind in KINDS else len(KINDS) + 1)
+    return rank, fraction
+
+
+def table(summary: dict[tuple[str, str, float, str], tuple[float, float, int]]) -> str:
+    """Markdown: per dataset, one row per (attack, fraction), one column per aggregator."""
+    aggregators = _ordered({key[3] for key in summary}, COLUMN_ORDER)
+    lines = []
+    for dataset in _ordered({key[0] for key in summary}, DATASETS):
+        lines += [
+            f"**{dataset}** (final student accuracy; mean ± std over n seeds where there are several)",
+            "",
+            "| attack | fraction | " + " | ".join(aggregators) + " |",
+            "|---|---|" + "---|" * len(aggregators),
+        ]
+        rows = sorted({(key[1], key[2]) for key in summary if key[0] == dataset}, key=_row_order)
+        for kind, fraction in rows:
+            cells = []
+            for aggregator in aggregators:
+                found = summary.get((dataset, kind, fraction, aggregator))
+                cells.append("—" if found is None else _cell(*found))
+            lines.append(f"| {kind} | {fraction:.0%} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/attacks")
-    found = collect(root)
-    if not found:
-        raise SystemExit(f"no finished runs under {root}; run `fedkd-sim -m --config-name attacks` first.")
-    text = table(found)
-    (root / "table.md").write_text(text + "\n")
-    print(text)
+def plot(summary: dict[tuple[str, str, float, str], tuple[float, float, int]], path: Path) -> None:
+    """One panel per (dataset, attack): accuracy against the attackers' share, a line per aggregator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = _ordered({key[0] for key in summary}, DATASETS)
+    kinds = _ordered({key[1] for key in summary if key[1] != "none"}, KINDS)
+    aggregators = _ordered({key[3] for key in summary}, COLUMN_ORDER)
+    if not kinds:
+        kinds = ["none"]
+    figure, axes = plt.subplots(
+        len(datasets), len(kinds), figsize=(3 * len(kinds), 2.6 * len(datasets)), squeeze=False, sharey="row"
+    )
+    for row, dataset in enumerate(datasets):
+        for column, kind in enumerate(kinds):
+            axis = axes[row][column]
+            for aggregator in aggregators:
+                points = sorted(
+                    (fraction, *summary[(dataset, found_kind, fraction, aggregator)][:2])
+                    for (d, found_kind, fraction, a) in summary
+                    if d == dataset and a == aggregator and found_kind in (kind, "none")
+                )
+                if points:
+                    x, mean, std = (np.array(values) for values in zip(*points, strict=True))
+                    axis.errorbar(100 * x, mean, yerr=std, marker="o", capsize=2, label=aggregator)
+            axis.set_title(f"{dataset} · {kind}", fontsize=9)
+            axis.set_xlabel("malicious clients (%)", fontsize=8)
+            if column == 0:
+                axis.set_ylabel("final student accuracy", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_summary(root: Path) -> str:
+    """``table.md``, ``summary.json`` and ``attacks.png`` from the finished runs under ``root``."""
+    runs = collect(root)
+    if not runs:
+        raise SystemExit(
+            f"attack_table: no finished runs under {root}; run `python -m experiments.attack_table run` first."
+        )
+    summary = summarize(runs)
+    text = table(summary)
+    (root / "table.md").write_text(text)
+    (root / "summary.json").write_text(json.dumps(runs, indent=1) + "\n")
+    plot(summary, root / "attacks.png")
+    return text
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.attack_table", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the grid's missing runs (resumable), then summarize")
+    run.add_argument("--out", type=Path, default=Path("results/attack-table"))
+    run.add_argument("--data-root", default="../shared/data")
+    run.add_argument("--datasets", type=_names, default=list(DATASETS))
+    run.add_argument("--kinds", type=_names, default=list(KINDS))
+    run.add_argument("--fractions", type=lambda text: [float(x) for x in _names(text)], default=list(FRACTIONS))
+    run.add_argument("--aggregators", type=_names, default=list(AGGREGATORS))
+    run.add_argument("--seeds", type=lambda text: [int(x) for x in _names(text)], default=list(SEEDS))
+    run.add_argument("overrides", nargs="*", help="key=value settings for every run (e.g. rounds=1)")
+    summary = commands.add_parser("table", help="summarize the finished runs under a folder")
+    summary.add_argument("root", type=Path, nargs="?", default=Path("results/attack-table"))
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        cells = grid(
+            datasets=args.datasets,
+            kinds=args.kinds,
+            fractions=args.fractions,
+            aggregators=args.aggregators,
+            seeds=args.seeds,
+        )
+        try:
+            run_grid(cells, out=args.out, data_root=args.data_root, overrides=parse_overrides(args.overrides))
+        except ValueError as error:
+            raise SystemExit(f"attack_table: invalid configuration: {error}") from error
+        root = args.out
+    else:
+        root = args.root
+    print(write_summary(root))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedkd.attacks import attacked_logits, flip_labels, malicious_clients
+from fedkd.attacks import attacked_logits, collusion, flip_labels, malicious_clients
 from fedkd.config import ClientTask, RunConfig, SplitSpec
 from fedkd.data import DatasetInfo, to_tensor, to_uint8
 from fedkd.data.local import LabeledTensors, evaluation_split, info_for, private_partition, public_inputs
@@ -36,6 +36,7 @@ from fedkd.distillation import (
     train_supervised,
     train_with_class_targets,
 )
+from fedkd.faults import SimulatedCrash, crashed_clients
 from fedkd.messages import (
     CLASS_LOGITS_KEY,
     CLIENT_ID,
@@ -103,7 +104,13 @@ class ClientRound:
                 f"with --node-config 'partition-id=<k> num-partitions={num_clients}')."
             )
         data_root = node_config.get("data-root")
-        opened = cls(message, context, task, int(node_config["partition-id"]), str(data_root) if data_root else None)
+        client_id = int(node_config["partition-id"])
+        crash_fraction = task.run.failure.crash_fraction
+        if crash_fraction > 0 and client_id in crashed_clients(
+            num_clients, crash_fraction, task.run.seed, task.server_round
+        ):
+            raise SimulatedCrash(f"client {client_id} crashes in round {task.server_round} (failure.crash_fraction).")
+        opened = cls(message, context, task, client_id, str(data_root) if data_root else None)
         # Dropout draws from the global stream; seed it so a client's round is reproducible.
         torch.manual_seed(opened.seed(SeedPurpose.TEACHER_TRAIN))
         return opened
@@ -310,6 +317,12 @@ def soft_labels(client: ClientRound) -> RecordDict:
         client.attack,
         scale=client.run.attack.scale,
         generator=client.generator(SeedPurpose.ATTACK_NOISE),
+        plan=collusion(
+            client.info.num_classes,
+            seed=client.run.seed,
+            server_round=client.task.server_round,
+            lie_fraction=client.run.attack.lie_fraction,
+        ),
     )
     probs = soften(logits, client.run.temperature).numpy()
     privacy = client.run.privacy

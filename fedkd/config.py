@@ -102,14 +102,17 @@ class SynthesisConfig:
 class AttackConfig:
     """Simulated malicious clients (``attack.kind``, ``attack.fraction``); see fedkd.attacks."""
 
-    kind: str = "none"  # none | random | flip | scale | nan
+    kind: str = "none"  # none | random | flip | scale | nan | collude | adaptive
     fraction: float = 0.0  # share of the clients that attack (a seeded choice, fixed for the run)
     scale: float = -4.0  # scale: the factor on the malicious logits (negative inverts the ranking)
+    lie_fraction: float = 0.4  # adaptive: share of the inputs whose argmax the attackers move
 
     def __post_init__(self) -> None:
         _choice("attack.kind", self.kind, ATTACK_KINDS)
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"attack.fraction must lie in [0, 1], got {self.fraction}.")
+        if not 0.0 <= self.lie_fraction <= 1.0:
+            raise ValueError(f"attack.lie_fraction must lie in [0, 1], got {self.lie_fraction}.")
         if self.kind != "none" and self.fraction == 0.0:
             raise ValueError(
                 f"attack.kind={self.kind} with attack.fraction=0 attacks nobody; set attack.fraction, "
@@ -119,6 +122,17 @@ class AttackConfig:
     @property
     def enabled(self) -> bool:
         return self.kind != "none" and self.fraction > 0
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """Simulated faults (``failure.crash_fraction``); see fedkd.faults."""
+
+    crash_fraction: float = 0.0  # share of the clients that crash in every round (a fresh seeded choice)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.crash_fraction <= 1.0:
+            raise ValueError(f"failure.crash_fraction must lie in [0, 1], got {self.crash_fraction}.")
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,7 @@ class RunConfig:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
     rounds: int = 5
     public_size: int = 1000
     public_labels: bool = False
@@ -284,13 +299,15 @@ class RunConfig:
 
 # The nested groups of a run config, with the field that names the group's choice: that field is
 # written as the bare group name in Flower's flat keys (``strategy = "dsfl"``), the others as
-# ``<group>-<field>`` (``strategy-aggregator``).
-GROUPS: dict[str, tuple[type, str]] = {
+# ``<group>-<field>`` (``strategy-aggregator``). A group without a choice (None) writes every
+# field as ``<group>-<field>``.
+GROUPS: dict[str, tuple[type, str | None]] = {
     "partition": (PartitionConfig, "scheme"),
     "strategy": (StrategyConfig, "name"),
     "synthesis": (SynthesisConfig, "method"),
     "privacy": (PrivacyConfig, "mechanism"),
     "attack": (AttackConfig, "kind"),
+    "failure": (FailureConfig, None),
 }
 # Keys of [tool.flwr.app.config] that describe where results go, not the run itself.
 FLOWER_OUTPUT_KEYS = ("output-dir",)

@@ -52,3 +52,5 @@ class SeedPurpose(IntEnum):
     ATTACK_NOISE = 13
     TEACHER_SHARDS = 14
     SEMI_SUPERVISED = 15
+    ATTACK_COLLUSION = 16
+    CRASHES = 17

@@ -11,7 +11,9 @@ The aggregators fall into three families:
 * averages whose weights also depend on the input, so that a client counts more where it is
   sure: :func:`confidence_weighted`, :func:`entropy_weighted`;
 * robust, coordinate-wise statistics that bound the influence of a few bad clients:
-  :func:`median`, :func:`trimmed_mean`.
+  :func:`median`, :func:`trimmed_mean`;
+* :func:`robust`: per-class trust that keeps non-IID knowledge (:mod:`strategies.robust_aggregation`;
+  a run adds reputation across rounds and, with public labels, a root set).
 
 :func:`entropy_reduce` and :func:`sharpen` are post-steps on one ``(N, C)`` matrix:
 :func:`entropy_reduction` (DS-FL's entropy reduction aggregation, ``"era"``) is the weighted
@@ -26,6 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import NDArray
+
+from strategies.robust_aggregation import trust_weighted
 
 Aggregator = Callable[[NDArray[np.floating], NDArray[np.floating]], NDArray[np.float32]]
 
@@ -279,6 +283,18 @@ def trimmed_mean(
     return _renormalize_rows(trimmed).astype(np.float32)
 
 
+def robust(soft_labels: NDArray[np.floating], weights: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Per-class trust-weighted mean, one round on its own (no reputation, no root set).
+
+    Each client's row on an input counts by how much better than chance its claims of the
+    classes it puts mass on agree with a robust reference; see
+    :func:`strategies.robust_aggregation.trust_weighted`. A run with ``strategy.aggregator=robust``
+    also carries each client's evidence across rounds (:class:`strategies.transfer.RobustAggregation`).
+    """
+    _check_stack(soft_labels, weights)
+    return trust_weighted(soft_labels, weights).targets
+
+
 def _check_temperature(temperature: float) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(
@@ -400,6 +416,7 @@ AGGREGATORS: dict[str, Aggregator] = {
     "trimmed_mean": trimmed_mean,
     "era": entropy_reduction,
     "power_sharpened": power_sharpened,
+    "robust": robust,
 }
 # Aggregators that already reduce entropy: DS-FL would reduce it a second time.
 ENTROPY_REDUCING = ("era", "power_sharpened")

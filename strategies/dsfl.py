@@ -19,6 +19,8 @@ IEEE Transactions on Mobile Computing, 2021 (ERA: Section IV-B, Eq. 9).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -27,6 +29,7 @@ from strategies.aggregation import ENTROPY_REDUCING, Aggregator, entropy_reduce
 from strategies.ensemble_distillation import build_soft_label_strategy
 from strategies.fedmd import FedMD
 from strategies.registry import BuildContext, StrategySpec, register
+from strategies.transfer import PostProcessed
 
 
 def entropy_reduced(aggregator: Aggregator, *, temperature: float) -> Aggregator:
@@ -45,7 +48,12 @@ class DSFL(FedMD):
 
 def build(context: BuildContext) -> DSFL:
     temperature = context.config.strategy.sharpen_temperature
-    source = context.public_transfer(entropy_reduced(context.aggregator, temperature=temperature))
+    reduced = PostProcessed(
+        context.aggregator,
+        functools.partial(entropy_reduce, temperature=temperature),
+        step_name=f"era(T={temperature})",
+    )
+    source = context.public_transfer(reduced)
     return build_soft_label_strategy(DSFL, context, source)
 
 

@@ -192,7 +192,9 @@ class EnsembleDistillation(Strategy):
             return None, MetricRecord(self._round_metrics(metrics, parsed))
         soft_labels = np.stack([reply.probs for reply in parsed.payloads])
         weights = np.array([reply.num_examples for reply in parsed.payloads], dtype=np.float64)
-        learned = self.source.distillation_set(soft_labels, weights, server_round=server_round)
+        learned = self.source.distillation_set(
+            soft_labels, weights, server_round=server_round, client_ids=parsed.client_ids
+        )
         if self.shares_consensus:
             self.consensus = learned.aggregate
         metrics["distill-loss"] = self._distill(learned, server_round)

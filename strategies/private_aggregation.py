@@ -185,7 +185,12 @@ class PrivateRelease:
         )
 
     def distillation_set(
-        self, soft_labels: NDArray[np.float32], weights: NDArray[np.float64], *, server_round: int
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        server_round: int,
+        client_ids: Sequence[int] = (),
     ) -> DistillationSet:
         if self._round_positions is None:
             raise RuntimeError("distillation_set() before the round's queries were chosen.")

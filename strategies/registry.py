@@ -35,7 +35,7 @@ from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.student import Student
 from strategies.aggregation import AGGREGATORS, Aggregator, get_aggregator
 from strategies.sampling import ClientSampling, sample_size
-from strategies.transfer import PublicTransfer
+from strategies.transfer import ClientAggregator, PublicTransfer, RobustAggregation, StatelessAggregation
 
 StateRecords = dict[str, ArrayRecord | ConfigRecord]
 
@@ -81,8 +81,12 @@ class BuildContext:
         return sample_size(self.config.num_clients, self.config.strategy.fraction_train)
 
     @property
-    def aggregator(self) -> Aggregator:
-        return get_aggregator(self.config.strategy.aggregator)
+    def aggregator(self) -> ClientAggregator:
+        """The run's aggregator; ``robust`` keeps each client's reputation across rounds."""
+        name = self.config.strategy.aggregator
+        if name == "robust":
+            return RobustAggregation(self.info.num_classes)
+        return StatelessAggregation(get_aggregator(name))
 
     def student(self) -> Student:
         config = self.config
@@ -97,7 +101,7 @@ class BuildContext:
             semi=SemiSupervision() if config.semi_supervised else None,
         )
 
-    def public_transfer(self, aggregator: Aggregator | None = None) -> PublicTransfer:
+    def public_transfer(self, aggregator: Aggregator | ClientAggregator | None = None) -> PublicTransfer:
         """The whole public split as the transfer set (labels only where the run allows them)."""
         public = public_inputs(self.config.split_spec())
         return PublicTransfer(

@@ -42,7 +42,17 @@ from fedkd.messages import (
     synthetic_transfer_record,
 )
 from strategies.aggregation import Aggregator
-from strategies.transfer import DistillationSet, RoundTransfer, StateRecords, stored, stored_count
+from strategies.transfer import (
+    ClientAggregator,
+    DistillationSet,
+    RoundTransfer,
+    StateRecords,
+    aggregator_state,
+    client_aggregator,
+    load_aggregator_state,
+    stored,
+    stored_count,
+)
 from strategies.validation import InvalidReply, Triage, log_reasons, triage
 
 logger = logging.getLogger(__name__)
@@ -117,13 +127,13 @@ class SyntheticTransfer:
         *,
         info: DatasetInfo,
         per_client: int,
-        aggregator: Aggregator,
+        aggregator: Aggregator | ClientAggregator,
         keep_pools: bool = True,
         timeout: float = 3600.0,
     ) -> None:
         self.info = info
         self.per_client = per_client
-        self.aggregator = aggregator
+        self.aggregator = client_aggregator(aggregator)
         self.keep_pools = keep_pools
         self.timeout = timeout
         self._round_inputs: torch.Tensor | None = None
@@ -160,11 +170,16 @@ class SyntheticTransfer:
         return RoundTransfer({TRANSFER_KEY: synthetic_transfer_record(pool.images)}, num_inputs=len(pool.images))
 
     def distillation_set(
-        self, soft_labels: NDArray[np.float32], weights: NDArray[np.float64], *, server_round: int
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        server_round: int,
+        client_ids: Sequence[int] = (),
     ) -> DistillationSet:
         if self._round_inputs is None:
             raise RuntimeError("distillation_set() before a round's pool was gathered.")
-        aggregate = self.aggregator(soft_labels, weights)
+        aggregate = self.aggregator.aggregate(soft_labels, weights, client_ids=client_ids)
         if not self.keep_pools:
             return DistillationSet(self._round_inputs, aggregate, aggregate=aggregate)
         self._bank.append((self._round_inputs, aggregate))
@@ -180,9 +195,14 @@ class SyntheticTransfer:
         arrays: dict[str, np.ndarray] = {}
         for index, (inputs, labels) in enumerate(self._bank):
             arrays[f"bank-inputs-{index}"], arrays[f"bank-labels-{index}"] = inputs.numpy(), labels
-        return {"bank": arrays_record(arrays), "bank-size": ConfigRecord({"pools": len(self._bank)})}
+        return {
+            "bank": arrays_record(arrays),
+            "bank-size": ConfigRecord({"pools": len(self._bank)}),
+            **aggregator_state(self.aggregator),
+        }
 
     def load_state_records(self, state: StateRecords) -> None:
+        load_aggregator_state(self.aggregator, state)
         bank = stored(state, "bank", ArrayRecord)
         size = stored_count(state, "bank-size", "pools")
         self._bank = [

@@ -15,9 +15,9 @@ the student.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
+from fedkd.checkpoint import arrays_record
 from fedkd.messages import TRANSFER_KEY, transfer_record
 from strategies.aggregation import Aggregator
+from strategies.robust_aggregation import REPUTATION_DECAY, Reputation, trust_weighted
 
 StateRecords = dict[str, ArrayRecord | ConfigRecord]
 Record = TypeVar("Record", ArrayRecord, ConfigRecord)
@@ -49,6 +51,143 @@ def stored_count(state: StateRecords, key: str, name: str) -> int:
     if not isinstance(value, int) or value < 0:
         raise ValueError(f"checkpoint state {key!r} holds no count {name!r}; start the run afresh in a new folder.")
     return value
+
+
+@runtime_checkable
+class ClientAggregator(Protocol):
+    """Combines a round's accepted soft labels, knowing which client sent which row.
+
+    The plain :data:`~strategies.aggregation.Aggregator` functions see only the stack; an
+    aggregator that keeps state across rounds (reputation) needs the client ids, and one that
+    may use public labels (a root set) needs those too.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def aggregate(
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        client_ids: Sequence[int],
+        labels: NDArray[np.integer] | None = None,
+    ) -> NDArray[np.float32]: ...
+
+    def state_records(self) -> StateRecords: ...
+
+    def load_state_records(self, state: StateRecords) -> None: ...
+
+
+@dataclass(frozen=True)
+class StatelessAggregation:
+    """A plain aggregator function, as a :class:`ClientAggregator` (no state, ignores ids and labels)."""
+
+    function: Aggregator
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.function, "__name__", self.function))
+
+    def aggregate(
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        client_ids: Sequence[int],
+        labels: NDArray[np.integer] | None = None,
+    ) -> NDArray[np.float32]:
+        return self.function(soft_labels, weights)
+
+    def state_records(self) -> StateRecords:
+        return {}
+
+    def load_state_records(self, state: StateRecords) -> None:
+        return None
+
+
+class RobustAggregation:
+    """``strategy.aggregator=robust``: per-class trust, with each client's reputation carried
+    across rounds (and checkpointed) and, where the server may use public labels, those labels
+    as the reference (FLTrust's root set). See :mod:`strategies.robust_aggregation`."""
+
+    name = "robust"
+
+    def __init__(self, num_classes: int, *, decay: float = REPUTATION_DECAY) -> None:
+        self.reputation = Reputation(num_classes, decay=decay)
+
+    def aggregate(
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        client_ids: Sequence[int],
+        labels: NDArray[np.integer] | None = None,
+    ) -> NDArray[np.float32]:
+        if len(client_ids) != soft_labels.shape[0]:
+            raise ValueError(f"{soft_labels.shape[0]} soft-label matrices but {len(client_ids)} client ids.")
+        result = trust_weighted(
+            soft_labels,
+            weights,
+            reputation=self.reputation.of(client_ids),
+            population=self.reputation.everyone(),
+            labels=labels,
+        )
+        self.reputation.update(client_ids, result.evidence)
+        return result.targets
+
+    def state_records(self) -> StateRecords:
+        return {"reputation": arrays_record(self.reputation.arrays())}
+
+    def load_state_records(self, state: StateRecords) -> None:
+        record = stored(state, "reputation", ArrayRecord)
+        self.reputation.load_arrays({key: record[key].numpy() for key in ("clients", "claimed", "confirmed")})
+
+
+@dataclass(frozen=True)
+class PostProcessed:
+    """A :class:`ClientAggregator` followed by a step on its ``(N, C)`` result (DS-FL's ERA)."""
+
+    inner: ClientAggregator
+    step: Callable[[NDArray[np.float32]], NDArray[np.float32]]
+    step_name: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.step_name}({self.inner.name})"
+
+    def aggregate(
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        client_ids: Sequence[int],
+        labels: NDArray[np.integer] | None = None,
+    ) -> NDArray[np.float32]:
+        return self.step(self.inner.aggregate(soft_labels, weights, client_ids=client_ids, labels=labels))
+
+    def state_records(self) -> StateRecords:
+        return self.inner.state_records()
+
+    def load_state_records(self, state: StateRecords) -> None:
+        self.inner.load_state_records(state)
+
+
+def client_aggregator(aggregator: Aggregator | ClientAggregator) -> ClientAggregator:
+    """``aggregator`` as a :class:`ClientAggregator` (a plain function becomes stateless)."""
+    if isinstance(aggregator, ClientAggregator):
+        return aggregator
+    return StatelessAggregation(aggregator)
+
+
+def aggregator_state(aggregator: ClientAggregator) -> StateRecords:
+    """The aggregator's checkpoint records under ``aggregator/`` keys, beside a source's own."""
+    return {f"aggregator/{key}": record for key, record in aggregator.state_records().items()}
+
+
+def load_aggregator_state(aggregator: ClientAggregator, state: StateRecords) -> None:
+    prefix = "aggregator/"
+    aggregator.load_state_records({key[len(prefix) :]: r for key, r in state.items() if key.startswith(prefix)})
 
 
 @dataclass(frozen=True)
@@ -92,9 +231,15 @@ class TransferSource(Protocol):
         ...
 
     def distillation_set(
-        self, soft_labels: NDArray[np.float32], weights: NDArray[np.float64], *, server_round: int
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        server_round: int,
+        client_ids: Sequence[int],
     ) -> DistillationSet:
-        """Turn the accepted ``(K, N, C)`` soft labels (and ``(K,)`` weights) into targets."""
+        """Turn the accepted ``(K, N, C)`` soft labels (and ``(K,)`` weights) of ``client_ids``
+        into targets."""
         ...
 
     def round_metrics(self) -> dict[str, Any]: ...
@@ -113,7 +258,7 @@ class PublicTransfer:
         The normalized public inputs, in the order of ``indices``.
     indices : np.ndarray
         Their positions in the public split (what travels down: N int32 values).
-    aggregator : Aggregator
+    aggregator : Aggregator or ClientAggregator
         ``(K, N, C)`` soft labels and ``(K,)`` weights to ``(N, C)`` targets.
     labels : torch.Tensor, optional
         Public labels, only when the run allows the server to use them (``public_labels=true``).
@@ -126,26 +271,33 @@ class PublicTransfer:
         *,
         inputs: torch.Tensor,
         indices: NDArray[np.integer],
-        aggregator: Aggregator,
+        aggregator: Aggregator | ClientAggregator,
         labels: torch.Tensor | None = None,
     ) -> None:
         if len(inputs) != len(indices):
             raise ValueError(f"{len(inputs)} public inputs but {len(indices)} indices; they must match.")
         self.inputs = inputs
         self.indices = np.asarray(indices)
-        self.aggregator = aggregator
+        self.aggregator = client_aggregator(aggregator)
         self.labels = labels
 
     def describe(self) -> str:
-        return f"{len(self.indices)} public transfer inputs, aggregator={getattr(self.aggregator, '__name__', self.aggregator)}"
+        return f"{len(self.indices)} public transfer inputs, aggregator={self.aggregator.name}"
 
     def prepare(self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord) -> RoundTransfer:
         return RoundTransfer({TRANSFER_KEY: transfer_record(self.indices)}, num_inputs=len(self.indices))
 
     def distillation_set(
-        self, soft_labels: NDArray[np.float32], weights: NDArray[np.float64], *, server_round: int
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        server_round: int,
+        client_ids: Sequence[int] = (),
     ) -> DistillationSet:
-        targets = self.aggregator(soft_labels, weights)
+        # Public labels, where the run lets the server use them, are a trusted root set.
+        root = None if self.labels is None else self.labels.numpy()
+        targets = self.aggregator.aggregate(soft_labels, weights, client_ids=client_ids, labels=root)
         # Every input has a target here; a semi-supervised student adds consistency on them all.
         return DistillationSet(self.inputs, targets, aggregate=targets, labels=self.labels, unlabelled=self.inputs)
 
@@ -153,7 +305,7 @@ class PublicTransfer:
         return {}
 
     def state_records(self) -> StateRecords:
-        return {}
+        return aggregator_state(self.aggregator)
 
     def load_state_records(self, state: StateRecords) -> None:
-        return None
+        load_aggregator_state(self.aggregator, state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from baselines import untrained_student_accuracy
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid
 from federation.run import run_federation
-from fedkd.attacks import ATTACK_KINDS, attacked_logits, flip_labels, malicious_clients
+from fedkd.attacks import ATTACK_KINDS, attacked_logits, collusion, flip_labels, malicious_clients
 from fedkd.config import (
     AttackConfig,
     PartitionConfig,
@@ -55,6 +56,70 @@ def test_each_logit_attack_does_what_it_says():
         attacked_logits(logits, "poison", scale=1.0, generator=generator)
 
 
+def _honest_logits(seed: int, inputs: int = 200, classes: int = 10) -> torch.Tensor:
+    return torch.randn(inputs, classes, generator=torch.Generator().manual_seed(seed)) * 4
+
+
+def test_colluders_agree_on_a_seeded_target_and_send_its_wrong_class_with_honest_confidence():
+    plan = collusion(10, seed=3, server_round=1, lie_fraction=0.4)
+    assert plan.target != plan.wrong
+    later = collusion(10, seed=3, server_round=5, lie_fraction=0.4)
+    assert (later.target, later.wrong) == (plan.target, plan.wrong)  # fixed for the run
+    for client_seed in (0, 1):  # two attackers with different teachers
+        logits = _honest_logits(client_seed)
+        sent = attacked_logits(logits, "collude", scale=1.0, generator=torch.Generator(), plan=plan)
+        on_target = logits.argmax(dim=1) == plan.target
+        assert on_target.any()
+        assert (sent[on_target].argmax(dim=1) == plan.wrong).all()
+        torch.testing.assert_close(sent[~on_target], logits[~on_target])
+        # the same confidence: a row's values are only permuted
+        torch.testing.assert_close(sent.sort(dim=1).values, logits.sort(dim=1).values)
+    with pytest.raises(ValueError, match="shared plan"):
+        attacked_logits(logits, "collude", scale=1.0, generator=torch.Generator())
+
+
+def test_adaptive_attackers_move_the_argmax_to_the_runner_up_on_the_same_seeded_inputs():
+    plan = collusion(10, seed=3, server_round=2, lie_fraction=0.4)
+    lies = plan.lies(200)
+    assert int(lies.sum()) == 80
+    assert not torch.equal(lies, collusion(10, seed=3, server_round=3, lie_fraction=0.4).lies(200))
+    for client_seed in (0, 1):
+        logits = _honest_logits(client_seed)
+        sent = attacked_logits(logits, "adaptive", scale=1.0, generator=torch.Generator(), plan=plan)
+        runner_up = logits.topk(2, dim=1).indices[:, 1]
+        assert (sent[lies].argmax(dim=1) == runner_up[lies]).all()
+        torch.testing.assert_close(sent[~lies], logits[~lies])
+        torch.testing.assert_close(sent.sort(dim=1).values, logits.sort(dim=1).values)
+
+
+def test_adaptive_attackers_stay_inside_the_robust_acceptance_region_that_plain_liars_leave():
+    """Honest clients right 90 % of the time; attackers that move the argmax on 40 % of inputs
+    keep full acceptance from the robust rule, attackers that move it everywhere get none."""
+    from strategies.robust_aggregation import trust_weighted
+
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 10, (400,), generator=generator)
+
+    def teacher(seed: int) -> torch.Tensor:
+        logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(seed))
+        right = torch.rand(400, generator=torch.Generator().manual_seed(seed + 100)) < 0.9
+        logits[torch.arange(400)[right], truth[right]] += 6.0
+        return logits
+
+    plan = collusion(10, seed=0, server_round=1, lie_fraction=0.4)
+    every_input = collusion(10, seed=0, server_round=1, lie_fraction=1.0)
+    honest = [teacher(seed) for seed in range(7)]
+    attackers = [teacher(seed) for seed in range(7, 10)]
+    for chosen, accepted in ((plan, True), (every_input, False)):
+        sent = honest + [attacked_logits(a, "adaptive", scale=1.0, generator=generator, plan=chosen) for a in attackers]
+        stack = torch.stack(sent).softmax(dim=2).numpy()
+        trust = trust_weighted(stack, np.ones(10)).trust
+        if accepted:
+            assert trust[7:].mean() > 0.9 * trust[:7].mean(), (trust[7:].mean(), trust[:7].mean())
+        else:
+            assert trust[7:].mean() < 0.1 * trust[:7].mean()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -78,6 +143,7 @@ def test_attacks_the_run_cannot_simulate_fail_with_the_fix(kwargs, match):
     [
         (dict(kind="poison", fraction=0.1), "attack.kind"),
         (dict(kind="nan", fraction=1.5), "attack.fraction"),
+        (dict(kind="adaptive", fraction=0.1, lie_fraction=2.0), "attack.lie_fraction"),
         (dict(kind="nan"), "attacks nobody"),
     ],
 )
@@ -89,7 +155,7 @@ def test_bad_attack_values_name_the_key(kwargs, match):
 def test_a_bare_nan_from_the_command_line_means_the_nan_attack():
     config = run_config_from_mapping({"attack": {"kind": math.nan, "fraction": 0.1}})
     assert config.attack.kind == "nan"
-    assert set(ATTACK_KINDS) == {"none", "random", "flip", "scale", "nan"}
+    assert set(ATTACK_KINDS) == {"none", "random", "flip", "scale", "nan", "collude", "adaptive"}
 
 
 TINY = RunConfig(

@@ -17,11 +17,13 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,6 +183,7 @@ class Deployment:
     seen: dict[int, psutil.Process] = field(default_factory=dict)
     commands: dict[int, str] = field(default_factory=dict)  # what each seen process ran
     logs: list[Path] = field(default_factory=list)
+    killed: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self, name: str, command: list[str], home: Path) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
@@ -215,6 +218,17 @@ class Deployment:
                     self.commands[pid] = " ".join(process.cmdline())
                 except psutil.Error:
                     self.commands[pid] = "?"
+
+    def crash(self, process: subprocess.Popen) -> None:
+        """SIGKILL one of our processes and everything below it at once, as when its machine dies."""
+        self.track()
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        for member in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(tree, timeout=10)
+        process.wait(timeout=10)
+        self.killed.append(process)
 
     def output(self, tail: int = 4000) -> str:
         parts = []
@@ -256,9 +270,23 @@ def wait_until_healthy(deployment: Deployment, superlink: subprocess.Popen, url:
     raise AssertionError(f"SuperLink not healthy at {url} after {STARTUP_TIMEOUT} s\n" + deployment.output())
 
 
-def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | None) -> list[dict]:
+# Called about once a second while the run goes on: (deployment, the run's output folder, a
+# function that starts the SuperNode of partition k under a log name and returns it).
+DuringRun = Callable[[Deployment, Path, Callable[[int, str], subprocess.Popen]], None]
+
+
+def deploy_and_run(
+    tmp_path: Path,
+    *,
+    rounds: int,
+    certificates: Certificates | None,
+    num_nodes: int = NUM_NODES,
+    during_run: DuringRun | None = None,
+    extra_run_config: str = "",
+    run_timeout: float = RUN_TIMEOUT,
+) -> tuple[list[dict], Deployment]:
     """Start the SuperLink and the SuperNodes, run the app with ``flwr run``, stop everything."""
-    port, *node_ports = free_ports(1 + NUM_NODES)  # the SuperLink's API, each SuperNode's Runtime API
+    port, *node_ports = free_ports(1 + num_nodes)  # the SuperLink's API, each SuperNode's Runtime API
     address = f"127.0.0.1:{port}"
     output_dir = tmp_path / "run"
     homes = tmp_path / "homes"
@@ -319,9 +347,11 @@ def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | 
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 httpx.get(f"https://{address}/health", timeout=5.0)
 
-        for k in range(NUM_NODES):
-            deployment.start(
-                f"supernode-{k}",
+        def start_node(k: int, name: str) -> subprocess.Popen:
+            # A restarted node gets a fresh port: the dead one's may still be held by the kernel.
+            (node_port,) = (node_ports[k],) if name == f"supernode-{k}" else free_ports(1)
+            return deployment.start(
+                name,
                 [
                     str(BIN / "flower-supernode"),
                     *node_tls,
@@ -330,26 +360,32 @@ def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | 
                     "--host",
                     "127.0.0.1",
                     "--port",
-                    str(node_ports[k]),
+                    str(node_port),
                     "--node-config",
-                    f"partition-id={k} num-partitions={NUM_NODES}",
+                    f"partition-id={k} num-partitions={num_nodes}",
                 ],
-                homes / f"supernode-{k}",
+                homes / name,
             )
 
+        for k in range(num_nodes):
+            start_node(k, f"supernode-{k}")
+
         run_config = (
-            f"num-clients={NUM_NODES} rounds={rounds} public-size=300 local-epochs=2 distill-epochs=3 "
-            f'partition="iid" student-model="cnn_small" output-dir="{output_dir}"'
+            f"num-clients={num_nodes} rounds={rounds} public-size=300 local-epochs=2 distill-epochs=3 "
+            f'partition="iid" student-model="cnn_small" output-dir="{output_dir}" {extra_run_config}'
         )
         command = [str(BIN / "flwr"), "run", str(REPO), "fedkd-test", "--stream", "--run-config", run_config]
         runner = deployment.start("flwr-run", command, cli_home)
-        deadline = time.monotonic() + RUN_TIMEOUT
+        deadline = time.monotonic() + run_timeout
         while runner.poll() is None and time.monotonic() < deadline:
             deployment.track()
-            for process in deployment.started[:-1]:
-                assert process.poll() is None, f"{process.args[0]} exited early\n" + deployment.output()
+            if during_run is not None:
+                during_run(deployment, output_dir, start_node)
+            for process in deployment.started:
+                if process is not runner and process not in deployment.killed:
+                    assert process.poll() is None, f"{process.args[0]} exited early\n" + deployment.output()
             time.sleep(1.0)
-        assert runner.returncode is not None, f"flwr run still running after {RUN_TIMEOUT} s\n" + deployment.output()
+        assert runner.returncode is not None, f"flwr run still running after {run_timeout} s\n" + deployment.output()
         assert runner.returncode == 0, "flwr run failed\n" + deployment.output()
         rows = read_metrics(output_dir)
         assert [row["round"] for row in rows] == list(range(1, rounds + 1)), deployment.output()
@@ -358,17 +394,18 @@ def deploy_and_run(tmp_path: Path, *, rounds: int, certificates: Certificates | 
     assert survivors == [], f"processes still alive after stopping: {survivors}\n" + deployment.output()
     # The SuperLink and each SuperNode started a SuperExec, and the test saw (and stopped) them.
     superexecs = [command for command in deployment.commands.values() if "flower-superexec" in command]
-    assert len(superexecs) == 1 + NUM_NODES, deployment.commands
-    return rows
+    assert len(superexecs) == 1 + len(deployment.started) - 2, deployment.commands  # not for flwr run, SuperLink
+    return rows, deployment
 
 
-def assert_student_learned(rows: list[dict]) -> None:
-    assert all(row["clients"] == NUM_NODES for row in rows), rows
+def assert_student_learned(rows: list[dict], *, num_nodes: int = NUM_NODES, every_round: bool = True) -> None:
+    if every_round:
+        assert all(row["clients"] == num_nodes for row in rows), rows
     first, last = rows[0]["student_accuracy"], rows[-1]["student_accuracy"]
     # in process, the same run with three clients ended 0.35-0.54 above untrained over seeds 0-4
     same_run = RunConfig(
         dataset="digits",
-        num_clients=NUM_NODES,
+        num_clients=num_nodes,
         rounds=len(rows),
         public_size=300,
         local_epochs=2,
@@ -383,11 +420,48 @@ def assert_student_learned(rows: list[dict]) -> None:
 @pytest.mark.slow
 @needs_flower
 def test_insecure_deployment_trains_a_student(tmp_path):
-    assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=None))
+    assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=None)[0])
 
 
 @pytest.mark.slow
 @needs_flower
 def test_tls_deployment_trains_a_student(tmp_path):
     certificates = write_certificates(tmp_path / "certificates")
-    assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=certificates))
+    assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=certificates)[0])
+
+
+def supernode_id(log: Path) -> int:
+    """The node id a SuperNode was given, from its log (Flower logs ``SuperNode ID: <id>``)."""
+    match = re.search(r"SuperNode ID: (\d+)", log.read_text(errors="replace"))
+    assert match is not None, f"{log.name} names no SuperNode ID yet"
+    return int(match.group(1))
+
+
+@pytest.mark.slow
+@needs_flower
+def test_a_supernode_killed_in_round_two_fails_that_round_and_its_restart_rejoins(tmp_path):
+    """Three SuperNodes; when round 2 starts, partition 2's SuperNode (and its SuperExec and
+    ClientApp) is SIGKILLed. Flower marks it offline once its heartbeats stop, its round-2 task
+    ends in an error, and the round goes on with the other two. After round 2 a new SuperNode
+    for partition 2 starts; it gets a new node id and answers in round 3."""
+    events: dict[str, int] = {}
+
+    def kill_then_restart(deployment: Deployment, output_dir: Path, start_node) -> None:
+        metrics = output_dir / "metrics.jsonl"
+        rounds_done = metrics.read_text().count("\n") if metrics.exists() else 0  # complete rows only
+        if rounds_done >= 1 and "killed" not in events:
+            victim = next(p for p in deployment.started if "partition-id=2" in " ".join(map(str, p.args)))
+            events["killed"] = supernode_id(deployment.root / "supernode-2.log")
+            deployment.crash(victim)
+        if rounds_done >= 2 and "restarted" not in events:
+            start_node(2, "supernode-2-restarted")
+            events["restarted"] = 1
+
+    # Three rounds, one of them waiting up to a minute for Flower to declare the node dead.
+    rows, deployment = deploy_and_run(
+        tmp_path, rounds=3, certificates=None, num_nodes=3, during_run=kill_then_restart, run_timeout=2 * RUN_TIMEOUT
+    )
+    killed, rejoined = events["killed"], supernode_id(deployment.root / "supernode-2-restarted.log")
+    assert rejoined != killed
+    assert [(row["clients"], row["failed_nodes"]) for row in rows] == [(3, []), (2, [killed]), (3, [])], rows
+    assert_student_learned(rows, num_nodes=3, every_round=False)
