@@ -5,12 +5,14 @@ Everything here works on tensors and ``nn.Module``s and knows nothing about Flow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -314,11 +316,24 @@ def consistency_loss(
 @dataclass(frozen=True)
 class SemiSupervision:
     """FixMatch's knobs: the pseudo-label confidence τ, the unlabelled loss weight λ_u and μ,
-    the unlabelled examples per labelled one in a step (the paper's τ = 0.95, λ_u = 1, μ = 7)."""
+    the unlabelled examples per labelled one in a step (the paper's τ = 0.95, λ_u = 1, μ = 7),
+    and the decay of the weight average the student ends with. The paper averages with 0.999
+    over 2²⁰ steps; a CPU-sized run takes a few thousand steps, where 0.99 averages over the
+    last ~100 of them instead of dragging in the first ones."""
 
     confidence: float = 0.95
     weight: float = 1.0
     ratio: int = 7
+    ema_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
+
+
+def cosine_decay(total_steps: int) -> Callable[[int], float]:
+    """FixMatch's learning-rate schedule: ``cos(7π·step / (16·total))``, from 1 down to ≈ 0.2."""
+    return lambda step: math.cos(7 * math.pi * min(step, total_steps) / (16 * max(total_steps, 1)))
 
 
 def train_semi_supervised(
@@ -338,6 +353,12 @@ def train_semi_supervised(
     ``ratio × batch_size`` unlabelled inputs and a batch of labelled ones, and minimizes
     ``kd_loss(weak labelled) + λ_u · consistency_loss(weak, strong unlabelled)``. An epoch is
     one pass over the unlabelled inputs. Returns the mean loss of the last epoch.
+
+    As in the paper's reference code, the labelled, weak and strong views go through the network
+    as one batch, so BatchNorm normalizes and tracks statistics of the mix it is evaluated on
+    (separate passes leave the running statistics to the strongly augmented batch alone), the
+    learning rate follows :func:`cosine_decay`, and the student ends with the exponential moving
+    average of its weights and BatchNorm statistics (``semi.ema_decay``).
     """
     if len(inputs) != len(teacher_probs):
         raise ValueError(f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels.")
@@ -355,27 +376,39 @@ def train_semi_supervised(
             max_shift=max_shift,
         )
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    unlabelled_batch = semi.ratio * settings.batch_size
+    steps_per_epoch = math.ceil(len(unlabelled) / unlabelled_batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_decay(steps_per_epoch * epochs))
+    average = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(semi.ema_decay), use_buffers=True)
     batch_size = min(settings.batch_size, len(inputs))
     student.train()
     last_epoch_loss = float("nan")
+    steps = 0
     for _ in range(epochs):
         total, count = 0.0, 0
-        for batch in _batches(len(unlabelled), semi.ratio * settings.batch_size, generator):
+        for batch in _batches(len(unlabelled), unlabelled_batch, generator):
             if len(batch) < 2:  # BatchNorm cannot normalise a single example
                 continue
             labelled = torch.randperm(len(inputs), generator=generator)[:batch_size]
-            weak = random_translate(inputs[labelled], max_shift=max_shift, generator=generator)
-            loss = kd_loss(student(weak), teacher_probs[labelled], temperature=temperature)
             pool = unlabelled[batch]
-            with torch.no_grad():
-                weak_logits = student(random_translate(pool, max_shift=max_shift, generator=generator))
-            strong_logits = student(strong_augment(pool, generator=generator))
-            unsupervised, _ = consistency_loss(weak_logits, strong_logits, confidence=semi.confidence)
+            views = (
+                random_translate(inputs[labelled], max_shift=max_shift, generator=generator),
+                random_translate(pool, max_shift=max_shift, generator=generator),
+                strong_augment(pool, generator=generator),
+            )
+            labelled_logits, weak_logits, strong_logits = student(torch.cat(views)).split([len(v) for v in views])
+            loss = kd_loss(labelled_logits, teacher_probs[labelled], temperature=temperature)
+            unsupervised, _ = consistency_loss(weak_logits.detach(), strong_logits, confidence=semi.confidence)
             loss = loss + semi.weight * unsupervised
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
+            average.update_parameters(student)
             total += loss.item()
             count += 1
+        steps += count
         last_epoch_loss = total / max(count, 1)
+    if steps:
+        student.load_state_dict(average.module.state_dict())
     return last_epoch_loss

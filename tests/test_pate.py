@@ -13,6 +13,7 @@ from scipy import stats
 from fedkd.config import PartitionConfig, PrivacyConfig, RunConfig
 from fedkd.distillation import (
     OptimizerSettings,
+    SemiSupervision,
     consistency_loss,
     strong_augment,
     train_semi_supervised,
@@ -254,6 +255,41 @@ def test_semi_supervised_training_learns_from_labels_and_unlabelled_inputs():
     )
     model.eval()
     assert (model(images).argmax(dim=1) == labels).float().mean() > 0.9
+
+
+def test_semi_supervised_student_ends_with_the_moving_average_of_its_weights():
+    torch.manual_seed(0)
+    images = torch.randn(40, 1, 8, 8)
+    targets = torch.nn.functional.one_hot(torch.arange(2).repeat(4), 2).float()
+
+    def trained(decay: float) -> dict[str, torch.Tensor]:
+        model = build_model("cnn_small", input_shape=(1, 8, 8), num_classes=2, seed=0)
+        train_semi_supervised(
+            model,
+            images[:8],
+            targets,
+            images[8:],
+            epochs=4,
+            temperature=1.0,
+            settings=OptimizerSettings(lr=1e-2, batch_size=2),
+            generator=torch.Generator().manual_seed(0),
+            semi=SemiSupervision(ema_decay=decay, ratio=2),
+        )
+        return {name: value.clone() for name, value in model.state_dict().items()}
+
+    last_iterate, averaged = trained(0.0), trained(0.9)
+    moved = [name for name, value in last_iterate.items() if value.is_floating_point()]
+    assert any(not torch.allclose(last_iterate[name], averaged[name]) for name in moved)
+    # The average lags the last iterate: it sits between it and the untrained weights.
+    untrained = build_model("cnn_small", input_shape=(1, 8, 8), num_classes=2, seed=0).state_dict()
+    weight = next(name for name in moved if name.endswith("weight"))
+    assert (averaged[weight] - untrained[weight]).norm() < (last_iterate[weight] - untrained[weight]).norm()
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0])
+def test_semi_supervision_refuses_a_decay_outside_zero_one(decay):
+    with pytest.raises(ValueError, match="ema_decay"):
+        SemiSupervision(ema_decay=decay)
 
 
 # --- end to end ------------------------------------------------------------------------------
