@@ -260,12 +260,19 @@ def main() -> None:
     for trial in range(1, args.repeats + 1):
         with tree_memory_peak(rss["floor"]):
             floor += floor_run(config)
+        print(f"  trial {trial}: floor rounds {', '.join(f'{x:.2f}' for x in floor[-args.rounds :])} s", flush=True)
         for engine in engines:
             with tree_memory_peak(rss[engine]), tree_memory_peak(pss[engine], proportional=True):
                 seconds, start = project_run(dataclasses.replace(config, engine=engine, workers=workers))
             rounds[engine] += seconds
             startup[engine].append(start)
             load.append(psutil.getloadavg()[0])
+            # One line per engine as it finishes, so that a run cut short still leaves its figures.
+            print(
+                f"  trial {trial}: {engine} rounds {', '.join(f'{x:.2f}' for x in seconds)} s, start {start:.1f} s, "
+                f"floor so far {statistics.median(floor):.2f} s/round, load average {load[-1]:.1f}",
+                flush=True,
+            )
         print(
             f"trial {trial}/{args.repeats}: floor {statistics.median(floor):.2f} s/round, "
             + ", ".join(f"{engine} {statistics.median(rounds[engine]):.2f}" for engine in engines)
