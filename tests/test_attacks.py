@@ -193,3 +193,22 @@ def test_the_median_resists_a_minority_that_the_mean_follows():
 
     # median − mean was 0.37 for seed 0 (the mean followed the attackers down to 0.02)
     assert accuracy("median") > accuracy("mean") + 0.1
+
+
+@pytest.mark.slow
+def test_the_robust_aggregator_resists_a_confident_minority_that_the_mean_follows():
+    attack = AttackConfig(kind="flip", fraction=0.4)
+
+    def accuracy(aggregator, attack=attack):
+        config = dataclasses.replace(TINY, attack=attack, strategy=StrategyConfig(aggregator=aggregator))
+        return run_federation(InProcessGrid(client_app, num_nodes=5), config, run_dir=None)[-1]["student_accuracy"]
+
+    print(
+        "robust",
+        accuracy("robust"),
+        "weighted",
+        accuracy("weighted"),
+        "honest",
+        accuracy("weighted", AttackConfig()),
+        accuracy("robust", AttackConfig()),
+    )
