@@ -7,17 +7,21 @@ server estimates the client's *precision* ``τ[k, c]`` — of the probability ma
 ``c``, the share that falls on inputs a robust reference also assigns to ``c``. A client's row on
 input ``n`` then counts by how much better than chance its claims there are::
 
-    lift[k, c] = max(τ[k, c] − base[c], 0)        base[c]: share of inputs the reference puts in c
-    trust[k, n] = Σ_c p[k, n, c] · lift[k, c]
-    target[n]   = Σ_k weights[k] · trust[k, n] · p[k, n] / Σ_k weights[k] · trust[k, n]
+    lift[k, c]   = τ[k, c] − base[c]          base[c]: share of inputs the reference puts in c
+    accept[k, c] = clip(lift[k, c] / (TOLERANCE · typical lift of c), 0, 1)
+    trust[k, n]  = Σ_c p[k, n, c] · accept[k, c]
+    target[n]    = Σ_k weights[k] · trust[k, n] · p[k, n] / Σ_k weights[k] · trust[k, n]
 
 A client that knows digit 4 counts on the inputs it calls 4, however little it knows of the
 rest; a client whose claims are no better than chance (random replies) or worse (flipped or
-inverted ones) gets no weight at all. The reference and the precisions are refined together, a
-few times per round (truth discovery, as in Dawid & Skene's estimation of labeller accuracy
-from their agreement): each pass takes the argmax of the current trust-weighted aggregate as the
-reference, as FedRAD scores clients by agreement with the argmax of a robust (there: median)
-aggregate. The first pass weighs clients by their reputation alone.
+inverted ones) gets no weight at all (``class_acceptance`` turns lifts into weights in [0, 1];
+honest clients are all accepted alike, so among them the result is the weighted mean). The
+reference and the precisions are refined together, a few times per round (truth discovery, as in
+Dawid & Skene's estimation of labeller accuracy from their agreement). The reference is a vote:
+per input, each client votes for its argmax class with the weight it is accepted with on that
+class, so no client moves it more by being more confident or by claiming more data. Before any
+evidence exists (a client's first round) the first reference is the argmax of the
+coordinate-wise median, as FedRAD scores clients by agreement with the median's prediction.
 
 Reputation: the evidence behind ``τ`` (mass claimed per class, and the part of it the reference
 confirmed) is carried across rounds, decayed by ``REPUTATION_DECAY`` per round, because the
@@ -213,6 +217,20 @@ def trust_weighted_mean(
     return np.einsum("kn,knc->nc", input_weights, stack) / totals[:, None]
 
 
+def trusted_vote(soft_labels: NDArray[np.floating], accept: NDArray[np.float64]) -> NDArray[np.int64]:
+    """``(N,)`` reference classes: per input, the class with the most votes, a client's vote for
+    its argmax class c counting ``accept[k, c]``.
+
+    One vote per client, whatever its confidence or claimed data size: a client that sends
+    one-hot rows, or reports a huge partition, moves the reference no more than an unsure
+    honest one (the weighted mean would follow it). Where no vote counts, a plain vote decides.
+    """
+    stack = soft_labels.astype(np.float64)
+    votes = np.eye(stack.shape[2])[stack.argmax(axis=2)]
+    tally = trust_weighted_mean(votes, np.ones(stack.shape[0]), input_trust(votes, accept))
+    return tally.argmax(axis=1)
+
+
 def trust_weighted(
     soft_labels: NDArray[np.floating],
     weights: NDArray[np.floating],
@@ -265,9 +283,13 @@ def trust_weighted(
     standing = class_acceptance(class_precision(prior), typical, uniform)
     accept = standing
     evidence = Evidence.none(num_clients, num_classes)
-    for _ in range(1 if labels is not None else passes):
-        trust = input_trust(soft_labels, accept)
-        reference = labels if labels is not None else trust_weighted_mean(soft_labels, weights, trust).argmax(axis=1)
+    for index in range(1 if labels is not None else passes):
+        if labels is not None:
+            reference = labels
+        elif index == 0 and not prior.claimed.any():
+            reference = np.median(soft_labels.astype(np.float64), axis=0).argmax(axis=1)
+        else:
+            reference = trusted_vote(soft_labels, accept)
         evidence = claim_evidence(soft_labels, reference)
         total = prior + evidence
         precision = class_precision(total)

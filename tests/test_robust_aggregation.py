@@ -24,6 +24,7 @@ from strategies.robust_aggregation import (
     input_trust,
     trust_weighted,
     trust_weighted_mean,
+    trusted_vote,
     typical_precision,
     weighted_quantile,
 )
@@ -77,9 +78,20 @@ def test_input_trust_and_trust_weighted_mean_by_hand():
     np.testing.assert_allclose(nobody, weighted_mean(stack, np.array([1.0, 3.0])))
 
 
+def test_the_reference_is_a_vote_that_confidence_cannot_buy():
+    # Two unsure clients say class 0, one sure client says class 1: the weighted mean follows the
+    # sure one, the vote does not; a client not accepted on its class does not vote.
+    unsure = np.array([[0.6, 0.4]])
+    sure = np.array([[0.0, 1.0]])
+    stack = np.array([unsure, unsure, sure])
+    assert weighted_mean(stack, np.ones(3)).argmax() == 1
+    np.testing.assert_array_equal(trusted_vote(stack, np.ones((3, 2))), [0])
+    np.testing.assert_array_equal(trusted_vote(stack, np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])), [1])
+
+
 def test_a_flipping_minority_gets_no_weight_by_hand():
-    # Clients A, B honest, C flipped, equal weights. Pass 1: no reputation, all at the prior, so the
-    # weighted mean decides the reference: [0, 1]. Evidence: A, B claimed [1, 1], confirmed [1, 1];
+    # Clients A, B honest, C flipped, equal weights. Pass 1: no evidence yet, so the argmax of the
+    # coordinate-wise median is the reference: [0, 1]. Evidence: A, B claimed [1, 1], confirmed [1, 1];
     # C confirmed [0, 0]. Precision (c + 5)/(1 + 10): A, B 6/11, C 5/11; chance [1/2, 1/2]; typical
     # 6/11, lift 1/22, so A, B are accepted fully (1/22 ≥ 0.5 · 1/22) and C not at all (lift < 0).
     stack = np.array([HONEST, HONEST, FLIPPED])
@@ -132,7 +144,7 @@ def test_a_confident_flipping_minority_is_outvoted_on_non_iid_data():
     def accuracy(targets):
         return float((targets.argmax(axis=1) == truth).mean())
 
-    # seed 0: weighted 0.85, median 0.11, robust 0.915
+    # seed 0: weighted 0.85, median 0.11, robust 0.925
     assert accuracy(robust(stack, weights)) > accuracy(weighted_mean(stack, weights)) + 0.04
     assert accuracy(robust(stack, weights)) > accuracy(median(stack, weights)) + 0.3
 
