@@ -41,7 +41,7 @@ from torch import nn
 
 from fedkd.config import RunConfig
 from fedkd.data import load_dataset, to_tensor, to_uint8
-from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
+from fedkd.distillation import OptimizerSettings, evaluate, random_translate, train_supervised
 from fedkd.models import build_model, count_parameters
 from fedkd.results import RunFolder
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
@@ -132,6 +132,9 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--bank-batches", type=int, default=defaults.bank_batches)
     parser.add_argument(
+        "--student-shift", type=float, default=0.0, help="shift student inputs by up to this fraction (all sources)"
+    )
+    parser.add_argument(
         "--num-synthetic", type=int, default=6000, help="generator/deepinversion: size of the fixed set"
     )
     parser.add_argument(
@@ -192,6 +195,10 @@ def main() -> None:
         pixel_mean=tuple(info.mean),
         pixel_std=tuple(info.std),
     )
+
+    def shift(images: torch.Tensor) -> torch.Tensor:
+        return random_translate(images, max_shift=args.student_shift, generator=random)
+
     fixed_set, synthesis_seconds = None, 0.0
     adversarial = None
     if args.synthesizer == "adversarial":
@@ -203,6 +210,7 @@ def main() -> None:
             total_iterations=args.iterations,
             generator=random,
             config=config,
+            augment=shift if args.student_shift > 0 else None,
         )
     elif args.synthesizer in ("generator", "deepinversion"):
         synthesizer = build_synthesizer(
@@ -232,6 +240,7 @@ def main() -> None:
         "iterations": args.iterations,
         "student_steps": args.student_steps,
         "batch_size": args.batch_size,
+        "student_shift": args.student_shift,
         "adversarial": {k: v for k, v in vars(config).items() if k not in ("pixel_mean", "pixel_std")},
         "num_synthetic": args.num_synthetic if fixed_set is not None else 0,
         "synthesis_steps": args.steps if fixed_set is not None else 0,
@@ -264,7 +273,7 @@ def main() -> None:
             student.train()
             total = 0.0
             for _ in range(args.student_steps):
-                inputs = next_batch()
+                inputs = shift(next_batch())
                 with torch.no_grad():
                     targets = teacher(inputs)
                 loss = logit_discrepancy(student(inputs), targets)

@@ -33,7 +33,7 @@ Fang et al., "Up to 100× Faster Data-free Knowledge Distillation", AAAI 2022 (F
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -194,6 +194,9 @@ class AdversarialDistillation:
         BatchNorm statistics to match instead of the teacher's running statistics.
     class_prior : Sequence[float], optional
         Relative weight of each requested class; uniform by default.
+    augment : Callable[[Tensor], Tensor], optional
+        Applied to each student batch drawn from the bank (e.g. random shifts); the teacher's
+        logits are then recomputed on the augmented inputs.
     """
 
     def __init__(
@@ -208,6 +211,7 @@ class AdversarialDistillation:
         config: AdversarialConfig = AdversarialConfig(),
         statistics: StatisticsTargets | None = None,
         class_prior: Sequence[float] | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.input_shape = check_input_shape(input_shape, config.pixel_mean)
         if not is_count(num_classes, minimum=2):
@@ -223,6 +227,7 @@ class AdversarialDistillation:
         self.statistics = statistics
         self.class_prior = check_class_prior(class_prior, num_classes)
         self.random = generator
+        self.augment = augment
         device, dtype = module_device(teacher), module_dtype(teacher)
         bounds = pixel_bounds(config.pixel_mean, config.pixel_std, device=device, dtype=dtype)
         assert bounds is not None  # pixel_mean/pixel_std are required by the config
@@ -336,17 +341,23 @@ class AdversarialDistillation:
             self._push(stored, self.teacher(stored))
         self.student.train()
         student_losses = []
-        for _ in range(config.student_steps):
-            picks = torch.randint(
-                0, self.bank_size, (config.batch_size,), generator=self.random, device=self.random.device
-            )
-            picks = picks.to(self.bank_inputs.device)
-            loss = logit_discrepancy(self.student(self.bank_inputs[picks]), self.bank_logits[picks])
-            self.student_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.student_optimizer.step()
-            self.student_schedule.step()
-            student_losses.append(loss.item())
+        with torch.enable_grad():
+            for _ in range(config.student_steps):
+                picks = torch.randint(
+                    0, self.bank_size, (config.batch_size,), generator=self.random, device=self.random.device
+                )
+                picks = picks.to(self.bank_inputs.device)
+                inputs, targets = self.bank_inputs[picks], self.bank_logits[picks]
+                if self.augment is not None:
+                    inputs = self.augment(inputs)
+                    with frozen([self.teacher]), torch.no_grad():
+                        targets = self.teacher(inputs)
+                loss = logit_discrepancy(self.student(inputs), targets)
+                self.student_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.student_optimizer.step()
+                self.student_schedule.step()
+                student_losses.append(loss.item())
         self.iterations += 1
         summary = {f"generator_{name}": float(value.item()) for name, value in terms.items()}
         summary["student_loss"] = sum(student_losses) / len(student_losses)
