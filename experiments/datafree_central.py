@@ -41,7 +41,7 @@ from torch import nn
 
 from fedkd.config import RunConfig
 from fedkd.data import load_dataset, to_tensor, to_uint8
-from fedkd.distillation import OptimizerSettings, evaluate, random_translate, train_supervised
+from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, random_translate, train_supervised
 from fedkd.models import build_model, count_parameters
 from fedkd.results import RunFolder
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
@@ -89,19 +89,37 @@ def quantize(images: torch.Tensor, info) -> torch.Tensor:
 def batch_source(
     name: str,
     *,
+    teacher: nn.Module,
     train_images: torch.Tensor,
     fixed_set: torch.Tensor | None,
     batch_size: int,
     info,
     generator: torch.Generator,
-) -> Callable[[], torch.Tensor]:
-    """A function returning the next student batch for the non-adversarial sources."""
-    shape = tuple(info.input_shape)
+    shift: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A function returning the next student batch and the teacher's logits on it (non-adversarial sources).
+
+    Each source is a fixed pool: the real training split, the synthesized set, or as many
+    Gaussian-noise images as there are training images. Without augmentation the teacher's
+    logits on the pool are computed once, since the teacher does not change.
+    """
     if name == "noise":
-        return lambda: quantize(torch.randn((batch_size, *shape), generator=generator), info)
-    pool = train_images if name == "real" else fixed_set
+        pool = quantize(torch.randn((len(train_images), *tuple(info.input_shape)), generator=generator), info)
+    else:
+        pool = train_images if name == "real" else fixed_set
     assert pool is not None
-    return lambda: pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+    pool_logits = predict_logits(teacher, pool) if shift is None else None
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        picks = torch.randint(0, len(pool), (batch_size,), generator=generator)
+        if pool_logits is not None:
+            return pool[picks], pool_logits[picks]
+        assert shift is not None
+        inputs = shift(pool[picks])
+        with torch.no_grad():
+            return inputs, teacher(inputs)
+
+    return next_batch
 
 
 def main() -> None:
@@ -115,10 +133,10 @@ def main() -> None:
     parser.add_argument(
         "--iterations", type=int, default=1500, help="generator steps; the student takes --student-steps per iteration"
     )
-    parser.add_argument("--student-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=100)
     defaults = AdversarialConfig()
+    parser.add_argument("--student-steps", type=int, default=defaults.student_steps)
     for name in (
         "adversarial_weight",
         "bn_weight",
@@ -256,11 +274,13 @@ def main() -> None:
         if adversarial is not None
         else batch_source(
             args.synthesizer,
+            teacher=teacher,
             train_images=train_images,
             fixed_set=fixed_set,
             batch_size=args.batch_size,
             info=info,
             generator=random,
+            shift=shift if args.student_shift > 0 else None,
         )
     )
     result = evaluate(student, test_images, test_labels)
@@ -273,9 +293,7 @@ def main() -> None:
             student.train()
             total = 0.0
             for _ in range(args.student_steps):
-                inputs = shift(next_batch())
-                with torch.no_grad():
-                    targets = teacher(inputs)
+                inputs, targets = next_batch()
                 loss = logit_discrepancy(student(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
