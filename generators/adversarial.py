@@ -91,8 +91,8 @@ class AdversarialConfig:
     batch_size : int
         Inputs generated per generator step, and the student's batch size.
     student_steps : int
-        Student steps per generator step (DFAD takes 5; drawing from the bank, a student step is
-        cheap, so more are taken here).
+        Student steps per generator step (DFAD takes 5). Drawing from the bank, a student step
+        costs only a student forward and backward pass.
     generator_lr, student_lr : float
         Adam learning rates. The student's decays to zero along a cosine over the run.
     latent_dim, width : int
@@ -112,7 +112,7 @@ class AdversarialConfig:
     """
 
     batch_size: int = 128
-    student_steps: int = 10
+    student_steps: int = 5
     generator_lr: float = 1e-3
     student_lr: float = 1e-3
     latent_dim: int = 64
@@ -124,7 +124,7 @@ class AdversarialConfig:
     one_hot_weight: float = 0.0
     activation_weight: float = 0.0
     entropy_weight: float = 0.0
-    bank_batches: int = 200
+    bank_batches: int = 50
     pixel_mean: tuple[float, ...] = MNIST_MEAN
     pixel_std: tuple[float, ...] = MNIST_STD
 
