@@ -35,22 +35,44 @@ def federated_table(root: Path) -> str:
     return "\n".join(lines)
 
 
+SOURCE_ORDER = ("noise", "generator", "deepinversion", "adversarial", "real")
+
+
+def _central_label(summary: dict) -> str:
+    source = summary["synthesizer"]
+    if source == "adversarial":
+        weights = summary["adversarial"]
+        off = [name for name in ("adversarial_weight", "bn_weight", "ce_weight") if weights.get(name, 0) == 0]
+        on = [name for name in ("one_hot_weight", "activation_weight", "entropy_weight") if weights.get(name, 0) > 0]
+        changes = [f"no {name.removesuffix('_weight')}" for name in off] + [name.removesuffix("_weight") for name in on]
+        return "adversarial generator" + (f" ({', '.join(changes)})" if changes else "")
+    if source in ("generator", "deepinversion"):
+        return f"{source}, {summary['num_synthetic']:,} inputs, {summary['synthesis_steps']} steps"
+    return {"noise": "Gaussian noise (control)", "real": "real training inputs (upper bound)"}[source]
+
+
 def central_table(root: Path) -> str:
+    """One row per ``central-*`` run: the same student and student steps, different input sources."""
     lines = [
-        "| dataset | synthesizer | synthetic inputs | teacher (accuracy) | student (parameters) | data-free student accuracy | synthesis time |",
+        "| dataset | student inputs | teacher accuracy | student accuracy (last) | best | student steps | CPU time |",
         "|---|---|---|---|---|---|---|",
     ]
+    runs = []
     for summary_path in sorted(root.glob("central-*/summary.json")):
         summary = json.loads(summary_path.read_text())
+        if "synthesizer" not in summary:
+            continue  # written by an older version of the script
+        rows = [json.loads(line) for line in (summary_path.parent / "metrics.jsonl").read_text().splitlines() if line]
         config = read_config(summary_path.parent)
-        inputs = f"{summary['num_synthetic']:,}" + (
-            " fresh per epoch" if summary.get("resample_every_epoch") else ", reused every epoch"
-        )
-        method = summary["method"].removeprefix("data-free centralized (").removesuffix(")")
+        order = SOURCE_ORDER.index(summary["synthesizer"]) if summary["synthesizer"] in SOURCE_ORDER else 99
+        runs.append(((config["dataset"], order, summary_path.parent.name), summary, rows, config))
+    for _, summary, rows, config in sorted(runs, key=lambda run: run[0]):
+        best = max(row["student_accuracy"] for row in rows)
         lines.append(
-            f"| {config['dataset']} | {method}, {summary['synthesis_steps']} steps | {inputs} | {summary['teacher']} ({summary['teacher_accuracy']:.4f}) "
-            f"| {config['student_model']} ({summary['student_parameters']:,}) "
-            f"| **{summary['student_accuracy']:.4f}** | {summary['synthesis_seconds']:.1f} s |"
+            f"| {config['dataset']} | {_central_label(summary)} | {summary['teacher_accuracy']:.4f} "
+            f"| **{rows[-1]['student_accuracy']:.4f}** | {best:.4f} "
+            f"| {summary['iterations'] * summary['student_steps']:,} × {summary['batch_size']} "
+            f"| {summary['cpu_seconds']:.0f} s |"
         )
     return "\n".join(lines)
 

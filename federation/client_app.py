@@ -396,6 +396,11 @@ def class_prior(client: ClientRound) -> list[float]:
     return torch.bincount(client.partition.labels, minlength=num_classes).to(torch.float64).tolist()
 
 
+def proxy_student(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> torch.nn.Module:
+    """The student a client's adversarial generator plays against (local, discarded afterwards)."""
+    return build_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed)
+
+
 @app.query("synthesize")
 def synthesize(message: Message, context: Context) -> Message:
     """Invert this round's teacher into synthetic inputs (data-free transfer); no real data leaves."""
@@ -424,6 +429,9 @@ def synthesize(message: Message, context: Context) -> Message:
         pixel_std=client.info.std,
         statistics=statistics,
         class_prior=class_prior(client),
+        proxy_student=functools.partial(
+            proxy_student, client.run.synthesis.proxy_student, client.info.input_shape, client.info.num_classes
+        ),
     )
     images, _ = synthesizer.sample(client.run.synthesis.per_client, generator=client.generator(SeedPurpose.SYNTHESIS))
     seconds = time.perf_counter() - started

@@ -27,7 +27,7 @@ from fedkd.privacy.config import PrivacyConfig
 ENGINES = ("inprocess", "processes", "ray", "flower-ray")
 # Where the transfer inputs come from: a public split, or synthesized from the teachers.
 TRANSFER_SOURCES = ("public", "synthetic")
-SYNTHESIS_METHODS = ("generator", "deepinversion")
+SYNTHESIS_METHODS = ("adversarial", "generator", "deepinversion")
 LOGGERS = ("jsonl", "tensorboard")
 
 
@@ -85,10 +85,14 @@ class StrategyConfig:
 class SynthesisConfig:
     """How clients synthesize transfer inputs from their teachers (``transfer=synthetic``)."""
 
-    method: str = "generator"  # generator (amortized, fast) | deepinversion (per-batch pixels)
+    # adversarial: a generator trained against a proxy student (DFAD) with BatchNorm matching, then
+    # sampled | generator: trained on DeepInversion's objective alone | deepinversion: per-batch pixels
+    method: str = "adversarial"
     per_client: int = 200  # synthetic inputs each sampled client contributes per round
-    steps: int = 200  # generator training steps, or DeepInversion iterations per batch
+    steps: int = 200  # generator–student iterations, generator training steps, or DeepInversion iterations per batch
     keep_pools: bool = True  # the student distills on every round's pool so far (server memory)
+    # adversarial: the architecture of the local proxy student the client's generator plays against
+    proxy_student: str = "lenet5_half"
 
     def __post_init__(self) -> None:
         _choice("synthesis method", self.method, SYNTHESIS_METHODS)
@@ -96,6 +100,7 @@ class SynthesisConfig:
             raise ValueError(f"synthesis.per_client must be ≥ 1, got {self.per_client}.")
         if self.steps < 1:
             raise ValueError(f"synthesis.steps must be ≥ 1, got {self.steps}.")
+        check_model_name(self.proxy_student)
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,51 @@ def competition_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     """
     divergence = jensen_shannon(teacher_logits, student_logits, temperature=temperature)
     return 1.0 - divergence / math.log(2.0)
+
+
+def logit_discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the logits, DFAD's teacher–student discrepancy.
+
+    Fang et al. (DFAD, 2019) train the student to minimize and the generator to maximize
+    this L1 distance between raw logits: unlike KL it does not vanish where both networks are
+    confident, so the generator keeps receiving a gradient.
+
+    Examples
+    --------
+    Logits ``[[1, 2], [3, 4]]`` against zeros differ by ``(1 + 2 + 3 + 4) / 4 = 2.5``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape."
+        )
+    return (student_logits - teacher_logits).abs().mean()
+
+
+def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DAFL's one-hot loss: cross-entropy of the teacher's output to its own arg-max class.
+
+    Chen et al. (DAFL, ICCV 2019): real inputs make the teacher confident, so a generator
+    should produce inputs with near one-hot teacher outputs.
+    """
+    return F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1))
+
+
+def activation_loss(features: torch.Tensor) -> torch.Tensor:
+    """DAFL's activation loss ``−mean |f|``: real inputs excite the teacher's features strongly."""
+    return -features.abs().mean()
+
+
+def information_entropy_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DAFL's information-entropy loss: the negative entropy of the batch-mean prediction.
+
+    Minimizing ``Σ_c p̄_c log p̄_c`` with ``p̄ = mean_i softmax(z_i)`` pushes the batch toward
+    equal class frequencies. DAFL's code uses ``log10``; this uses the natural log (nats), a
+    constant factor ``ln 10`` on the weight.
+
+    Examples
+    --------
+    A batch split evenly over two classes has ``p̄ = (½, ½)`` and loss ``−ln 2``.
+    """
+    mean_probability = F.softmax(teacher_logits, dim=1).mean(dim=0)
+    return (mean_probability * torch.log(mean_probability.clamp_min(1e-12))).sum()

@@ -127,16 +127,36 @@ def test_teacher_without_batchnorm_is_rejected_up_front():
         AmortizedGenerator(teacher, input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small())
 
 
-@pytest.mark.parametrize("method", ["generator", "deepinversion"])
+@pytest.mark.parametrize("method", ["adversarial", "generator", "deepinversion"])
 def test_registry_builds_each_synthesizer_with_the_data_normalization(method):
     teacher = build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10, seed=0)
     _fill_running_statistics(teacher, (1, 28, 28), seed=0)
     synthesizer = build_synthesizer(
-        method, teacher, input_shape=(1, 28, 28), num_classes=10, steps=3, pixel_mean=(0.5,), pixel_std=(0.25,)
+        method,
+        teacher,
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        steps=3,
+        pixel_mean=(0.5,),
+        pixel_std=(0.25,),
+        proxy_student=lambda seed: build_model("lenet5_half", input_shape=(1, 28, 28), num_classes=10, seed=seed),
     )
     images, targets = synthesizer.sample(5, generator=torch.Generator().manual_seed(0))
     assert images.shape == (5, 1, 28, 28) and targets.shape == (5,)
     assert images.min() >= -2.0 - 1e-5 and images.max() <= 2.0 + 1e-5
+
+
+def test_registry_needs_a_proxy_student_for_the_adversarial_generator():
+    with pytest.raises(ValueError, match="proxy_student"):
+        build_synthesizer(
+            "adversarial",
+            _tiny_teacher(),
+            input_shape=SHAPE,
+            num_classes=NUM_CLASSES,
+            steps=1,
+            pixel_mean=(0.0,),
+            pixel_std=(1.0,),
+        )
 
 
 def test_registry_rejects_unknown_methods():

@@ -176,7 +176,7 @@ def test_the_whole_run_of_dp_sgd_and_feature_releases_meets_the_target():
     assert calibrate_for_run(**{**arguments, "target_epsilon": math.inf}, feature_releases=3).features == 0
 
 
-@pytest.mark.parametrize("method", ["deepinversion", "generator"])
+@pytest.mark.parametrize("method", ["deepinversion", "generator", "adversarial"])
 def test_a_dp_sgd_teacher_synthesizes_against_released_statistics(method):
     teacher, data = dp_teacher(), images(40)
     layout = statistics_layout(teacher)
@@ -203,6 +203,7 @@ def test_a_dp_sgd_teacher_synthesizes_against_released_statistics(method):
         pixel_mean=(0.5,),
         pixel_std=(0.5,),
         statistics=released,
+        proxy_student=lambda seed: build_model("lenet5_half", input_shape=(1, 28, 28), num_classes=10, seed=seed),
     )
     inputs, targets = synthesizer.sample(8, generator=torch.Generator().manual_seed(0))
     assert inputs.shape == (8, 1, 28, 28) and torch.isfinite(inputs).all() and targets.shape == (8,)

@@ -1,0 +1,204 @@
+"""Adversarial data-free distillation: DFAD's and DAFL's losses, and the generator–student game."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_generators import NUM_CLASSES, SHAPE, _state_copy, _tiny_teacher
+from torch import nn
+
+from fedkd.data import load_dataset, to_tensor
+from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
+from fedkd.models import build_model
+from generators.adversarial import AdversarialConfig, AdversarialDistillation, penultimate_features
+from generators.losses import activation_loss, information_entropy_loss, logit_discrepancy, one_hot_loss
+
+
+def test_logit_discrepancy_is_the_mean_absolute_difference():
+    student = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert logit_discrepancy(student, torch.zeros(2, 2)).item() == pytest.approx(2.5)
+    assert logit_discrepancy(student, student).item() == 0.0
+
+
+def test_logit_discrepancy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        logit_discrepancy(torch.zeros(2, 3), torch.zeros(2, 2))
+
+
+def test_one_hot_loss_is_cross_entropy_to_the_arg_max():
+    # softmax([0, ln 3]) = (1/4, 3/4): the arg-max class has probability 3/4.
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    assert one_hot_loss(logits).item() == pytest.approx(math.log(4.0 / 3.0))
+
+
+def test_activation_loss_is_minus_the_mean_absolute_feature():
+    features = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    assert activation_loss(features).item() == pytest.approx(-2.5)
+
+
+def test_information_entropy_loss_is_the_negative_entropy_of_the_mean_prediction():
+    balanced = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    assert information_entropy_loss(balanced).item() == pytest.approx(-math.log(2.0))
+    skewed = torch.tensor([[0.0, math.log(3.0)]])  # mean prediction (1/4, 3/4)
+    expected = 0.25 * math.log(0.25) + 0.75 * math.log(0.75)
+    assert information_entropy_loss(skewed).item() == pytest.approx(expected)
+    # Two confident but opposite predictions average to a balanced batch: the loss is minimal.
+    opposite = torch.tensor([[30.0, -30.0], [-30.0, 30.0]])
+    assert information_entropy_loss(opposite).item() == pytest.approx(-math.log(2.0), abs=1e-6)
+
+
+def test_penultimate_features_capture_the_last_linear_input_and_unhook():
+    teacher = _tiny_teacher()
+    inputs = torch.randn(3, *SHAPE)
+    with penultimate_features(teacher) as captured:
+        teacher(inputs)
+    expected = teacher[:-1](inputs)
+    torch.testing.assert_close(captured[0], expected)
+    assert not teacher[-1]._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"batch_size": 1}, "batch_size"),
+        ({"student_steps": 0}, "student_steps"),
+        ({"adversarial_weight": -1.0}, "adversarial_weight"),
+        ({"generator_lr": 0.0}, "generator_lr"),
+        ({"entropy_weight": float("nan")}, "entropy_weight"),
+        ({"adversarial_weight": 0.0, "bn_weight": 0.0, "ce_weight": 0.0}, "would not learn"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        AdversarialConfig(**overrides)
+
+
+def _game(teacher: nn.Module, student: nn.Module, **overrides) -> AdversarialDistillation:
+    settings = dict(batch_size=8, latent_dim=8, width=4, bank_batches=3, pixel_mean=(0.5,), pixel_std=(0.5,))
+    settings.update(overrides)
+    return AdversarialDistillation(
+        teacher,
+        student,
+        input_shape=SHAPE,
+        num_classes=NUM_CLASSES,
+        total_iterations=10,
+        generator=torch.Generator().manual_seed(0),
+        config=AdversarialConfig(**settings),
+    )
+
+
+def test_a_step_trains_the_student_and_generator_and_leaves_the_teacher_alone():
+    teacher, student = _tiny_teacher(0), _tiny_teacher(1)
+    before_teacher, before_student = _state_copy(teacher), _state_copy(student)
+    game = _game(teacher, student, activation_weight=0.1, entropy_weight=0.1, one_hot_weight=0.1)
+    generator_before = {k: v.clone() for k, v in game.network.state_dict().items()}
+    losses = game.step()
+    assert {"generator_bn", "generator_ce", "generator_discrepancy", "generator_activation"} <= set(losses)
+    for name, value in _state_copy(teacher).items():
+        torch.testing.assert_close(value, before_teacher[name], rtol=0, atol=0)
+    assert any(not torch.equal(v, before_student[k]) for k, v in _state_copy(student).items())
+    assert any(not torch.equal(v, generator_before[k]) for k, v in game.network.state_dict().items())
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert game.bank_size == 8
+
+
+def test_the_bank_keeps_only_the_latest_batches():
+    game = _game(_tiny_teacher(0), _tiny_teacher(1))
+    for _ in range(5):
+        game.step()
+    assert game.bank_size == 3 * 8
+    # Stored inputs are 8-bit pixels: (x * 0.5 + 0.5) * 255 is a whole number.
+    pixels = (game.bank_inputs * 0.5 + 0.5) * 255
+    torch.testing.assert_close(pixels, pixels.round(), rtol=0, atol=1e-4)
+
+
+def test_the_generator_maximizes_the_discrepancy():
+    """With the adversarial term the generator's inputs separate teacher and student more."""
+
+    def discrepancy_after(weight: float) -> float:
+        teacher, student = _tiny_teacher(0), _tiny_teacher(1)
+        game = _game(
+            teacher,
+            student,
+            adversarial_weight=weight,
+            bn_weight=0.0,
+            ce_weight=1e-3,
+            generator_lr=3e-2,
+            student_lr=1e-9,
+            student_steps=5,
+        )
+        for _ in range(15):
+            game.step()
+        # Measured in training mode (batch statistics), as the generator is trained.
+        game.network.train()
+        random = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            images = game.network(
+                torch.randn(256, 8, generator=random), torch.randint(0, NUM_CLASSES, (256,), generator=random)
+            )
+            return logit_discrepancy(student.eval()(images), teacher.eval()(images)).item()
+
+    assert discrepancy_after(1.0) > 1.3 * discrepancy_after(0.0)
+
+
+def test_sample_is_a_forward_pass_in_the_pixel_range():
+    game = _game(_tiny_teacher(0), _tiny_teacher(1))
+    images, targets = game.sample(10, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (10, *SHAPE) and targets.shape == (10,)
+    assert images.min() >= -1 - 1e-6 and images.max() <= 1 + 1e-6
+    assert torch.bincount(targets, minlength=NUM_CLASSES).tolist() == [3, 3, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def digits_teacher():
+    dataset = load_dataset("digits")
+    info = dataset.info
+    images, labels = to_tensor(dataset.train.images, info), torch.from_numpy(dataset.train.labels.astype(np.int64))
+    teacher = build_model("lenet5_bn", input_shape=info.input_shape, num_classes=10, seed=0)
+    train_supervised(
+        teacher,
+        images,
+        labels,
+        epochs=3,
+        settings=OptimizerSettings(batch_size=64),
+        generator=torch.Generator().manual_seed(0),
+    )
+    test = to_tensor(dataset.test.images, info), torch.from_numpy(dataset.test.labels.astype(np.int64))
+    return teacher.eval(), info, test
+
+
+def test_adversarial_distillation_beats_distillation_on_noise(digits_teacher):
+    """Same student, steps and loss; only the inputs differ: generated adversarially vs Gaussian noise."""
+    teacher, info, (test_images, test_labels) = digits_teacher
+    assert evaluate(teacher, test_images, test_labels).accuracy > 0.85
+    iterations, config = 60, AdversarialConfig(batch_size=64, pixel_mean=info.mean, pixel_std=info.std)
+
+    student = build_model("lenet5_half", input_shape=info.input_shape, num_classes=10, seed=1)
+    game = AdversarialDistillation(
+        teacher,
+        student,
+        input_shape=info.input_shape,
+        num_classes=10,
+        total_iterations=iterations,
+        generator=torch.Generator().manual_seed(0),
+        config=config,
+    )
+    for _ in range(iterations):
+        game.step()
+    adversarial = evaluate(student, test_images, test_labels).accuracy
+
+    noise_student = build_model("lenet5_half", input_shape=info.input_shape, num_classes=10, seed=1)
+    optimizer = torch.optim.Adam(noise_student.parameters(), lr=config.student_lr)
+    random = torch.Generator().manual_seed(0)
+    noise_student.train()
+    for _ in range(iterations * config.student_steps):
+        inputs = torch.randn((config.batch_size, *info.input_shape), generator=random)
+        with torch.no_grad():
+            targets = teacher(inputs)
+        loss = logit_discrepancy(noise_student(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    noise = evaluate(noise_student, test_images, test_labels).accuracy
+    assert adversarial > noise + 0.2, (adversarial, noise)
