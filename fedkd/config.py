@@ -148,7 +148,7 @@ class RunConfig:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
-    rounds: int = 5
+    rounds: int = 10
     public_size: int = 1000
     public_labels: bool = False
     local_epochs: int = 3
