@@ -87,7 +87,7 @@ class SynthesisConfig:
 
     # adversarial: a generator trained against a proxy student (DFAD) with BatchNorm matching, then
     # sampled | generator: trained on DeepInversion's objective alone | deepinversion: per-batch pixels
-    method: str = "adversarial"
+    method: str = "generator"
     per_client: int = 200  # synthetic inputs each sampled client contributes per round
     steps: int = 200  # generator–student iterations, generator training steps, or DeepInversion iterations per batch
     keep_pools: bool = True  # the student distills on every round's pool so far (server memory)
@@ -168,7 +168,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
-    rounds: int = 5
+    rounds: int = 10
     public_size: int = 1000
     public_labels: bool = False
     local_epochs: int = 3
