@@ -112,7 +112,7 @@ class AdversarialConfig:
     """
 
     batch_size: int = 128
-    student_steps: int = 5
+    student_steps: int = 10
     generator_lr: float = 1e-3
     student_lr: float = 1e-3
     latent_dim: int = 64
@@ -124,7 +124,7 @@ class AdversarialConfig:
     one_hot_weight: float = 0.0
     activation_weight: float = 0.0
     entropy_weight: float = 0.0
-    bank_batches: int = 50
+    bank_batches: int = 200
     pixel_mean: tuple[float, ...] = MNIST_MEAN
     pixel_std: tuple[float, ...] = MNIST_STD
 

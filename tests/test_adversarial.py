@@ -168,6 +168,7 @@ def digits_teacher():
     return teacher.eval(), info, test
 
 
+@pytest.mark.slow
 def test_adversarial_distillation_beats_distillation_on_noise(digits_teacher):
     """Same student, steps and loss; only the inputs differ: generated adversarially vs Gaussian noise."""
     teacher, info, (test_images, test_labels) = digits_teacher
