@@ -14,6 +14,7 @@ metrics of ``engine=inprocess`` on the same machine, whatever the number of shar
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -76,6 +77,24 @@ def state_from_bytes(blob: bytes) -> RecordDict:
     return recorddict_from_proto(ProtoRecordDict.FromString(blob))
 
 
+def keep_freed_memory() -> None:
+    """Keep the memory a worker frees for its next client instead of returning it to the kernel.
+
+    A worker trains one client's model after another. With glibc's defaults each client's large
+    buffers are trimmed off the heap or unmapped when freed, and faulted in again by the next
+    client: at 300 clients a fifth of the workers' CPU time went to the kernel (``brk`` and page
+    faults) and a round took 30 s instead of 26 s. Called once in each worker process, never in
+    the server's. A no-op off glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest: buffers up to 32 MiB come from the heap
+    mallopt(m_trim_threshold, 2**30)  # give the heap's free top back only past 1 GiB
+
+
 class ShardHost:
     """The worker's side: the unchanged ClientApp for one shard of nodes, bytes in, bytes out."""
 
@@ -89,6 +108,7 @@ class ShardHost:
         node_config_extra: NodeConfigExtra | None,
     ) -> None:
         torch.set_num_threads(1)  # as the ClientApp does; also keeps a forked OpenMP pool unused
+        keep_freed_memory()  # the host owns its worker process
         self.grid = InProcessGrid(
             client_app, num_nodes=num_nodes, run_id=run_id, node_config_extra=node_config_extra, node_ids=shard
         )
