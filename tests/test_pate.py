@@ -19,6 +19,7 @@ from fedkd.distillation import (
     train_semi_supervised,
 )
 from fedkd.models import build_model
+from fedkd.privacy.accountant import RDP_ORDERS
 from fedkd.privacy.client import teacher_shards
 from fedkd.privacy.mechanisms import (
     confident_gnmax,
@@ -30,7 +31,9 @@ from fedkd.privacy.mechanisms import (
 from fedkd.privacy.pate_analysis import (
     confident_gnmax_cost,
     rdp_gnmax_data_independent,
+    rdp_smooth_sensitivity_gaussian,
     rdp_threshold_data_independent,
+    release_epsilon,
 )
 from strategies.pate_release import PATERelease, pate_epsilon
 
@@ -129,6 +132,53 @@ def test_strong_consensus_makes_the_released_epsilon_smaller_than_the_data_indep
     result = pate_epsilon(votes, answered, config=PrivacyConfig(**PATE), num_teachers=250, releases=1, rng=rng)
     assert result.released < 2.0 < result.data_independent
     assert result.epsilon == result.released
+
+
+def test_pate_converts_rdp_to_epsilon_as_the_accountant_of_every_other_mechanism_does():
+    """Balle et al.'s conversion (Opacus's): ε's of PATE and of DP-SGD/Gaussian runs compare."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rng = np.random.default_rng(5)
+    votes = _votes(rng, queries=100, agreement=0.9)
+    answered = np.ones(100, bool)
+    config = PrivacyConfig(**PATE)
+    result = pate_epsilon(votes, answered, config=config, num_teachers=250, releases=1, rng=np.random.default_rng(0))
+    beta = config.release_beta
+    orders = np.array([o for o in RDP_ORDERS if o < 1 / (2 * beta)], dtype=np.float64)
+    cost = confident_gnmax_cost(
+        votes,
+        answered=answered,
+        threshold=config.threshold,
+        sigma1=config.sigma_threshold,
+        sigma2=config.sigma_gnmax,
+        orders=orders,
+        delta=config.delta,
+    )
+    gnss = [rdp_smooth_sensitivity_gaussian(beta=beta, sigma=config.release_sigma, order=o) for o in orders]
+    expected, _ = get_privacy_spent(orders=orders, rdp=cost.data_independent_rdp + np.array(gnss), delta=config.delta)
+    assert result.data_independent == pytest.approx(expected, rel=1e-9)
+
+    # The released ε too: the same draw as release_epsilon's, converted by Balle et al.'s bound.
+    def released(improved: bool) -> float:
+        release = release_epsilon(
+            votes,
+            answered=answered,
+            num_teachers=250,
+            threshold=config.threshold,
+            sigma1=config.sigma_threshold,
+            sigma2=config.sigma_gnmax,
+            order=config.release_order,
+            delta=config.delta,
+            beta=beta,
+            sigma_ss=config.release_sigma,
+            rng=np.random.default_rng(0),
+            improved_conversion=improved,
+        )
+        return release.epsilon + release.release_cost
+
+    assert result.released == pytest.approx(released(True), rel=1e-9)
+    order = config.release_order
+    assert released(False) - released(True) == pytest.approx(math.log(order) / (order - 1) - math.log(1 - 1 / order))
 
 
 def test_each_release_of_epsilon_is_paid_for():

@@ -747,6 +747,7 @@ def release_epsilon(
     beta: float,
     sigma_ss: float,
     rng: np.random.Generator,
+    improved_conversion: bool = False,
 ) -> EpsilonRelease:
     """Publish a run's data-dependent ε through the GNSS mechanism (appendix, Section B).
 
@@ -757,7 +758,7 @@ def release_epsilon(
     ``order``, ``beta`` and ``sigma_ss`` must be chosen without looking at the votes (e.g. from
     public or synthetic histograms) for the release to be private; neither the exact RDP nor
     SS_β is returned, since both are data-dependent. ``answered`` is the realized outcome of the
-    threshold checks (public once released).
+    threshold checks (public once released). ``improved_conversion``: see :func:`epsilon_from_rdp`.
     """
     _check_delta(delta)
     release_cost = rdp_smooth_sensitivity_gaussian(beta=beta, sigma=sigma_ss, order=order)
@@ -784,8 +785,9 @@ def release_epsilon(
         beta=beta,
     )
     noisy_rdp = float(cost.rdp[0]) + sensitivity * sigma_ss * float(rng.standard_normal())
+    epsilon, _ = epsilon_from_rdp([noisy_rdp], orders=[order], delta=delta, improved_conversion=improved_conversion)
     return EpsilonRelease(
-        epsilon=noisy_rdp + math.log(1 / delta) / (order - 1),
+        epsilon=epsilon,
         release_cost=release_cost,
         order=float(order),
     )
