@@ -15,6 +15,12 @@ trimmed_mean and robust, seeds 0–2; every other setting is the run's default. 
 ``key=value`` arguments after ``run`` override settings of every run in the grid (e.g.
 ``rounds=1`` for a quick look); ``--datasets``, ``--kinds``, ``--fractions``, ``--aggregators``
 and ``--seeds`` shrink it.
+
+Every run of a (dataset, seed) trains the same honest teachers (and a ``flip`` attacker the same
+flipped ones): the attacks act on the replies and the aggregators on the server. The sweep
+therefore keeps the teachers in a cache (``<out>/teacher-cache``, see
+``federation.teacher_cache``) and trains each once; a run reports the same numbers with or without
+it. ``--teacher-cache none`` trains every run's teachers afresh.
 """
 
 from __future__ import annotations
@@ -258,6 +264,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--fractions", type=lambda text: [float(x) for x in _names(text)], default=list(FRACTIONS))
     run.add_argument("--aggregators", type=_names, default=list(AGGREGATORS))
     run.add_argument("--seeds", type=lambda text: [int(x) for x in _names(text)], default=list(SEEDS))
+    run.add_argument(
+        "--teacher-cache",
+        default="",
+        help="folder of the shared teacher cache (default: <out>/teacher-cache; none: no cache)",
+    )
     run.add_argument("overrides", nargs="*", help="key=value settings for every run (e.g. rounds=1)")
     summary = commands.add_parser("table", help="summarize the finished runs under a folder")
     summary.add_argument("root", type=Path, nargs="?", default=Path("results/attack-table"))
@@ -270,8 +281,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             aggregators=args.aggregators,
             seeds=args.seeds,
         )
+        overrides = parse_overrides(args.overrides)
+        if args.teacher_cache != "none":
+            overrides.setdefault("teacher_cache", args.teacher_cache or str(args.out / "teacher-cache"))
         try:
-            run_grid(cells, out=args.out, data_root=args.data_root, overrides=parse_overrides(args.overrides))
+            run_grid(cells, out=args.out, data_root=args.data_root, overrides=overrides)
         except ValueError as error:
             raise SystemExit(f"attack_table: invalid configuration: {error}") from error
         root = args.out

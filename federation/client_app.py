@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from federation.teacher_cache import CachedTeacher, TeacherCache, entry_key
 from fedkd.attacks import attacked_logits, collusion, flip_labels, malicious_clients
 from fedkd.config import ClientTask, RunConfig, SplitSpec
 from fedkd.data import DatasetInfo, to_tensor, to_uint8
@@ -283,6 +284,37 @@ def transfer_inputs(client: ClientRound) -> torch.Tensor:
     return public_inputs(client.split, record[TRANSFER_INDICES].numpy()).images
 
 
+def logits_of_the_round(client: ClientRound) -> tuple[torch.Tensor, float]:
+    """This round's teacher's logits on the transfer inputs and its last training loss; from
+    the run's teacher cache when it keeps one and holds this teacher (federation.teacher_cache)."""
+    if not client.run.teacher_cache:
+        teacher, loss = teacher_for_round(client, remember=False)
+        return predict_logits(teacher, transfer_inputs(client)), loss
+    cache = TeacherCache(client.run.teacher_cache)
+    content = client.message.content
+    received = {"indices": content[TRANSFER_KEY][TRANSFER_INDICES].numpy()}
+    consensus = content.get(CONSENSUS_KEY)
+    if isinstance(consensus, ArrayRecord):
+        received.update({f"consensus/{name}": array.numpy() for name, array in consensus.items()})
+    start = client.state.get(TEACHER_STATE)
+    key = entry_key(
+        client.run,
+        server_round=client.task.server_round,
+        client_id=client.client_id,
+        flipped=client.attack == "flip",
+        start=start if isinstance(start, ArrayRecord) else None,
+        received=received,
+    )
+    cached = cache.load(key)
+    if cached is not None:
+        client.state[TEACHER_STATE] = ArrayRecord(cached.teacher)
+        return cached.logits, cached.train_loss
+    teacher, loss = teacher_for_round(client, remember=False)
+    logits = predict_logits(teacher, transfer_inputs(client))
+    cache.store(key, CachedTeacher(teacher.state_dict(), logits, loss))
+    return logits, loss
+
+
 def pate_votes(client: ClientRound) -> RecordDict:
     """PATE: train each of this client's teachers on its own disjoint shard and reply with the
     ``(N, C)`` count of their argmax votes (each row sums to ``privacy.teachers_per_client``)."""
@@ -311,9 +343,9 @@ def pate_votes(client: ClientRound) -> RecordDict:
 def soft_labels(client: ClientRound) -> RecordDict:
     if client.run.privacy.mechanism == "pate":
         return pate_votes(client)
-    teacher, loss = teacher_for_round(client, remember=False)
+    teacher_logits, loss = logits_of_the_round(client)
     logits = attacked_logits(
-        predict_logits(teacher, transfer_inputs(client)),
+        teacher_logits,
         client.attack,
         scale=client.run.attack.scale,
         generator=client.generator(SeedPurpose.ATTACK_NOISE),

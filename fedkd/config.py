@@ -194,6 +194,10 @@ class RunConfig:
     # Seconds a deployment's ServerApp waits for num_clients SuperNodes before it gives up with
     # the fix (a local simulation's nodes are all there at once; see federation.nodes).
     node_wait_timeout: float = 60.0
+    # Simulation only: a folder where clients keep each round's trained teacher and its logits,
+    # so that runs differing only in what follows the teachers (aggregator, attack on the
+    # replies, student) train each teacher once (federation.teacher_cache). Same numbers.
+    teacher_cache: str = ""
 
     def __post_init__(self) -> None:
         # Hydra and Flower hand lists over; the run config is a value, so hold a tuple.
@@ -272,6 +276,12 @@ class RunConfig:
             )
         if privacy.mechanism == "pate" and self.transfer != "public":
             raise ValueError("privacy=pate queries the teachers on public inputs; set transfer=public.")
+        if self.teacher_cache and (privacy.enabled or self.transfer != "public"):
+            raise ValueError(
+                f"teacher_cache with privacy={privacy.mechanism} transfer={self.transfer}: the cache skips "
+                "training, which must be charged to a private teacher's ledger, and synthetic inputs "
+                "come from the round's teacher; use it with privacy=none transfer=public, or unset it."
+            )
         if self.attack.enabled and privacy.on_server:
             raise ValueError(
                 f"attack.kind with privacy={privacy.mechanism} is not supported: clients share "

@@ -74,6 +74,8 @@ def test_one_command_runs_the_missing_runs_then_keeps_them(tmp_path, capsys):
     attack_table.main(command)
     first = capsys.readouterr().out
     assert first.count("attack_table: run ") == 4  # none and collude, two aggregators each
+    # The first run trained each client's teacher once; the other three found them in the cache.
+    assert len(list((tmp_path / "teacher-cache").rglob("*.pt"))) == 5
     assert (tmp_path / "table.md").exists() and (tmp_path / "attacks.png").stat().st_size > 0
     runs = json.loads((tmp_path / "summary.json").read_text())
     assert {(run["kind"], run["aggregator"]) for run in runs} == {
