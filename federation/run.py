@@ -284,7 +284,7 @@ def _resumable_checkpoint(folder: RunFolder | None, config: RunConfig, grid: Gri
     if folder is None:
         raise ResumeError("resume=true needs a run folder: give the interrupted run's hydra.run.dir.")
     stored = folder.stored_config()
-    if stored is not None and stored != config:
+    if stored is not None and not config.same_run(stored):
         raise ResumeError(
             f"{folder.path} holds a run with a different configuration; resume it with the same "
             "settings, or start a new run in another folder."

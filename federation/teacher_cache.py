@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from fedkd.config import RunConfig
+from fedkd.config import EXECUTION_SETTINGS, RunConfig
 
 # Settings that act only on what the teachers already produced (or on how the run is executed),
 # so that runs differing only in them share their teachers.
 AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
     "": (
-        "data_root",
+        *EXECUTION_SETTINGS,
         "rounds",
         "distill_epochs",
         "temperature",
@@ -43,11 +43,7 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
         "student_model",
         "public_labels",
         "semi_supervised",
-        "engine",
-        "workers",
         "round_timeout",
-        "node_wait_timeout",
-        "teacher_cache",
     ),
     # flip is a training-time attack; it enters the key per client (see CachedTeacher.key).
     "attack": ("kind", "fraction", "scale", "lie_fraction"),

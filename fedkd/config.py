@@ -154,6 +154,11 @@ class SplitSpec:
     seed: int
 
 
+# Settings that say where and how a run executes, not what it computes (the engines give the
+# same metrics bit for bit on one machine): two runs that differ only in them are the same run.
+EXECUTION_SETTINGS = ("data_root", "engine", "workers", "teacher_cache", "node_wait_timeout")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run. Defaults give the quick embedded-data job."""
@@ -287,6 +292,11 @@ class RunConfig:
                 f"attack.kind with privacy={privacy.mechanism} is not supported: clients share "
                 "clipped or voted rows there. Use privacy=none or privacy=dpsgd."
             )
+
+    def same_run(self, other: RunConfig) -> bool:
+        """Whether ``other`` computes the same run, whatever its :data:`EXECUTION_SETTINGS`."""
+        execution = {name: getattr(self, name) for name in EXECUTION_SETTINGS}
+        return dataclasses.replace(other, **execution) == self
 
     @property
     def releases_feature_statistics(self) -> bool:

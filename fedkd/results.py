@@ -45,11 +45,13 @@ class RunFolder:
     def finished_rows(self, config: RunConfig) -> list[dict[str, Any]] | None:
         """The rows of a finished run of exactly ``config`` in this folder, else ``None``.
 
-        Lets an interrupted sweep be relaunched without redoing the runs it had finished. The
+        Lets an interrupted sweep be relaunched without redoing the runs it had finished, also
+        from another checkout, data folder or engine (``RunConfig.same_run``). The
         stored config is read back through the same adapter as a new one, so a folder written
         before a setting existed still matches when the setting keeps its default.
         """
-        if not self.metrics_path.exists() or self.stored_config() != config:
+        stored = self.stored_config() if self.metrics_path.exists() else None
+        if stored is None or not config.same_run(stored):
             return None
         rows = read_metrics(self.metrics_path)
         if [row.get("round") for row in rows] != list(range(1, config.rounds + 1)):

@@ -30,6 +30,14 @@ def test_finished_rows_only_for_the_same_config_and_all_rounds(tmp_path):
     assert RunFolder(tmp_path / "empty").finished_rows(config) is None
 
 
+def test_a_finished_run_counts_from_another_checkout_engine_or_teacher_cache(tmp_path):
+    config = RunConfig(rounds=2, data_root="/data/here")
+    folder = _finished_folder(tmp_path, config)
+    elsewhere = dataclasses.replace(config, data_root="../shared/data", engine="processes", teacher_cache="cache")
+    assert folder.finished_rows(elsewhere) is not None
+    assert folder.finished_rows(dataclasses.replace(elsewhere, local_epochs=1)) is None
+
+
 def test_a_folder_written_before_a_setting_existed_still_matches_its_default(tmp_path):
     import yaml
 
