@@ -47,7 +47,7 @@ from fedkd.results import RunFolder
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 from generators.adversarial import AdversarialConfig, AdversarialDistillation
 from generators.image_grid import save_class_grid
-from generators.losses import logit_discrepancy
+from generators.losses import student_objective
 from generators.registry import build_synthesizer
 
 CLASS_NAMES = {
@@ -150,6 +150,12 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--bank-batches", type=int, default=defaults.bank_batches)
     parser.add_argument(
+        "--student-temperature",
+        type=float,
+        default=defaults.student_temperature,
+        help="the student's loss on every source: 0 = L1 on logits (DFAD), T > 0 = T²·KL at T",
+    )
+    parser.add_argument(
         "--student-shift", type=float, default=0.0, help="shift student inputs by up to this fraction (all sources)"
     )
     parser.add_argument(
@@ -210,6 +216,7 @@ def main() -> None:
         activation_weight=args.activation_weight,
         entropy_weight=args.entropy_weight,
         bank_batches=args.bank_batches,
+        student_temperature=args.student_temperature,
         pixel_mean=tuple(info.mean),
         pixel_std=tuple(info.std),
     )
@@ -294,7 +301,7 @@ def main() -> None:
             total = 0.0
             for _ in range(args.student_steps):
                 inputs, targets = next_batch()
-                loss = logit_discrepancy(student(inputs), targets)
+                loss = student_objective(student(inputs), targets, temperature=config.student_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -69,6 +69,7 @@ from generators.losses import (
     information_entropy_loss,
     logit_discrepancy,
     one_hot_loss,
+    student_objective,
 )
 
 _WEIGHTS = (
@@ -107,6 +108,9 @@ class AdversarialConfig:
         DAFL's one-hot, activation and information-entropy terms (0 = off).
     bank_batches : int
         Generated batches kept for the student to draw from (1 = only the latest).
+    student_temperature : float
+        The student's loss: 0 for DFAD's L1 on logits, T > 0 for ``T²·KL`` at temperature T
+        (:func:`~generators.losses.student_objective`). The generator's discrepancy stays L1.
     pixel_mean, pixel_std : tuple of float
         Normalization of the teacher's inputs; generated pixels stay in the range of ``[0, 1]``.
     """
@@ -125,6 +129,7 @@ class AdversarialConfig:
     activation_weight: float = 0.0
     entropy_weight: float = 0.0
     bank_batches: int = 200
+    student_temperature: float = 0.0
     pixel_mean: tuple[float, ...] = MNIST_MEAN
     pixel_std: tuple[float, ...] = MNIST_STD
 
@@ -144,6 +149,10 @@ class AdversarialConfig:
         if all(getattr(self, name) == 0 for name in _WEIGHTS if name != "first_bn_multiplier"):
             raise ValueError(
                 "every generator loss weight is 0, so the generator would not learn; set at least one > 0."
+            )
+        if not math.isfinite(self.student_temperature) or self.student_temperature < 0:
+            raise ValueError(
+                f"student_temperature must be 0 (L1 on logits) or a finite T > 0 (KL at T), got {self.student_temperature!r}."
             )
         check_pixel_normalization(self.pixel_mean, self.pixel_std)
 
@@ -353,7 +362,7 @@ class AdversarialDistillation:
                     inputs = self.augment(inputs)
                     with frozen([self.teacher]), torch.no_grad():
                         targets = self.teacher(inputs)
-                loss = logit_discrepancy(self.student(inputs), targets)
+                loss = student_objective(self.student(inputs), targets, temperature=config.student_temperature)
                 self.student_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.student_optimizer.step()

@@ -162,6 +162,24 @@ def logit_discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (student_logits - teacher_logits).abs().mean()
 
 
+def student_objective(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float
+) -> torch.Tensor:
+    """What the student minimizes on synthetic inputs.
+
+    ``temperature`` 0: DFAD's L1 logit discrepancy. ``temperature`` T > 0: Hinton's
+    ``T²·KL(p_T ‖ p_S)`` at T, as DAFL, CMI and Fast-DFKD train their students; it matches the
+    teacher's class probabilities rather than its raw logit scale, which a small student need not
+    reproduce.
+    """
+    if temperature == 0:
+        return logit_discrepancy(student_logits, teacher_logits)
+    # fedkd.distillation.kd_loss without labels; generators stay free of fedkd imports.
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
+
+
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """DAFL's one-hot loss: cross-entropy of the teacher's output to its own arg-max class.
 

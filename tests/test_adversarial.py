@@ -203,3 +203,19 @@ def test_adversarial_distillation_beats_distillation_on_noise(digits_teacher):
         optimizer.step()
     noise = evaluate(noise_student, test_images, test_labels).accuracy
     assert adversarial > noise + 0.2, (adversarial, noise)
+
+
+def test_the_student_objective_is_l1_at_temperature_zero_and_hintons_loss_above():
+    from fedkd.distillation import kd_loss, soften
+    from generators.losses import logit_discrepancy, student_objective
+
+    student, teacher = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), torch.randn(6, 10)
+    assert torch.equal(student_objective(student, teacher, temperature=0.0), logit_discrepancy(student, teacher))
+    for temperature in (1.0, 4.0):
+        expected = kd_loss(student, soften(teacher, temperature), temperature=temperature)
+        assert torch.allclose(student_objective(student, teacher, temperature=temperature), expected)
+    assert (
+        student_objective(teacher, teacher, temperature=4.0).abs()
+        < 1e-6
+        < student_objective(student, teacher, temperature=4.0)
+    )

@@ -419,12 +419,6 @@ def assert_student_learned(rows: list[dict], *, num_nodes: int = NUM_NODES, ever
 
 @pytest.mark.slow
 @needs_flower
-def test_insecure_deployment_trains_a_student(tmp_path):
-    assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=None)[0])
-
-
-@pytest.mark.slow
-@needs_flower
 def test_tls_deployment_trains_a_student(tmp_path):
     certificates = write_certificates(tmp_path / "certificates")
     assert_student_learned(deploy_and_run(tmp_path, rounds=2, certificates=certificates)[0])
@@ -443,7 +437,9 @@ def test_a_supernode_killed_in_round_two_fails_that_round_and_its_restart_rejoin
     """Three SuperNodes; when round 2 starts, partition 2's SuperNode (and its SuperExec and
     ClientApp) is SIGKILLed. Flower marks it offline once its heartbeats stop, its round-2 task
     ends in an error, and the round goes on with the other two. After round 2 a new SuperNode
-    for partition 2 starts; it gets a new node id and answers in round 3."""
+    for partition 2 starts; it gets a new node id and answers in round 3.
+
+    It is also the insecure deployment's end-to-end test: without TLS, the student learns."""
     events: dict[str, int] = {}
 
     def kill_then_restart(deployment: Deployment, output_dir: Path, start_node) -> None:

@@ -99,7 +99,7 @@ def _messages_by_type(grid: RecordingGrid) -> Counter:
         {"strategy": StrategyConfig(name="fd")},
         {"strategy": StrategyConfig(name="fedavg"), "client_models": ("cnn_small",)},
         {"privacy": PrivacyConfig(mechanism="gnmax", epsilon=4.0, queries=20)},
-        {"privacy": PrivacyConfig(mechanism="dpsgd", epsilon=4.0)},
+        {"privacy": PrivacyConfig(mechanism="dpsgd", epsilon=4.0, local_epochs=1)},
         {"transfer": "synthetic", "synthesis": SynthesisConfig(per_client=16, steps=5)},
     ],
     ids=["ensemble", "fedmd", "fd", "fedavg", "gnmax", "dpsgd", "synthetic"],
