@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=5)
     parser.add_argument("--synthesizer", "--method", dest="synthesizer", choices=SOURCES, default="adversarial")
     parser.add_argument(
-        "--iterations", type=int, default=1500, help="generator steps; the student takes --student-steps per iteration"
+        "--iterations", type=int, default=3000, help="generator steps; the student takes --student-steps per iteration"
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -149,6 +149,9 @@ def main() -> None:
     ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--bank-batches", type=int, default=defaults.bank_batches)
+    parser.add_argument(
+        "--generator-width", type=int, default=defaults.width, help="channels of the generator's widest layer"
+    )
     parser.add_argument(
         "--student-temperature",
         type=float,
@@ -216,6 +219,7 @@ def main() -> None:
         activation_weight=args.activation_weight,
         entropy_weight=args.entropy_weight,
         bank_batches=args.bank_batches,
+        width=args.generator_width,
         student_temperature=args.student_temperature,
         pixel_mean=tuple(info.mean),
         pixel_std=tuple(info.std),

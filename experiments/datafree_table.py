@@ -54,8 +54,8 @@ def _central_label(summary: dict) -> str:
 def central_table(root: Path) -> str:
     """One row per ``central-*`` run: the same student and student steps, different input sources."""
     lines = [
-        "| dataset | student inputs | teacher accuracy | student accuracy (last) | best | student steps | CPU time |",
-        "|---|---|---|---|---|---|---|",
+        "| run folder | dataset | student inputs | teacher accuracy | student accuracy (last) | best | student steps | CPU time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     runs = []
     for summary_path in sorted(root.glob("central-*/summary.json")):
@@ -66,10 +66,10 @@ def central_table(root: Path) -> str:
         config = read_config(summary_path.parent)
         order = SOURCE_ORDER.index(summary["synthesizer"]) if summary["synthesizer"] in SOURCE_ORDER else 99
         runs.append(((config["dataset"], order, summary_path.parent.name), summary, rows, config))
-    for _, summary, rows, config in sorted(runs, key=lambda run: run[0]):
+    for (_, _, folder), summary, rows, config in sorted(runs, key=lambda run: run[0]):
         best = max(row["student_accuracy"] for row in rows)
         lines.append(
-            f"| {config['dataset']} | {_central_label(summary)} | {summary['teacher_accuracy']:.4f} "
+            f"| `{folder}` | {config['dataset']} | {_central_label(summary)} | {summary['teacher_accuracy']:.4f} "
             f"| **{rows[-1]['student_accuracy']:.4f}** | {best:.4f} "
             f"| {summary['iterations'] * summary['student_steps']:,} × {summary['batch_size']} "
             f"| {summary['cpu_seconds']:.0f} s |"

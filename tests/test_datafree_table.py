@@ -32,7 +32,7 @@ def test_rows_show_last_and_best_accuracy_with_controls_first_and_upper_bound_la
     _run(tmp_path, "central-mnist-noise", "noise", [0.8, 0.85])
     _run(tmp_path, "central-mnist-ablation", "adversarial", [0.9], adversarial_weight=0.0)
     lines = central_table(tmp_path).splitlines()[2:]
-    assert [line.split(" | ")[1] for line in lines] == [
+    assert [line.split(" | ")[2] for line in lines] == [
         "Gaussian noise (control)",
         "adversarial generator (no adversarial)",
         "adversarial generator",
