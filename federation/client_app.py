@@ -296,6 +296,8 @@ def logits_of_the_round(client: ClientRound) -> tuple[torch.Tensor, float]:
     consensus = content.get(CONSENSUS_KEY)
     if isinstance(consensus, ArrayRecord):
         received.update({f"consensus/{name}": array.numpy() for name, array in consensus.items()})
+        # The teacher digests the consensus at the run's temperature, a setting the key otherwise skips.
+        received["consensus/temperature"] = np.array(client.run.temperature)
     start = client.state.get(TEACHER_STATE)
     key = entry_key(
         client.run,

@@ -5,7 +5,8 @@ aggregator, an attack on the replies, the student) trains every teacher once.
 An entry is found by a hash of everything a teacher's training and prediction depend on: every
 setting of the run except those in :data:`AFTER_THE_TEACHER`, the round, the client, whether it
 trains on flipped labels (``attack.kind=flip``), the teacher it starts the round from, the
-transfer indices and any consensus the server sent down. A hit puts the cached teacher into the
+transfer indices and any consensus the server sent down (with the temperature the teacher digests
+it at). A hit puts the cached teacher into the
 client's state, exactly as training would have left it, and returns its logits and training
 loss; anything that changes the teacher misses and trains afresh. A run with the cache therefore
 reports the same numbers as one without it, on the same machine.
