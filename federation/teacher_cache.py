@@ -6,9 +6,9 @@ An entry is found by a hash of everything a teacher's training and prediction de
 setting of the run except those in :data:`AFTER_THE_TEACHER`, the round, the client, whether it
 trains on flipped labels (``attack.kind=flip``), the teacher it starts the round from, the
 transfer indices and any consensus the server sent down (with the temperature the teacher digests
-it at). A hit puts the cached teacher into the
-client's state, exactly as training would have left it, and returns its logits and training
-loss; anything that changes the teacher misses and trains afresh. A run with the cache therefore
+it at). A hit puts the cached teacher into the client's state, exactly as training would have
+left it, and returns its logits and training loss; anything that changes the teacher misses and
+trains afresh. A run with the cache therefore
 reports the same numbers as one without it, on the same machine.
 
 Simulation only, and only without privacy: a DP-SGD teacher must be charged to its ledger for
@@ -46,7 +46,7 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
         "semi_supervised",
         "round_timeout",
     ),
-    # flip is a training-time attack; it enters the key per client (see CachedTeacher.key).
+    # flip is a training-time attack; it enters the key per client (entry_key's ``flipped``).
     "attack": ("kind", "fraction", "scale", "lie_fraction"),
     "strategy": ("aggregator", "min_replies"),
     "failure": ("crash_fraction",),
