@@ -146,7 +146,10 @@ def test_the_three_default_configs_agree():
     assert sim_config_from_hydra(cfg).run_config() == RunConfig()
 
 
-GROUP_FILES = sorted((Path(__file__).resolve().parents[1] / "experiments" / "conf").glob("*/*.yaml"))
+CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+# pate_by_partition/ refines privacy=pate per partition scheme; it is not a RunConfig group.
+GROUP_FILES = sorted(path for path in CONF.glob("*/*.yaml") if path.parent.name in GROUPS)
+PATE_BY_PARTITION = CONF / "pate_by_partition"
 
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda path: f"{path.parent.name}/{path.name}")
@@ -184,6 +187,52 @@ def test_every_group_file_composes_into_a_valid_run(path):
         cfg = compose(config_name="config", overrides=[f"{path.parent.name}={path.stem}", "data_root=''"])
     config = sim_config_from_hydra(cfg).run_config()
     assert getattr(getattr(config, path.parent.name), GROUPS_PRIMARY[path.parent.name]) == path.stem
+
+
+def _composed_run(*overrides: str) -> RunConfig:
+    from hydra import compose, initialize_config_module
+
+    from federation.hydra_schema import sim_config_from_hydra
+
+    with initialize_config_module(config_module="experiments.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=[*overrides, "data_root=''"])
+    return sim_config_from_hydra(cfg).run_config()
+
+
+def test_every_conf_folder_is_a_group_or_the_pate_refinement():
+    folders = {path.name for path in CONF.iterdir() if path.is_dir() and not path.name.startswith("__")}
+    assert folders <= set(GROUPS) | {PATE_BY_PARTITION.name}, (
+        "a conf folder that is no group would be skipped by the tests above"
+    )
+
+
+@pytest.mark.parametrize("scheme", sorted(path.stem for path in (CONF / "partition").glob("*.yaml")))
+def test_privacy_pate_takes_its_queries_and_noise_from_the_partition_scheme(scheme):
+    """Every scheme has its PATE settings, and they reach the run (IID teachers agree, others do not)."""
+    import yaml
+
+    path = PATE_BY_PARTITION / f"pate_{scheme}.yaml"
+    assert path.exists(), f"privacy=pate partition={scheme} would fall back to PrivacyConfig's defaults"
+    config = _composed_run("privacy=pate", f"partition={scheme}")
+    values = yaml.safe_load(path.read_text())
+    if "privacy" not in values:  # a file that takes another's settings through its defaults list
+        values = yaml.safe_load((PATE_BY_PARTITION / f"{values['defaults'][0]}.yaml").read_text())
+    assert set(values) == {"privacy"}, f"{path} may only set privacy.*"
+    for key, value in values["privacy"].items():
+        assert getattr(config.privacy, key) == value, key
+    assert config.partition.scheme == scheme and config.privacy.mechanism == "pate"
+
+
+def test_pate_settings_differ_by_partition_and_yield_to_the_command_line():
+    iid, dirichlet = (
+        _composed_run("privacy=pate", "partition=iid"),
+        _composed_run("privacy=pate", "partition=dirichlet"),
+    )
+    assert (iid.privacy.queries, iid.privacy.sigma_gnmax) == (640, 30.0)
+    assert (dirichlet.privacy.queries, dirichlet.privacy.sigma_gnmax) == (250, 40.0)
+    assert _composed_run("privacy=pate", "partition=dirichlet", "privacy.queries=300").privacy.queries == 300
+    # Other mechanisms keep the dataclass's values whatever the partition.
+    assert _composed_run("privacy=gnmax", "partition=iid").privacy.queries == RunConfig().privacy.queries
 
 
 def test_synthetic_transfer_has_no_public_set_and_ignores_public_size():
