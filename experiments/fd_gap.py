@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=RunConfig.rounds)
     parser.add_argument("--local-epochs", type=int, default=RunConfig.local_epochs)
     parser.add_argument("--distill-epochs", type=int, default=RunConfig.distill_epochs)
+    parser.add_argument(
+        "--augment-shift", type=float, default=RunConfig.augment_shift, help="random shifts, teachers and student"
+    )
     parser.add_argument("--digest-epochs", type=int, default=0, help="FedMD/DS-FL digest of the consensus")
     parser.add_argument("--digest-sharpen", type=float, default=None, help="DS-FL's ERA on the consensus sent down")
     parser.add_argument("--ceiling-epochs", type=int, default=20)
@@ -176,6 +179,7 @@ def main() -> None:
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         distill_epochs=args.distill_epochs,
+        augment_shift=args.augment_shift,
         seed=args.seed,
     )
     torch.set_num_threads(1)
