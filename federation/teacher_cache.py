@@ -8,8 +8,8 @@ trains on flipped labels (``attack.kind=flip``), the teacher it starts the round
 transfer indices and any consensus the server sent down (with the temperature the teacher digests
 it at). A hit puts the cached teacher into the client's state, exactly as training would have
 left it, and returns its logits and training loss; anything that changes the teacher misses and
-trains afresh. A run with the cache therefore
-reports the same numbers as one without it, on the same machine.
+trains afresh. A run with the cache therefore reports the same numbers as one without it, on the
+same machine.
 
 Simulation only, and only without privacy: a DP-SGD teacher must be charged to its ledger for
 every round it trains (the run configuration refuses the combination).

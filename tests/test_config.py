@@ -152,6 +152,16 @@ GROUP_FILES = sorted(path for path in CONF.glob("*/*.yaml") if path.parent.name 
 PATE_BY_PARTITION = CONF / "pate_by_partition"
 
 
+def _composed_run(*overrides: str) -> RunConfig:
+    from hydra import compose, initialize_config_module
+
+    from federation.hydra_schema import sim_config_from_hydra
+
+    with initialize_config_module(config_module="experiments.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=[*overrides, "data_root=''"])
+    return sim_config_from_hydra(cfg).run_config()
+
+
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_every_group_file_names_its_choice_and_lists_only_what_differs(path):
     """Defaults live in the dataclasses; a group file that repeated one would drift from it."""
@@ -179,24 +189,8 @@ def test_every_group_file_names_its_choice_and_lists_only_what_differs(path):
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_every_group_file_composes_into_a_valid_run(path):
-    from hydra import compose, initialize_config_module
-
-    from federation.hydra_schema import sim_config_from_hydra
-
-    with initialize_config_module(config_module="experiments.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=[f"{path.parent.name}={path.stem}", "data_root=''"])
-    config = sim_config_from_hydra(cfg).run_config()
+    config = _composed_run(f"{path.parent.name}={path.stem}")
     assert getattr(getattr(config, path.parent.name), GROUPS_PRIMARY[path.parent.name]) == path.stem
-
-
-def _composed_run(*overrides: str) -> RunConfig:
-    from hydra import compose, initialize_config_module
-
-    from federation.hydra_schema import sim_config_from_hydra
-
-    with initialize_config_module(config_module="experiments.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=[*overrides, "data_root=''"])
-    return sim_config_from_hydra(cfg).run_config()
 
 
 def test_every_conf_folder_is_a_group_or_the_pate_refinement():
