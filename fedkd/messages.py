@@ -53,6 +53,7 @@ WEIGHTS_KEY = "arrays"
 NUM_EXAMPLES = "num-examples"
 CLIENT_ID = "client-id"
 EPSILON = "epsilon"
+CLASS_COUNTS = "class-counts"
 
 
 def transfer_record(indices: np.ndarray) -> ArrayRecord:
@@ -92,13 +93,18 @@ def soft_label_reply(
     client_id: int,
     train_loss: float | None = None,
     epsilon: float | None = None,
+    class_counts: list[int] | None = None,
 ) -> RecordDict:
     """The whole content of a client's soft-label reply.
 
     ``train_loss`` is computed on private data: it is left out (``None``) under any privacy
-    mechanism. ``epsilon`` is the client's DP-SGD budget spent so far.
+    mechanism. ``epsilon`` is the client's DP-SGD budget spent so far. ``class_counts``, the
+    client's examples per class, is sent only for ``strategy.aggregator=class_weighted``, which
+    the configuration refuses under every privacy mechanism.
     """
     metrics: dict[str, MetricRecordValues] = {NUM_EXAMPLES: num_examples, CLIENT_ID: client_id}
+    if class_counts is not None:
+        metrics[CLASS_COUNTS] = [int(count) for count in class_counts]
     if train_loss is not None:
         metrics["train-loss"] = float(train_loss)
     if epsilon is not None:

@@ -10,6 +10,9 @@ The aggregators fall into three families:
 * averages with one weight per client: :func:`weighted_mean`, :func:`mean`;
 * averages whose weights also depend on the input, so that a client counts more where it is
   sure: :func:`confidence_weighted`, :func:`entropy_weighted`;
+* :func:`class_weighted`: one weight per client *and class*, its count of that class, so that a
+  client's probability of class c counts as much as the examples of c it learned from (its
+  ``weights`` are then ``(K, C)`` class counts, see :data:`PER_CLASS_WEIGHTS`);
 * robust, coordinate-wise statistics that bound the influence of a few bad clients:
   :func:`median`, :func:`trimmed_mean`;
 * :func:`robust`: per-class trust that keeps non-IID knowledge (:mod:`strategies.robust_aggregation`;
@@ -167,6 +170,52 @@ def entropy_weighted(soft_labels: NDArray[np.floating], weights: NDArray[np.floa
     uninformative = input_weights.sum(axis=0) <= 0
     input_weights[:, uninformative] = client_weights
     return _per_input_weighted_mean(stack, input_weights).astype(np.float32)
+
+
+def class_weighted(soft_labels: NDArray[np.floating], class_counts: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Per-class weighted mean: entry ``(n, c)`` is ``sum_k counts[k, c] p[k, n, c] / sum_k counts[k, c]``,
+    and each row is then renormalized.
+
+    On non-IID partitions a teacher that saw few or no examples of class c still assigns it
+    some probability, and in a plain average those uninformed entries drown the few clients
+    that know c. Weighting every class column by who learned that class is FedFTG's class-level
+    ensemble (Zhang et al., "Fine-tuning Global Model via Data-Free Knowledge Distillation for
+    Non-IID Federated Learning", CVPR 2022), applied here to every class column of an
+    unlabelled input rather than to the one class a synthetic input was generated for.
+
+    Parameters
+    ----------
+    soft_labels : ndarray, shape (K, N, C)
+        Per-client probability rows.
+    class_counts : ndarray, shape (K, C)
+        Each client's number of training examples per class (non-negative).
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C)
+        Probability rows.
+
+    Notes
+    -----
+    A class that no client reports gets probability 0 (no one can vouch for it); a row whose
+    every class is unreported cannot occur, since at least one count must be positive.
+    """
+    _check_soft_labels(soft_labels)
+    num_clients, _, num_classes = soft_labels.shape
+    if class_counts.shape != (num_clients, num_classes):
+        raise ValueError(
+            f"class_weighted needs each client's class counts, shape ({num_clients}, {num_classes}), "
+            f"got {class_counts.shape}; it is chosen with strategy.aggregator=class_weighted, which makes "
+            "the clients send them."
+        )
+    counts = class_counts.astype(np.float64)
+    if np.any(counts < 0) or not np.isfinite(counts).all() or counts.sum() <= 0:
+        raise ValueError(f"class counts must be finite, non-negative and not all zero, got {class_counts}.")
+    totals = counts.sum(axis=0)
+    known = totals > 0
+    per_class = np.einsum("kc,knc->nc", counts, soft_labels.astype(np.float64))
+    per_class[:, known] /= totals[known]
+    return _renormalize_rows(per_class).astype(np.float32)
 
 
 def coordinatewise_median(soft_labels: NDArray[np.floating]) -> NDArray[np.float64]:
@@ -417,7 +466,10 @@ AGGREGATORS: dict[str, Aggregator] = {
     "era": entropy_reduction,
     "power_sharpened": power_sharpened,
     "robust": robust,
+    "class_weighted": class_weighted,
 }
+# Aggregators whose weights are (K, C) per-client class counts instead of (K,) partition sizes.
+PER_CLASS_WEIGHTS = ("class_weighted",)
 # Aggregators that already reduce entropy: DS-FL would reduce it a second time.
 ENTROPY_REDUCING = ("era", "power_sharpened")
 

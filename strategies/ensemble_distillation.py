@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.checkpoint import arrays_record
 from fedkd.messages import (
+    CLASS_COUNTS,
     EPSILON,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -47,6 +48,7 @@ from fedkd.messages import (
 )
 from fedkd.privacy.config import PrivacyConfig
 from fedkd.student import Student
+from strategies.aggregation import PER_CLASS_WEIGHTS
 from strategies.pate_release import PATERelease
 from strategies.private_aggregation import PrivateRelease, ServerPrivacy, WorstClientEpsilon
 from strategies.registry import BuildContext, StateRecords, StrategySpec, register
@@ -65,14 +67,21 @@ class SoftLabelReply:
     num_examples: int
     probs: np.ndarray
     epsilon: float | None = None  # the client's own DP-SGD budget spent so far
+    class_counts: np.ndarray | None = None  # examples per class (strategy.aggregator=class_weighted)
 
 
 def parse_soft_label_replies(
-    replies: Iterable[Message], *, num_inputs: int, num_classes: int, probabilities: bool = True
+    replies: Iterable[Message],
+    *,
+    num_inputs: int,
+    num_classes: int,
+    probabilities: bool = True,
+    class_counts: bool = False,
 ) -> Triage[SoftLabelReply]:
     """Accepted soft labels (in client-id order), failures and rejections.
 
     ``probabilities=False`` accepts finite rows that are not probability vectors (noisy shares).
+    ``class_counts=True``: every reply must carry its client's class counts.
     """
 
     def parse(reply: Message) -> SoftLabelReply:
@@ -87,9 +96,20 @@ def parse_soft_label_replies(
         if num_examples < 1:
             raise InvalidReply(f"num-examples must be ≥ 1, got {num_examples}.")
         epsilon = number(metrics, EPSILON) if EPSILON in metrics else None
-        return SoftLabelReply(num_examples, probs, epsilon)
+        counts = parse_class_counts(metrics, num_classes=num_classes) if class_counts else None
+        return SoftLabelReply(num_examples, probs, epsilon, counts)
 
     return triage(replies, parse)
+
+
+def parse_class_counts(metrics: MetricRecord, *, num_classes: int) -> np.ndarray:
+    """A reply's per-class example counts: ``num_classes`` non-negative integers, not all zero."""
+    if CLASS_COUNTS not in metrics:
+        raise InvalidReply(f"{CLASS_COUNTS} missing; strategy.aggregator=class_weighted needs every client's.")
+    counts = np.asarray(values(metrics, CLASS_COUNTS))
+    if counts.shape != (num_classes,) or counts.dtype.kind not in "iu" or np.any(counts < 0) or counts.sum() < 1:
+        raise InvalidReply(f"{CLASS_COUNTS} must be {num_classes} non-negative integers, not all zero; got {counts}.")
+    return counts.astype(np.float64)
 
 
 class EnsembleDistillation(Strategy):
@@ -112,6 +132,9 @@ class EnsembleDistillation(Strategy):
         A round with fewer valid replies skips distillation and keeps the student as it was.
     client_privacy : PrivacyConfig, optional
         ``privacy=dpsgd``: clients report their ε; the round reports the worst at the run's δ.
+    weights_by_class : bool
+        The aggregator weighs clients per class (``class_weighted``): each reply carries the
+        client's class counts, which replace the partition sizes as weights.
     """
 
     shares_consensus = False
@@ -126,8 +149,10 @@ class EnsembleDistillation(Strategy):
         sampling: ClientSampling = ClientSampling(),
         min_replies: int = 1,
         client_privacy: PrivacyConfig | None = None,
+        weights_by_class: bool = False,
     ) -> None:
         self.student = student
+        self.weights_by_class = weights_by_class
         self.source = source
         self.num_classes = num_classes
         self.sampling = sampling
@@ -171,7 +196,11 @@ class EnsembleDistillation(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, aggregate and distill; returns the student's weights and round metrics."""
         parsed = parse_soft_label_replies(
-            replies, num_inputs=self._num_inputs, num_classes=self.num_classes, probabilities=self.source.probabilities
+            replies,
+            num_inputs=self._num_inputs,
+            num_classes=self.num_classes,
+            probabilities=self.source.probabilities,
+            class_counts=self.weights_by_class,
         )
         for client_id, reply in parsed.accepted:
             if reply.epsilon is not None:
@@ -191,7 +220,11 @@ class EnsembleDistillation(Strategy):
             )
             return None, MetricRecord(self._round_metrics(metrics, parsed))
         soft_labels = np.stack([reply.probs for reply in parsed.payloads])
-        weights = np.array([reply.num_examples for reply in parsed.payloads], dtype=np.float64)
+        weights = (
+            np.stack([reply.class_counts for reply in parsed.payloads if reply.class_counts is not None])
+            if self.weights_by_class
+            else np.array([reply.num_examples for reply in parsed.payloads], dtype=np.float64)
+        )
         learned = self.source.distillation_set(
             soft_labels, weights, server_round=server_round, client_ids=parsed.client_ids
         )
@@ -319,6 +352,7 @@ def build_soft_label_strategy(kind: type[Distiller], context: BuildContext, sour
         sampling=context.sampling,
         min_replies=context.config.strategy.min_replies,
         client_privacy=client_privacy(context),
+        weights_by_class=context.config.strategy.aggregator in PER_CLASS_WEIGHTS,
     )
 
 

@@ -33,7 +33,7 @@ from fedkd.data import DatasetInfo
 from fedkd.data.local import public_inputs
 from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.student import Student
-from strategies.aggregation import AGGREGATORS, Aggregator, get_aggregator
+from strategies.aggregation import AGGREGATORS, PER_CLASS_WEIGHTS, Aggregator, get_aggregator
 from strategies.sampling import ClientSampling, sample_size
 from strategies.transfer import ClientAggregator, PublicTransfer, RobustAggregation, StatelessAggregation
 
@@ -171,6 +171,12 @@ class StrategySpec:
             )
         if config.strategy.aggregator not in AGGREGATORS:
             raise ValueError(f"Unknown aggregator {config.strategy.aggregator!r}; choose one of {sorted(AGGREGATORS)}.")
+        if config.strategy.aggregator in PER_CLASS_WEIGHTS and mechanism != "none":
+            raise ValueError(
+                f"strategy.aggregator={config.strategy.aggregator} has every client send its class counts, "
+                f"which privacy={mechanism} does not noise or account for; use strategy.aggregator=weighted "
+                "(or another aggregator) with privacy, or privacy=none."
+            )
         if self.extra_check is not None:
             self.extra_check(config)
 

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from strategies.aggregation import (
     AGGREGATORS,
+    PER_CLASS_WEIGHTS,
+    class_weighted,
     confidence_weighted,
     coordinatewise_median,
     coordinatewise_trimmed_mean,
@@ -263,7 +265,9 @@ def test_power_sharpened_by_hand():
 
 # --- the contract every registered aggregator keeps -------------------------------------------
 
-ALL_NAMES = sorted(AGGREGATORS)
+# The contract below is for aggregators with one weight per client; class_weighted's (K, C)
+# class counts have their own tests at the end.
+ALL_NAMES = sorted(set(AGGREGATORS) - set(PER_CLASS_WEIGHTS))
 
 
 def _random_stack(seed, *, clients=5, inputs=7, classes=4, alpha=0.5):
@@ -356,8 +360,8 @@ def _stacks(draw):
 @given(_stacks())
 def test_property_every_aggregator_returns_probability_rows(drawn):
     stack, weights = drawn
-    for name, aggregate in AGGREGATORS.items():
-        result = aggregate(stack, weights)
+    for name in ALL_NAMES:
+        result = AGGREGATORS[name](stack, weights)
         assert result.shape == stack.shape[1:], name
         assert (result >= 0).all() and np.isfinite(result).all(), name
         np.testing.assert_allclose(result.sum(axis=1), 1.0, atol=1e-5, err_msg=name)
@@ -445,3 +449,64 @@ def test_default_trimmed_mean_trims_nothing_below_ten_clients():
     # floor(0.1 · 5) = 0: with the default, five clients get the plain unweighted mean.
     stack, weights, _ = _four_honest_one_liar()
     np.testing.assert_allclose(trimmed_mean(stack, weights), mean(stack, weights), rtol=1e-6)
+
+
+# --- class_weighted: (K, C) class counts as weights ---------------------------------------------
+
+
+def test_class_weighted_by_hand():
+    # Client 0 learned 9 examples of class 0 and 1 of class 1; client 1 only 4 of class 1.
+    stack = np.array([[[0.6, 0.4]], [[0.2, 0.8]]], dtype=np.float32)
+    counts = np.array([[9.0, 1.0], [0.0, 4.0]])
+    # class 0: (9·0.6 + 0·0.2) / 9 = 0.6; class 1: (1·0.4 + 4·0.8) / 5 = 0.72; renormalized.
+    np.testing.assert_allclose(class_weighted(stack, counts), [[0.6 / 1.32, 0.72 / 1.32]], rtol=1e-6)
+
+
+def test_class_weighted_lets_the_clients_who_know_a_class_decide_it():
+    # Three clients never saw class 2 yet put 0.2 on it; the one client that did is sure.
+    # The size-weighted mean follows the uninformed majority, the class-weighted one the expert.
+    uninformed = np.array([[0.5, 0.3, 0.2]], dtype=np.float32)
+    expert = np.array([[0.05, 0.05, 0.9]], dtype=np.float32)
+    stack = np.stack([uninformed, uninformed, uninformed, expert])
+    counts = np.array([[50.0, 50.0, 0.0], [50.0, 50.0, 0.0], [50.0, 50.0, 0.0], [0.0, 0.0, 100.0]])
+    assert weighted_mean(stack, counts.sum(axis=1)).argmax() == 0
+    assert class_weighted(stack, counts).argmax() == 2
+
+
+def test_class_weighted_gives_an_unreported_class_no_mass():
+    stack, _ = _random_stack(5, classes=3)
+    counts = np.tile([10.0, 5.0, 0.0], (5, 1))
+    result = class_weighted(stack, counts)
+    _assert_probability_rows(result, (7, 3))
+    assert (result[:, 2] == 0).all()
+
+
+def test_class_weighted_with_equal_class_counts_is_the_mean():
+    stack, _ = _random_stack(6)
+    np.testing.assert_allclose(class_weighted(stack, np.ones((5, 4))), mean(stack, np.ones(5)), atol=1e-6)
+
+
+def test_class_weighted_contract():
+    stack, _ = _random_stack(7)
+    counts = np.random.default_rng(7).integers(0, 30, size=(5, 4)).astype(float)
+    counts[:, 0] += 1  # no class unreported
+    result = class_weighted(stack, counts)
+    _assert_probability_rows(result, (7, 4))
+    order = np.array([3, 0, 4, 2, 1])
+    np.testing.assert_allclose(result, class_weighted(stack[order], counts[order]), atol=1e-6)
+    assert "class_weighted" in PER_CLASS_WEIGHTS and AGGREGATORS["class_weighted"] is class_weighted
+
+
+@pytest.mark.parametrize(
+    "counts, match",
+    [
+        (np.ones(5), "class counts, shape \\(5, 4\\)"),
+        (np.ones((5, 3)), "class counts, shape"),
+        (-np.ones((5, 4)), "non-negative"),
+        (np.zeros((5, 4)), "not all zero"),
+    ],
+)
+def test_class_weighted_rejects_bad_counts(counts, match):
+    stack, _ = _random_stack(8)
+    with pytest.raises(ValueError, match=match):
+        class_weighted(stack, counts)
