@@ -53,10 +53,12 @@ from fedkd.messages import (
     TRANSFER_KEY,
     WEIGHTS_KEY,
     class_logits_record,
+    mixup_pairs,
     number,
     soft_label_reply,
     synthetic_reply,
 )
+from fedkd.mixup import mix
 from fedkd.models import build_model, model_for_client
 from fedkd.privacy import client as client_privacy
 from fedkd.privacy.dpsgd import make_private_compatible
@@ -277,12 +279,27 @@ def teacher_for_round(client: ClientRound, *, remember: bool) -> tuple[torch.nn.
     return teacher, loss
 
 
-def transfer_inputs(client: ClientRound) -> torch.Tensor:
-    """The inputs to label: sent by value (synthetic pool) or as indices into the public set."""
+def indexed_inputs(client: ClientRound) -> torch.Tensor:
+    """The transfer inputs sent by value (synthetic pool) or as indices into the public set."""
     record = client.message.content[TRANSFER_KEY]
     if TRANSFER_IMAGES in record:
         return to_tensor(record[TRANSFER_IMAGES].numpy(), client.info)
     return public_inputs(client.split, record[TRANSFER_INDICES].numpy()).images
+
+
+def mixup_views(client: ClientRound) -> torch.Tensor | None:
+    """The mixup views of public inputs the server asked for beside them (fedkd.mixup), if any."""
+    pairs = mixup_pairs(client.message.content[TRANSFER_KEY])
+    if pairs is None:
+        return None
+    first, second = public_inputs(client.split, pairs.first), public_inputs(client.split, pairs.second)
+    return mix(first.images, second.images, pairs.weight)
+
+
+def transfer_inputs(client: ClientRound) -> torch.Tensor:
+    """Every input to label, in the order of the reply's rows: the indexed ones, then the views."""
+    inputs, views = indexed_inputs(client), mixup_views(client)
+    return inputs if views is None else torch.cat([inputs, views])
 
 
 def logits_of_the_round(client: ClientRound) -> tuple[torch.Tensor, float]:
@@ -290,9 +307,11 @@ def logits_of_the_round(client: ClientRound) -> tuple[torch.Tensor, float]:
     the run's teacher cache when it keeps one and holds this teacher (federation.teacher_cache)."""
     if not client.run.teacher_cache:
         teacher, loss = teacher_for_round(client, remember=False)
-        return predict_logits(teacher, transfer_inputs(client)), loss
+        return with_views(teacher, predict_logits(teacher, indexed_inputs(client)), client), loss
     cache = TeacherCache(client.run.teacher_cache)
     content = client.message.content
+    # Mixup views do not change how a teacher trains, so they stay out of the key: the cache keeps
+    # the logits on the indexed inputs, and the views are labelled by the (cached) teacher.
     received = {"indices": content[TRANSFER_KEY][TRANSFER_INDICES].numpy()}
     consensus = content.get(CONSENSUS_KEY)
     if isinstance(consensus, ArrayRecord):
@@ -311,11 +330,22 @@ def logits_of_the_round(client: ClientRound) -> tuple[torch.Tensor, float]:
     cached = cache.load(key)
     if cached is not None:
         client.state[TEACHER_STATE] = ArrayRecord(cached.teacher)
-        return cached.logits, cached.train_loss
-    teacher, loss = teacher_for_round(client, remember=False)
-    logits = predict_logits(teacher, transfer_inputs(client))
-    cache.store(key, CachedTeacher(teacher.state_dict(), logits, loss))
-    return logits, loss
+        teacher, logits, loss = None, cached.logits, cached.train_loss
+    else:
+        teacher, loss = teacher_for_round(client, remember=False)
+        logits = predict_logits(teacher, indexed_inputs(client))
+        cache.store(key, CachedTeacher(teacher.state_dict(), logits, loss))
+    if teacher is None and mixup_pairs(content[TRANSFER_KEY]) is not None:
+        teacher = restore_teacher(client)  # the cached teacher, just put into the state
+    return (logits if teacher is None else with_views(teacher, logits, client)), loss
+
+
+def with_views(teacher: torch.nn.Module, logits: torch.Tensor, client: ClientRound) -> torch.Tensor:
+    """``logits`` (on the indexed inputs) followed by the teacher's logits on any mixup views.
+
+    Computed apart, with or without a teacher cache, so that both give the same numbers."""
+    views = mixup_views(client)
+    return logits if views is None else torch.cat([logits, predict_logits(teacher, views)])
 
 
 def pate_votes(client: ClientRound) -> RecordDict:

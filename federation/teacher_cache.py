@@ -6,8 +6,10 @@ An entry is found by a hash of everything a teacher's training and prediction de
 setting of the run except those in :data:`AFTER_THE_TEACHER`, the round, the client, whether it
 trains on flipped labels (``attack.kind=flip``), the teacher it starts the round from, the
 transfer indices and any consensus the server sent down (with the temperature the teacher digests
-it at). A hit puts the cached teacher into the client's state, exactly as training would have
-left it, and returns its logits and training loss; anything that changes the teacher misses and
+it at). Mixup views of the public inputs stay out of the key: they change what a teacher is
+asked, not how it trains, so the cached teacher labels them afresh. A hit puts the cached teacher
+into the client's state, exactly as training would have left it, and returns its logits and
+training loss; anything that changes the teacher misses and
 trains afresh. A run with the cache therefore reports the same numbers as one without it, on the
 same machine.
 
@@ -44,6 +46,8 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
         "student_model",
         "public_labels",
         "semi_supervised",
+        # Views are labelled by the round's teacher, not learned from (see logits_of_the_round).
+        "mixup_views",
         "round_timeout",
     ),
     # flip is a training-time attack; it enters the key per client (entry_key's ``flipped``).

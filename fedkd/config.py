@@ -175,6 +175,9 @@ class RunConfig:
     failure: FailureConfig = field(default_factory=FailureConfig)
     rounds: int = 10
     public_size: int = 1000
+    # Mixed pairs of public inputs (fedkd.mixup) the clients label each round beside the public
+    # set; the student keeps every round's views with the targets they got in their round.
+    mixup_views: int = 0
     public_labels: bool = False
     local_epochs: int = 3
     distill_epochs: int = 5
@@ -219,6 +222,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {value}.")
         if self.public_size < 0:
             raise ValueError(f"public_size must be ≥ 0, got {self.public_size}.")
+        self._check_mixup_views()
         _choice("transfer", self.transfer, TRANSFER_SOURCES)
         if self.transfer == "synthetic" and self.public_labels:
             raise ValueError(
@@ -254,6 +258,27 @@ class RunConfig:
         if self.workers < 0:
             raise ValueError(f"workers must be ≥ 0 (0 = one per available core or Ray CPU), got {self.workers}.")
         self._check_privacy()
+
+    def _check_mixup_views(self) -> None:
+        if self.mixup_views < 0:
+            raise ValueError(f"mixup_views must be ≥ 0, got {self.mixup_views}.")
+        if not self.mixup_views:
+            return
+        if self.transfer != "public" or self.public_size < 2:
+            raise ValueError(
+                f"mixup_views={self.mixup_views} mixes pairs of public inputs; it needs transfer=public and "
+                "public_size ≥ 2 (or set mixup_views=0)."
+            )
+        if self.public_labels:
+            raise ValueError(
+                "mixup_views has no labels for its mixed inputs, and public_labels=true would need them; "
+                "set one of public_labels=false or mixup_views=0."
+            )
+        if self.privacy.on_server or self.privacy.mechanism == "pate":
+            raise ValueError(
+                f"privacy={self.privacy.mechanism} releases its own queries of the public set; mixup_views "
+                "applies with privacy=none or privacy=dpsgd. Set mixup_views=0."
+            )
 
     def _check_privacy(self) -> None:
         privacy = self.privacy

@@ -36,10 +36,13 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues, RecordDict
 
+from fedkd.mixup import MixupPairs
+
 TASK_KEY = "config"
 TRANSFER_KEY = "transfer"
 TRANSFER_INDICES = "indices"
 TRANSFER_IMAGES = "images"
+MIXUP_FIRST, MIXUP_SECOND, MIXUP_WEIGHT = "mixup-first", "mixup-second", "mixup-weight"
 SYNTHETIC_KEY = "synthetic"
 SYNTHESIZE_MESSAGE = "query.synthesize"
 CONSENSUS_KEY = "consensus"
@@ -56,9 +59,22 @@ EPSILON = "epsilon"
 CLASS_COUNTS = "class-counts"
 
 
-def transfer_record(indices: np.ndarray) -> ArrayRecord:
-    """The transfer inputs a client must label, as indices into the public split."""
-    return ArrayRecord({TRANSFER_INDICES: Array(np.ascontiguousarray(indices, dtype=np.int32))})
+def transfer_record(indices: np.ndarray, mixup: MixupPairs | None = None) -> ArrayRecord:
+    """The transfer inputs a client must label, as indices into the public split, and any mixup
+    views of them (labelled after the indexed inputs, in order)."""
+    arrays = {TRANSFER_INDICES: Array(np.ascontiguousarray(indices, dtype=np.int32))}
+    if mixup is not None and len(mixup):
+        arrays[MIXUP_FIRST] = Array(np.ascontiguousarray(mixup.first, dtype=np.int32))
+        arrays[MIXUP_SECOND] = Array(np.ascontiguousarray(mixup.second, dtype=np.int32))
+        arrays[MIXUP_WEIGHT] = Array(np.ascontiguousarray(mixup.weight, dtype=np.float32))
+    return ArrayRecord(arrays)
+
+
+def mixup_pairs(record: ArrayRecord) -> MixupPairs | None:
+    """The mixup views a transfer record asks for, if any."""
+    if MIXUP_FIRST not in record:
+        return None
+    return MixupPairs(record[MIXUP_FIRST].numpy(), record[MIXUP_SECOND].numpy(), record[MIXUP_WEIGHT].numpy())
 
 
 def synthetic_transfer_record(images: np.ndarray) -> ArrayRecord:

@@ -54,3 +54,4 @@ class SeedPurpose(IntEnum):
     SEMI_SUPERVISED = 15
     ATTACK_COLLUSION = 16
     CRASHES = 17
+    MIXUP_VIEWS = 18

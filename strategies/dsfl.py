@@ -74,6 +74,7 @@ register(
         privacy=("dpsgd",),
         attacks=True,
         aggregators=True,
+        mixup_views=True,
         needs_public_set=True,
         extra_check=refuse_double_reduction,
     )

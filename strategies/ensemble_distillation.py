@@ -369,6 +369,7 @@ register(
         synthetic_transfer=True,
         attacks=True,
         aggregators=True,
+        mixup_views=True,
         needs_public_set=True,
     )
 )

@@ -58,6 +58,7 @@ register(
         privacy=("dpsgd",),
         attacks=True,
         aggregators=True,
+        mixup_views=True,
         needs_public_set=True,
     )
 )

@@ -109,6 +109,8 @@ class BuildContext:
             indices=np.arange(len(public.images)),
             aggregator=aggregator if aggregator is not None else self.aggregator,
             labels=public.labels if self.config.public_labels else None,
+            mixup_views=self.config.mixup_views,
+            seed=self.config.seed,
         )
 
 
@@ -134,6 +136,8 @@ class StrategySpec:
         Whether ``strategy.aggregator`` applies to it.
     needs_public_set : bool
         Whether it distills on the public split (``public_size`` must be > 0).
+    mixup_views : bool
+        Whether its clients label mixup views of the public inputs (``mixup_views`` > 0).
     extra_check : Callable[[RunConfig], None], optional
         Further conditions of this strategy on the configuration (raises ``ValueError``).
     """
@@ -146,6 +150,7 @@ class StrategySpec:
     attacks: bool = False
     aggregators: bool = False
     needs_public_set: bool = False
+    mixup_views: bool = False
     extra_check: Callable[[RunConfig], None] | None = None
 
     def check(self, config: RunConfig) -> None:
@@ -171,6 +176,11 @@ class StrategySpec:
             )
         if config.strategy.aggregator not in AGGREGATORS:
             raise ValueError(f"Unknown aggregator {config.strategy.aggregator!r}; choose one of {sorted(AGGREGATORS)}.")
+        if config.mixup_views and not self.mixup_views:
+            raise ValueError(
+                f"mixup_views={config.mixup_views} is labelled by clients that share soft labels on the public "
+                f"set ({names_where(lambda s: s.mixup_views)}), not by strategy={name}; set mixup_views=0."
+            )
         if config.strategy.aggregator in PER_CLASS_WEIGHTS and mechanism != "none":
             raise ValueError(
                 f"strategy.aggregator={config.strategy.aggregator} has every client send its class counts, "

@@ -27,6 +27,8 @@ from numpy.typing import NDArray
 
 from fedkd.checkpoint import arrays_record
 from fedkd.messages import TRANSFER_KEY, transfer_record
+from fedkd.mixup import MixupPairs, draw_pairs, mix
+from fedkd.seeding import SeedPurpose, numpy_generator
 from strategies.aggregation import Aggregator
 from strategies.robust_aggregation import REPUTATION_DECAY, Reputation, trust_weighted
 
@@ -252,6 +254,10 @@ class TransferSource(Protocol):
 class PublicTransfer:
     """Every round the clients label the whole public transfer set; the aggregator combines them.
 
+    With ``mixup_views`` > 0 the clients also label that many fresh mixed pairs of public inputs
+    each round (:mod:`fedkd.mixup`); the student then learns from the public inputs with this
+    round's targets and from every round's views with the targets they got in their round.
+
     Parameters
     ----------
     inputs : torch.Tensor
@@ -262,6 +268,10 @@ class PublicTransfer:
         ``(K, N, C)`` soft labels and ``(K,)`` weights to ``(N, C)`` targets.
     labels : torch.Tensor, optional
         Public labels, only when the run allows the server to use them (``public_labels=true``).
+    mixup_views : int
+        Mixed pairs labelled per round (down: two int32 positions and a float32 weight each).
+    seed : int
+        The run's seed; each round's pairs derive from it.
     """
 
     probabilities = True
@@ -273,19 +283,38 @@ class PublicTransfer:
         indices: NDArray[np.integer],
         aggregator: Aggregator | ClientAggregator,
         labels: torch.Tensor | None = None,
+        mixup_views: int = 0,
+        seed: int = 0,
     ) -> None:
         if len(inputs) != len(indices):
             raise ValueError(f"{len(inputs)} public inputs but {len(indices)} indices; they must match.")
+        if mixup_views and labels is not None:
+            raise ValueError("mixup views have no labels; public labels cannot be used beside them.")
         self.inputs = inputs
         self.indices = np.asarray(indices)
         self.aggregator = client_aggregator(aggregator)
         self.labels = labels
+        self.mixup_views = mixup_views
+        self.seed = seed
+        self._round_pairs: MixupPairs | None = None
+        # Every round's views so far, and the targets each got in its round.
+        self.kept_pairs = MixupPairs.concatenate([])
+        self.kept_targets = np.zeros((0, 0), dtype=np.float32)
 
     def describe(self) -> str:
-        return f"{len(self.indices)} public transfer inputs, aggregator={self.aggregator.name}"
+        views = f" and {self.mixup_views} mixup views per round" if self.mixup_views else ""
+        return f"{len(self.indices)} public transfer inputs{views}, aggregator={self.aggregator.name}"
 
     def prepare(self, server_round: int, grid: Grid, node_ids: Sequence[int], task: ConfigRecord) -> RoundTransfer:
-        return RoundTransfer({TRANSFER_KEY: transfer_record(self.indices)}, num_inputs=len(self.indices))
+        self._round_pairs = None
+        if self.mixup_views:
+            rng = numpy_generator(self.seed, server_round, SeedPurpose.MIXUP_VIEWS)
+            self._round_pairs = draw_pairs(self.indices, self.mixup_views, rng)
+        num_views = 0 if self._round_pairs is None else len(self._round_pairs)
+        return RoundTransfer(
+            {TRANSFER_KEY: transfer_record(self.indices, self._round_pairs)},
+            num_inputs=len(self.indices) + num_views,
+        )
 
     def distillation_set(
         self,
@@ -297,15 +326,53 @@ class PublicTransfer:
     ) -> DistillationSet:
         # Public labels, where the run lets the server use them, are a trusted root set.
         root = None if self.labels is None else self.labels.numpy()
-        targets = self.aggregator.aggregate(soft_labels, weights, client_ids=client_ids, labels=root)
-        # Every input has a target here; a semi-supervised student adds consistency on them all.
-        return DistillationSet(self.inputs, targets, aggregate=targets, labels=self.labels, unlabelled=self.inputs)
+        if self._round_pairs is None:
+            targets = self.aggregator.aggregate(soft_labels, weights, client_ids=client_ids, labels=root)
+            # Every input has a target here; a semi-supervised student adds consistency on them all.
+            return DistillationSet(self.inputs, targets, aggregate=targets, labels=self.labels, unlabelled=self.inputs)
+        everything = self.aggregator.aggregate(soft_labels, weights, client_ids=client_ids, labels=None)
+        public_targets, view_targets = everything[: len(self.indices)], everything[len(self.indices) :]
+        self.kept_pairs = MixupPairs.concatenate([self.kept_pairs, self._round_pairs])
+        self.kept_targets = (
+            view_targets if not len(self.kept_targets) else np.concatenate([self.kept_targets, view_targets])
+        )
+        views = mix(
+            self.inputs[self._positions(self.kept_pairs.first)],
+            self.inputs[self._positions(self.kept_pairs.second)],
+            self.kept_pairs.weight,
+        )
+        return DistillationSet(
+            torch.cat([self.inputs, views]),
+            np.concatenate([public_targets, self.kept_targets]),
+            aggregate=public_targets,
+            unlabelled=self.inputs,
+        )
+
+    def _positions(self, public_positions: NDArray[np.integer]) -> torch.Tensor:
+        """Rows of ``self.inputs`` that hold the given public-split positions."""
+        order = np.argsort(self.indices)
+        rows = order[np.searchsorted(self.indices, public_positions, sorter=order)]
+        return torch.from_numpy(rows.astype(np.int64))
 
     def round_metrics(self) -> dict[str, Any]:
-        return {}
+        return {"mixup-views": len(self.kept_pairs)} if self.mixup_views else {}
 
     def state_records(self) -> StateRecords:
-        return aggregator_state(self.aggregator)
+        state = aggregator_state(self.aggregator)
+        if self.mixup_views:
+            state["mixup-views"] = arrays_record(
+                {
+                    "first": self.kept_pairs.first,
+                    "second": self.kept_pairs.second,
+                    "weight": self.kept_pairs.weight,
+                    "targets": self.kept_targets,
+                }
+            )
+        return state
 
     def load_state_records(self, state: StateRecords) -> None:
         load_aggregator_state(self.aggregator, state)
+        if self.mixup_views:
+            record = stored(state, "mixup-views", ArrayRecord)
+            self.kept_pairs = MixupPairs(record["first"].numpy(), record["second"].numpy(), record["weight"].numpy())
+            self.kept_targets = record["targets"].numpy()

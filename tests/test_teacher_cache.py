@@ -28,6 +28,7 @@ def test_settings_after_the_teacher_share_it_and_every_other_setting_does_not():
     same = [
         dataclasses.replace(RUN, strategy=StrategyConfig(aggregator="robust")),
         dataclasses.replace(RUN, attack=AttackConfig(kind="scale", fraction=0.3)),
+        dataclasses.replace(RUN, mixup_views=100),
         dataclasses.replace(RUN, rounds=3, temperature=3.0, distill_epochs=1, student_model="cnn_small"),
         dataclasses.replace(RUN, engine="processes", teacher_cache="/elsewhere", data_root="/other/copy"),
     ]
