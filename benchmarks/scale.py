@@ -63,7 +63,7 @@ from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, soft
 from fedkd.models import build_model, model_for_client
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 from fedkd.student import Student
-from strategies.aggregation import get_aggregator
+from strategies.aggregation import PER_CLASS_WEIGHTS, class_counts, get_aggregator
 
 
 def peak_rss_mib() -> float:
@@ -119,7 +119,8 @@ def floor_run(config: RunConfig) -> list[float]:
     transfer = public_inputs(spec).images
     test = evaluation_split(spec)
     settings = OptimizerSettings(lr=config.lr, batch_size=config.batch_size)
-    aggregator = get_aggregator(config.strategy.aggregator)
+    aggregator = get_aggregator(config.aggregator)
+    per_class = config.aggregator in PER_CLASS_WEIGHTS
     student_model = build_model(
         config.student_model,
         input_shape=info.input_shape,
@@ -168,9 +169,10 @@ def floor_run(config: RunConfig) -> list[float]:
                 max_shift=config.augment_shift,
             )
             soft_labels.append(soften(predict_logits(teacher, transfer), config.temperature).numpy())
-            weights.append(len(partition))
+            # Class counts where the aggregator weighs per class (as the clients send them then).
+            weights.append(class_counts(partition.labels, info.num_classes) if per_class else len(partition))
         torch.set_num_threads(threads)
-        targets = aggregator(np.stack(soft_labels), np.asarray(weights, dtype=np.float64))
+        targets = aggregator(np.stack(soft_labels), np.stack(weights).astype(np.float64))
         student.learn(transfer, targets, server_round=server_round)
         evaluate(student.model, test.images, test.labels)
         seconds.append(time.perf_counter() - started)

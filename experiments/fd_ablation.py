@@ -4,10 +4,12 @@ Each variant is the default run plus one change; every run is a plain ``fedkd-si
 under ``OUT/<variant>`` (finished folders are kept, so a relaunch only runs what is missing),
 and ``experiments.fd_ablation_table`` renders the README table from them.
 
-    python -m experiments.fd_ablation --out results/fd_recipe/digits -- rounds=5  # the default job, 5 rounds
-    python -m experiments.fd_ablation --out results/fd_recipe/fmnist20 -- dataset=fashion_mnist \
-        data_root=../shared/data num_clients=20 public_size=2000              # any other setting
-    python -m experiments.fd_ablation_table results/fd_recipe/digits
+    python -m experiments.fd_ablation --out results/fd_recipe/fashion_mnist-100 -- dataset=fashion_mnist \
+        data_root=../shared/data num_clients=100 public_size=2000 teacher_cache=.cache/teachers
+    python -m experiments.fd_ablation_table results/fd_recipe/fashion_mnist-100
+
+With ``teacher_cache`` the variants that change only what follows the teachers (aggregator,
+temperature, distillation, student, views) reuse the defaults' teachers and take minutes.
 
 Arguments after ``--`` are overrides applied to every variant (the setting).
 """
@@ -21,18 +23,22 @@ from pathlib import Path
 
 from fedkd.results import iter_run_folders
 
-# name -> the overrides that make it differ from the defaults (the first is the defaults).
+# name -> the overrides that make it differ from the defaults (the first is the defaults). Every
+# variant changes one thing back from the recipe, except "previous defaults", which undoes all four
+# of the recipe's changes (aggregator, temperature, distillation epochs, shifts) at once.
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
-    "rounds=10": ["rounds=10"],
-    "local_epochs=6": ["local_epochs=6"],
-    "distill_epochs=10": ["distill_epochs=10"],
-    "temperature=3": ["temperature=3"],
-    "aggregator=entropy_weighted": ["strategy.aggregator=entropy_weighted"],
-    "strategy=dsfl (digest + ERA)": ["strategy=dsfl"],
-    "strategy=fedmd (digest, weighted)": ["strategy=fedmd", "strategy.aggregator=weighted"],
+    "strategy.aggregator=weighted": ["strategy.aggregator=weighted"],
+    "temperature=1": ["temperature=1"],
+    "distill_epochs=5": ["distill_epochs=5"],
+    "augment_shift=0.1": ["augment_shift=0.1"],
+    "previous defaults": ["strategy.aggregator=weighted", "temperature=1", "distill_epochs=5", "augment_shift=0.1"],
+    "rounds=5": ["rounds=5"],
+    "mixup_views=1000": ["mixup_views=1000"],
+    "semi_supervised=true": ["semi_supervised=true"],
     "student_model=cnn_medium": ["student_model=cnn_medium"],
-    "augment_shift=0": ["augment_shift=0"],
+    "strategy=fedmd (digest)": ["strategy=fedmd"],
+    "strategy=dsfl (digest + ERA)": ["strategy=dsfl", "strategy.aggregator=weighted"],
     "strategy=fedavg (weights)": ["strategy=fedavg"],
 }
 

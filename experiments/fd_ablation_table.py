@@ -1,6 +1,6 @@
 """Render the ablation's run folders (``experiments.fd_ablation``) as the README's markdown table.
 
-python -m experiments.fd_ablation_table results/fd_recipe/digits
+python -m experiments.fd_ablation_table results/fd_recipe/fashion_mnist-100
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def row(variant: str, run: FinishedRun, baseline: float) -> str:
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/fd_recipe/digits")
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/fd_recipe/fashion_mnist-100")
     runs = {run.path.name: run for run in iter_run_folders(root)}
     if "defaults" not in runs:
         raise SystemExit(f"no finished 'defaults' run under {root}; run experiments.fd_ablation first")

@@ -37,7 +37,7 @@ from fedkd.distillation import (
 )
 from fedkd.models import build_model, model_for_client
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
-from strategies.aggregation import entropy_reduce, get_aggregator
+from strategies.aggregation import PER_CLASS_WEIGHTS, class_counts, entropy_reduce, get_aggregator
 
 
 def label_ceiling(config: RunConfig, *, epochs: int) -> float:
@@ -73,7 +73,8 @@ def replay(config: RunConfig, *, digest_sharpen: float | None, test_size: int) -
     test = evaluation_split(spec)
     test_images, test_labels = test.images[:test_size], test.labels[:test_size].numpy()
     settings = OptimizerSettings(lr=config.lr, batch_size=config.batch_size)
-    aggregator = get_aggregator(config.strategy.aggregator)
+    aggregator = get_aggregator(config.aggregator)
+    per_class = config.aggregator in PER_CLASS_WEIGHTS  # weights are then class counts
     clients = [k for k in range(config.num_clients) if len(private_partition(spec, k)) > 0]
     teachers = {
         k: build_model(
@@ -119,8 +120,8 @@ def replay(config: RunConfig, *, digest_sharpen: float | None, test_size: int) -
             )
             public_probs.append(soften(predict_logits(teacher, public.images), config.temperature).numpy())
             test_probs.append(soften(predict_logits(teacher, test_images), config.temperature).numpy())
-            weights.append(len(partition))
-        client_weights = np.array(weights, dtype=np.float64)
+            weights.append(class_counts(partition.labels, info.num_classes) if per_class else len(partition))
+        client_weights = np.stack(weights).astype(np.float64)
         aggregate = aggregator(np.stack(public_probs), client_weights)
         ensemble_on_test = aggregator(np.stack(test_probs), client_weights)
         shared = aggregate if digest_sharpen is None else entropy_reduce(aggregate, temperature=digest_sharpen)

@@ -64,7 +64,7 @@ from fedkd.privacy import client as client_privacy
 from fedkd.privacy.dpsgd import make_private_compatible
 from fedkd.seeding import SeedPurpose, derive_seed, numpy_generator, torch_generator
 from generators.registry import build_synthesizer
-from strategies.aggregation import PER_CLASS_WEIGHTS
+from strategies.aggregation import PER_CLASS_WEIGHTS, class_counts
 
 TEACHER_STATE = "teacher"
 # Which round the stored teacher was trained in, with that training's examples and loss: with
@@ -406,17 +406,16 @@ def soft_labels(client: ClientRound) -> RecordDict:
         # The training loss is a statistic of private data: it is noised by nothing, so it stays home.
         train_loss=None if privacy.enabled else loss,
         epsilon=client_privacy.reported_epsilon(client.run, client.state) if privacy.mechanism == "dpsgd" else None,
-        class_counts=class_counts(client) if client.run.strategy.aggregator in PER_CLASS_WEIGHTS else None,
+        class_counts=reported_class_counts(client) if client.run.aggregator in PER_CLASS_WEIGHTS else None,
     )
 
 
-def class_counts(client: ClientRound) -> list[int]:
+def reported_class_counts(client: ClientRound) -> list[int]:
     """The client's training examples per class, for ``strategy.aggregator=class_weighted``
     (never under a privacy mechanism: the configuration refuses that combination)."""
     if client.run.privacy.enabled:
         raise ValueError("class counts are not noised; strategy.aggregator=class_weighted needs privacy=none.")
-    counts = np.bincount(client.partition.labels.numpy(), minlength=client.info.num_classes)
-    return [int(count) for count in counts]
+    return [int(count) for count in class_counts(client.partition.labels.numpy(), client.info.num_classes)]
 
 
 def weights(client: ClientRound) -> RecordDict:

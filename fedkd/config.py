@@ -53,15 +53,21 @@ class PartitionConfig:
             raise ValueError(f"partition.classes_per_partition must be ≥ 1, got {self.classes_per_partition}.")
 
 
+# strategy.aggregator=auto: class-weighted where the clients may share their class counts (no
+# privacy mechanism), the size-weighted mean under any privacy mechanism (see RunConfig.aggregator).
+AUTO_AGGREGATOR = "auto"
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Which server strategy runs and how it aggregates soft labels.
 
     ``name`` and ``aggregator`` are checked against the strategy registry when the run is built.
+    ``aggregator=auto`` is :attr:`RunConfig.aggregator`'s choice for the run.
     """
 
     name: str = "ensemble_distillation"
-    aggregator: str = "weighted"
+    aggregator: str = AUTO_AGGREGATOR
     fraction_train: float = 1.0
     min_replies: int = 1
     digest_epochs: int = 1  # fedmd, dsfl: epochs a client spends fitting the consensus
@@ -317,6 +323,20 @@ class RunConfig:
                 f"attack.kind with privacy={privacy.mechanism} is not supported: clients share "
                 "clipped or voted rows there. Use privacy=none or privacy=dpsgd."
             )
+
+    @property
+    def aggregator(self) -> str:
+        """The aggregator the run uses: ``strategy.aggregator``, with ``auto`` resolved.
+
+        ``auto`` weighs each class column by the clients' counts of that class
+        (``class_weighted``, 1 point better than the size-weighted mean on 100-client
+        Fashion-MNIST, see README), which makes every client send its class counts as they are;
+        under a privacy mechanism nothing un-noised may leave a client, so there it is the
+        size-weighted mean (``weighted``).
+        """
+        if self.strategy.aggregator != AUTO_AGGREGATOR:
+            return self.strategy.aggregator
+        return "class_weighted" if self.privacy.mechanism == "none" else "weighted"
 
     def same_run(self, other: RunConfig) -> bool:
         """Whether ``other`` computes the same run, whatever its :data:`EXECUTION_SETTINGS`."""

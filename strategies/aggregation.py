@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -470,6 +471,13 @@ AGGREGATORS: dict[str, Aggregator] = {
 }
 # Aggregators whose weights are (K, C) per-client class counts instead of (K,) partition sizes.
 PER_CLASS_WEIGHTS = ("class_weighted",)
+
+
+def class_counts(labels: Any, num_classes: int) -> NDArray[np.int64]:
+    """A client's examples per class (what it sends for :data:`PER_CLASS_WEIGHTS` aggregators)."""
+    return np.bincount(np.asarray(labels), minlength=num_classes).astype(np.int64)
+
+
 # Aggregators that already reduce entropy: DS-FL would reduce it a second time.
 ENTROPY_REDUCING = ("era", "power_sharpened")
 

@@ -58,7 +58,7 @@ def build(context: BuildContext) -> DSFL:
 
 
 def refuse_double_reduction(config: RunConfig) -> None:
-    if config.strategy.aggregator in ENTROPY_REDUCING:
+    if config.aggregator in ENTROPY_REDUCING:
         raise ValueError(
             f"strategy=dsfl already reduces entropy; strategy.aggregator={config.strategy.aggregator} would do it "
             "twice. Use the average it reduces (strategy.aggregator=weighted or mean), or "

@@ -352,7 +352,7 @@ def build_soft_label_strategy(kind: type[Distiller], context: BuildContext, sour
         sampling=context.sampling,
         min_replies=context.config.strategy.min_replies,
         client_privacy=client_privacy(context),
-        weights_by_class=context.config.strategy.aggregator in PER_CLASS_WEIGHTS,
+        weights_by_class=context.config.aggregator in PER_CLASS_WEIGHTS,
     )
 
 

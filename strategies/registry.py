@@ -28,7 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedkd.config import RunConfig
+from fedkd.config import AUTO_AGGREGATOR, RunConfig
 from fedkd.data import DatasetInfo
 from fedkd.data.local import public_inputs
 from fedkd.distillation import OptimizerSettings, SemiSupervision
@@ -83,7 +83,7 @@ class BuildContext:
     @property
     def aggregator(self) -> ClientAggregator:
         """The run's aggregator; ``robust`` keeps each client's reputation across rounds."""
-        name = self.config.strategy.aggregator
+        name = self.config.aggregator
         if name == "robust":
             return RobustAggregation(self.info.num_classes)
         return StatelessAggregation(get_aggregator(name))
@@ -174,14 +174,16 @@ class StrategySpec:
                 f"attack.kind={config.attack.kind} corrupts shared soft labels; strategy={name} shares "
                 f"something else. Use one of {names_where(lambda s: s.attacks)}."
             )
-        if config.strategy.aggregator not in AGGREGATORS:
-            raise ValueError(f"Unknown aggregator {config.strategy.aggregator!r}; choose one of {sorted(AGGREGATORS)}.")
+        if config.aggregator not in AGGREGATORS:
+            raise ValueError(
+                f"Unknown aggregator {config.aggregator!r}; choose one of {sorted([AUTO_AGGREGATOR, *AGGREGATORS])}."
+            )
         if config.mixup_views and not self.mixup_views:
             raise ValueError(
                 f"mixup_views={config.mixup_views} is labelled by clients that share soft labels on the public "
                 f"set ({names_where(lambda s: s.mixup_views)}), not by strategy={name}; set mixup_views=0."
             )
-        if config.strategy.aggregator in PER_CLASS_WEIGHTS and mechanism != "none":
+        if config.aggregator in PER_CLASS_WEIGHTS and mechanism != "none":
             raise ValueError(
                 f"strategy.aggregator={config.strategy.aggregator} has every client send its class counts, "
                 f"which privacy={mechanism} does not noise or account for; use strategy.aggregator=weighted "

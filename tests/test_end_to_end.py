@@ -43,6 +43,9 @@ STRATEGY_LEARNED = 0.15
 FEDAVG_LEARNED = 0.3
 # A client's whole part of a round, kept short for the quick tier.
 ONE_EPOCH = dataclasses.replace(TINY, local_epochs=1)
+# strategy.aggregator=auto is class_weighted without privacy: each reply also holds the client's
+# ten class counts (int64).
+CLASS_COUNTS_BYTES = 10 * 8
 ROW_KEYS = {"round", "student_accuracy", "student_loss", "clients", "bytes_up", "bytes_down", "wall_seconds"}
 
 
@@ -89,8 +92,8 @@ def test_replies_hold_exactly_the_soft_labels_of_the_requested_inputs_and_no_wei
         inputs = public_inputs(TINY.split_spec(), requested).images
         expected = soften(predict_logits(teacher, inputs), TINY.temperature).numpy()
         np.testing.assert_allclose(probs, expected, atol=1e-6)
-    # payload up per client: the .npy matrix (128-byte header) plus three 8-byte scalars
-    assert rows[-1]["bytes_up"] == TINY.num_clients * (TINY.public_size * 10 * 4 + 128 + 3 * 8)
+    # payload up per client: the .npy matrix (128-byte header), three 8-byte scalars, the class counts
+    assert rows[-1]["bytes_up"] == TINY.num_clients * (TINY.public_size * 10 * 4 + 128 + 3 * 8 + CLASS_COUNTS_BYTES)
 
 
 def test_client_answers_for_an_arbitrary_subset_of_transfer_inputs():
@@ -169,7 +172,7 @@ def test_every_strategy_trains_through_flower_and_reports_its_traffic(name):
     # FD has no student: the accuracy it reports is its clients' own models'.
     untrained = untrained_client_accuracy(config) if name == "fd" else untrained_student_accuracy(config)
     assert rows[-1]["student_accuracy"] > untrained + STRATEGY_LEARNED
-    soft_labels_up = 3 * (300 * 10 * 4 + 128 + 3 * 8)
+    soft_labels_up = 3 * (300 * 10 * 4 + 128 + 3 * 8 + CLASS_COUNTS_BYTES)
     if name in ("fedmd", "dsfl"):
         assert rows[0]["bytes_up"] == soft_labels_up
         # from round 2 the consensus (300 × 10 float32) travels down too

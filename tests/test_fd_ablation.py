@@ -33,7 +33,7 @@ def _run(folder, accuracies, bytes_per_round=100):
 
 def test_table_reports_each_variant_against_the_defaults(tmp_path):
     _run(tmp_path / folder_name("defaults"), [0.5, 0.6])
-    _run(tmp_path / folder_name("rounds=10"), [0.5, 0.6, 0.7, 0.8])
+    _run(tmp_path / folder_name("rounds=5"), [0.5, 0.6, 0.7, 0.8])
     table = subprocess.run(
         [sys.executable, "-m", "experiments.fd_ablation_table", str(tmp_path)],
         capture_output=True,
@@ -42,4 +42,4 @@ def test_table_reports_each_variant_against_the_defaults(tmp_path):
     ).stdout
     lines = table.strip().splitlines()
     assert lines[2].startswith("| defaults | 0.500, 0.600 | **0.6000** | +0.0000 | 400 B |")
-    assert lines[3].startswith("| rounds=10 | 0.500, 0.600, 0.700, 0.800 | **0.8000** | +0.2000 | 800 B |")
+    assert lines[3].startswith("| rounds=5 | 0.500, 0.600, 0.700, 0.800 | **0.8000** | +0.2000 | 800 B |")
