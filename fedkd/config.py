@@ -186,14 +186,16 @@ class RunConfig:
     mixup_views: int = 0
     public_labels: bool = False
     local_epochs: int = 3
-    distill_epochs: int = 5
-    temperature: float = 1.0
+    # The student recipe (README, Federated-distillation recipe): ten distillation epochs per round
+    # at T = 4, no random shifts, and (strategy.aggregator=auto) class-weighted soft labels.
+    distill_epochs: int = 10
+    temperature: float = 4.0
     kd_alpha: float = 1.0
     client_models: tuple[str, ...] = ("cnn_small", "lenet5_bn")
     student_model: str = "cnn_fc"
     lr: float = 1e-3
     batch_size: int = 32
-    augment_shift: float = 0.1
+    augment_shift: float = 0.0
     # The student also learns from the public inputs without targets (FixMatch, Sohn et al. 2020):
     # with privacy=gaussian|gnmax|pate those not released, otherwise the transfer set itself.
     semi_supervised: bool = False
