@@ -1,11 +1,14 @@
 """Render the ablation's run folders (``experiments.fd_ablation``) as the README's markdown table.
 
 python -m experiments.fd_ablation_table results/fd_recipe/fashion_mnist-100
+python -m experiments.fd_ablation_table results/fd_recipe/fashion_mnist-100-steps --baseline recipe
+
+Rows follow the ablation's variants; any other run folder under the root follows, by name.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from experiments.fd_ablation import VARIANTS, folder_name
@@ -25,18 +28,25 @@ def row(variant: str, run: FinishedRun, baseline: float) -> str:
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/fd_recipe/fashion_mnist-100")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", default="results/fd_recipe/fashion_mnist-100")
+    parser.add_argument(
+        "--baseline", default=folder_name("defaults"), help="the run folder the 'vs' column compares with"
+    )
+    args = parser.parse_args()
+    root = Path(args.root)
     runs = {run.path.name: run for run in iter_run_folders(root)}
-    if "defaults" not in runs:
-        raise SystemExit(f"no finished 'defaults' run under {root}; run experiments.fd_ablation first")
-    baseline = runs["defaults"].rows[-1]["student_accuracy"]
+    if args.baseline not in runs:
+        raise SystemExit(f"no finished {args.baseline!r} run under {root}; run experiments.fd_ablation first")
+    baseline = runs[args.baseline].rows[-1]["student_accuracy"]
     lines = [
-        "| variant (one change from the defaults) | accuracy per round | final | vs defaults | bytes, all rounds | wall time |",
+        "| variant | accuracy per round | final | vs baseline | bytes, all rounds | wall time |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [
-        row(variant, runs[folder_name(variant)], baseline) for variant in VARIANTS if folder_name(variant) in runs
-    ]
+    # The ablation's variants in their order, then any other run folder under the root by name.
+    named = {folder_name(variant): variant for variant in VARIANTS}
+    order = [name for name in named if name in runs] + sorted(name for name in runs if name not in named)
+    lines += [row(named.get(name, name), runs[name], baseline) for name in order]
     print("\n".join(lines))
 
 

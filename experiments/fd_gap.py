@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.config import PartitionConfig, RunConfig
+from fedkd.config import PartitionConfig, RunConfig, StrategyConfig
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.distillation import (
     OptimizerSettings,
@@ -162,6 +162,10 @@ def main() -> None:
     parser.add_argument(
         "--augment-shift", type=float, default=RunConfig.augment_shift, help="random shifts, teachers and student"
     )
+    parser.add_argument("--temperature", type=float, default=RunConfig.temperature)
+    parser.add_argument(
+        "--aggregator", default=StrategyConfig.aggregator, help="strategy.aggregator (auto: class-weighted)"
+    )
     parser.add_argument("--digest-epochs", type=int, default=0, help="FedMD/DS-FL digest of the consensus")
     parser.add_argument("--digest-sharpen", type=float, default=None, help="DS-FL's ERA on the consensus sent down")
     parser.add_argument("--ceiling-epochs", type=int, default=20)
@@ -169,17 +173,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    base = RunConfig()
     config = RunConfig(
         dataset=args.dataset,
         data_root=args.data_root,
         num_clients=args.num_clients,
         partition=PartitionConfig(scheme="dirichlet", alpha=args.alpha),
-        strategy=base.strategy.__class__(digest_epochs=args.digest_epochs),
+        strategy=StrategyConfig(aggregator=args.aggregator, digest_epochs=args.digest_epochs),
         public_size=args.public_size,
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         distill_epochs=args.distill_epochs,
+        temperature=args.temperature,
         augment_shift=args.augment_shift,
         seed=args.seed,
     )

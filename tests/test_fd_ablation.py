@@ -43,3 +43,18 @@ def test_table_reports_each_variant_against_the_defaults(tmp_path):
     lines = table.strip().splitlines()
     assert lines[2].startswith("| defaults | 0.500, 0.600 | **0.6000** | +0.0000 | 400 B |")
     assert lines[3].startswith("| rounds=5 | 0.500, 0.600, 0.700, 0.800 | **0.8000** | +0.2000 | 800 B |")
+
+
+def test_other_run_folders_follow_and_any_folder_can_be_the_baseline(tmp_path):
+    _run(tmp_path / "recipe", [0.7])
+    _run(tmp_path / "a-step", [0.5])
+    _run(tmp_path / folder_name("rounds=5"), [0.6])
+    table = subprocess.run(
+        [sys.executable, "-m", "experiments.fd_ablation_table", str(tmp_path), "--baseline", "recipe"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = table.strip().splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| rounds=5", "| a-step", "| recipe"]
+    assert " | -0.2000 | " in lines[3] and " | +0.0000 | " in lines[4]

@@ -88,7 +88,9 @@ def test_a_client_labels_the_views_after_the_indexed_inputs_with_its_own_teacher
     teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
     split = TINY.split_spec()
     views = mix(public_inputs(split, pairs.first).images, public_inputs(split, pairs.second).images, pairs.weight)
-    expected = soften(predict_logits(teacher, torch.cat([public_inputs(split, wanted).images, views])), TINY.temperature)
+    expected = soften(
+        predict_logits(teacher, torch.cat([public_inputs(split, wanted).images, views])), TINY.temperature
+    )
     np.testing.assert_allclose(probs, expected.numpy(), atol=1e-6)
 
 
