@@ -168,6 +168,11 @@ TINY = RunConfig(
     partition=PartitionConfig(scheme="iid"),
     client_models=("cnn_small",),
     student_model="cnn_small",
+    # The settings the attack results were measured with (README). At the recipe's T = 4 the honest
+    # teachers' soft labels here are nearly uniform, and robust no longer resists the ×(−20) minority
+    # in this five-client run (0.009 against weighted's 0.008; README says so).
+    temperature=1.0,
+    augment_shift=0.1,
 )
 
 
