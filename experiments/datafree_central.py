@@ -42,6 +42,7 @@ from torch import nn
 from fedkd.config import RunConfig
 from fedkd.data import load_dataset, to_tensor, to_uint8
 from fedkd.distillation import OptimizerSettings, evaluate, predict_logits, random_translate, train_supervised
+from fedkd.mixup import mix_within_batch
 from fedkd.models import build_model, count_parameters
 from fedkd.results import RunFolder
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
@@ -141,6 +142,7 @@ def main() -> None:
         "adversarial_weight",
         "bn_weight",
         "ce_weight",
+        "tv_weight",
         "one_hot_weight",
         "activation_weight",
         "entropy_weight",
@@ -166,6 +168,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--steps", type=int, default=1000, help="generator/deepinversion: training steps / iterations per batch"
+    )
+    parser.add_argument(
+        "--student-mixup",
+        type=float,
+        default=0.0,
+        help="share of each student batch replaced by mixes of two of its inputs, relabelled by the teacher",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -215,6 +223,7 @@ def main() -> None:
         adversarial_weight=args.adversarial_weight,
         bn_weight=args.bn_weight,
         ce_weight=args.ce_weight,
+        tv_weight=args.tv_weight,
         one_hot_weight=args.one_hot_weight,
         activation_weight=args.activation_weight,
         entropy_weight=args.entropy_weight,
@@ -226,7 +235,11 @@ def main() -> None:
     )
 
     def shift(images: torch.Tensor) -> torch.Tensor:
-        return random_translate(images, max_shift=args.student_shift, generator=random)
+        # Function matching (Beyer et al. 2022): shifted and mixed inputs, relabelled by the teacher.
+        images = random_translate(images, max_shift=args.student_shift, generator=random)
+        return mix_within_batch(images, args.student_mixup, random)
+
+    augments = args.student_shift > 0 or args.student_mixup > 0
 
     fixed_set, synthesis_seconds = None, 0.0
     adversarial = None
@@ -239,7 +252,7 @@ def main() -> None:
             total_iterations=args.iterations,
             generator=random,
             config=config,
-            augment=shift if args.student_shift > 0 else None,
+            augment=shift if augments else None,
         )
     elif args.synthesizer in ("generator", "deepinversion"):
         synthesizer = build_synthesizer(
@@ -270,6 +283,7 @@ def main() -> None:
         "student_steps": args.student_steps,
         "batch_size": args.batch_size,
         "student_shift": args.student_shift,
+        "student_mixup": args.student_mixup,
         "adversarial": {k: v for k, v in vars(config).items() if k not in ("pixel_mean", "pixel_std")},
         "num_synthetic": args.num_synthetic if fixed_set is not None else 0,
         "synthesis_steps": args.steps if fixed_set is not None else 0,
@@ -291,7 +305,7 @@ def main() -> None:
             batch_size=args.batch_size,
             info=info,
             generator=random,
-            shift=shift if args.student_shift > 0 else None,
+            shift=shift if augments else None,
         )
     )
     result = evaluate(student, test_images, test_labels)

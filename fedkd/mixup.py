@@ -77,3 +77,24 @@ def mix(first: torch.Tensor, second: torch.Tensor, weight: NDArray[np.floating])
         )
     lam = torch.as_tensor(np.asarray(weight, dtype=np.float32)).view(-1, *([1] * (first.dim() - 1)))
     return lam * first + (1 - lam) * second
+
+
+def mix_within_batch(inputs: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The batch with a ``fraction`` of its rows replaced by mixes with other rows of the batch.
+
+    Row ``i`` (for the first ``round(fraction · n)`` rows) becomes ``λᵢ · x_i + (1 − λᵢ) · x_π(i)``
+    with π a random permutation and λᵢ ~ U(0, 1); the caller relabels the result with its teacher
+    (function matching), so the targets are never interpolated. The remaining rows are kept, so
+    the student still sees the inputs themselves.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the mixed fraction of a batch must lie in [0, 1], got {fraction}.")
+    count = round(fraction * len(inputs))
+    if count == 0 or len(inputs) < 2:
+        return inputs
+    partners = torch.randperm(len(inputs), generator=generator, device=generator.device)[:count].to(inputs.device)
+    lam = torch.rand(count, generator=generator, device=generator.device).to(inputs)
+    lam = lam.view(-1, *([1] * (inputs.dim() - 1)))
+    mixed = inputs.clone()
+    mixed[:count] = lam * inputs[:count] + (1 - lam) * inputs[partners]
+    return mixed

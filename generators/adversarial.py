@@ -70,6 +70,7 @@ from generators.losses import (
     logit_discrepancy,
     one_hot_loss,
     student_objective,
+    total_variation,
 )
 
 _WEIGHTS = (
@@ -77,6 +78,7 @@ _WEIGHTS = (
     "bn_weight",
     "first_bn_multiplier",
     "ce_weight",
+    "tv_weight",
     "one_hot_weight",
     "activation_weight",
     "entropy_weight",
@@ -104,6 +106,10 @@ class AdversarialConfig:
         BatchNorm statistics matching, as in DeepInversion.
     ce_weight : float
         Cross-entropy of the teacher's output to the requested class.
+    tv_weight : float
+        DeepInversion's image prior: the l2 total variation of the generated batch
+        (:func:`~generators.losses.total_variation`), which smooths away the generator's grid
+        artifacts where the teacher has few BatchNorm layers to constrain its inputs.
     one_hot_weight, activation_weight, entropy_weight : float
         DAFL's one-hot, activation and information-entropy terms (0 = off).
     bank_batches : int
@@ -125,6 +131,7 @@ class AdversarialConfig:
     bn_weight: float = 1.0
     first_bn_multiplier: float = DEFAULT_FIRST_BN_MULTIPLIER
     ce_weight: float = 1.0
+    tv_weight: float = 0.0
     one_hot_weight: float = 0.0
     activation_weight: float = 0.0
     entropy_weight: float = 0.0
@@ -299,6 +306,8 @@ class AdversarialDistillation:
                 terms["activation"] = activation_loss(features[0])
         if config.ce_weight > 0:
             terms["ce"] = F.cross_entropy(teacher_logits, targets)
+        if config.tv_weight > 0:
+            terms["tv"] = total_variation(images)
         if config.one_hot_weight > 0:
             terms["one_hot"] = one_hot_loss(teacher_logits)
         if config.entropy_weight > 0:
@@ -309,6 +318,7 @@ class AdversarialDistillation:
             "bn": config.bn_weight,
             "activation": config.activation_weight,
             "ce": config.ce_weight,
+            "tv": config.tv_weight,
             "one_hot": config.one_hot_weight,
             "entropy": config.entropy_weight,
             # Maximized: the generator seeks inputs the student has not learned yet.

@@ -12,7 +12,13 @@ from fedkd.data import load_dataset, to_tensor
 from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
 from fedkd.models import build_model
 from generators.adversarial import AdversarialConfig, AdversarialDistillation, penultimate_features
-from generators.losses import activation_loss, information_entropy_loss, logit_discrepancy, one_hot_loss
+from generators.losses import (
+    activation_loss,
+    information_entropy_loss,
+    logit_discrepancy,
+    one_hot_loss,
+    total_variation,
+)
 
 
 def test_logit_discrepancy_is_the_mean_absolute_difference():
@@ -140,6 +146,25 @@ def test_the_generator_maximizes_the_discrepancy():
             return logit_discrepancy(student.eval()(images), teacher.eval()(images)).item()
 
     assert discrepancy_after(1.0) > 1.3 * discrepancy_after(0.0)
+
+
+def test_the_total_variation_prior_smooths_the_generated_inputs():
+    """With DeepInversion's image prior the generator's inputs vary less between neighbouring pixels."""
+
+    def variation_after(weight: float) -> float:
+        game = _game(_tiny_teacher(0), _tiny_teacher(1), tv_weight=weight, generator_lr=3e-2, student_steps=1)
+        for _ in range(15):
+            losses = game.step()
+        assert ("generator_tv" in losses) == (weight > 0)
+        game.network.train()
+        random = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            images = game.network(
+                torch.randn(256, 8, generator=random), torch.randint(0, NUM_CLASSES, (256,), generator=random)
+            )
+        return total_variation(images).item()
+
+    assert variation_after(100.0) < 0.5 * variation_after(0.0)
 
 
 def test_sample_is_a_forward_pass_in_the_pixel_range():

@@ -20,7 +20,7 @@ from fedkd.config import ClientTask, PartitionConfig, RunConfig, StrategyConfig
 from fedkd.data.local import info_for, public_inputs
 from fedkd.distillation import predict_logits, soften
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TASK_KEY, TRANSFER_KEY, mixup_pairs, transfer_record
-from fedkd.mixup import MixupPairs, draw_pairs, mix
+from fedkd.mixup import MixupPairs, draw_pairs, mix, mix_within_batch
 from fedkd.models import build_model, model_for_client
 from fedkd.privacy.config import PrivacyConfig
 from strategies.aggregation import weighted_mean
@@ -169,3 +169,20 @@ def test_views_reuse_cached_teachers_and_report_what_a_trained_run_does(tmp_path
         return [(row["student_accuracy"], row["distill_loss"], row["bytes_up"]) for row in rows]
 
     assert outcome(replayed) == outcome(trained)
+
+
+def test_mix_within_batch_mixes_the_requested_share_with_partners_from_the_batch() -> None:
+    inputs = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 1, 2, 2).contiguous()
+    mixed = mix_within_batch(inputs, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed[4:], inputs[4:])  # the rest is kept as it was
+    assert not torch.equal(mixed[:4], inputs[:4])
+    # every mixed row is a convex combination of two rows, so it stays within the batch's range
+    assert mixed.min() >= inputs.min() and mixed.max() <= inputs.max()
+    assert torch.equal(inputs, torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 1, 2, 2))
+
+
+def test_mix_within_batch_is_the_identity_at_zero_and_rejects_a_share_outside_zero_one() -> None:
+    inputs = torch.randn(6, 1, 3, 3)
+    assert torch.equal(mix_within_batch(inputs, 0.0, torch.Generator().manual_seed(0)), inputs)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mix_within_batch(inputs, 1.5, torch.Generator().manual_seed(0))
