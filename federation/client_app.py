@@ -63,6 +63,7 @@ from fedkd.models import build_model, model_for_client
 from fedkd.privacy import client as client_privacy
 from fedkd.privacy.dpsgd import make_private_compatible
 from fedkd.seeding import SeedPurpose, derive_seed, numpy_generator, torch_generator
+from generators.amortized import AmortizedGenerator
 from generators.registry import build_synthesizer
 from strategies.aggregation import PER_CLASS_WEIGHTS, class_counts
 
@@ -70,6 +71,8 @@ TEACHER_STATE = "teacher"
 # Which round the stored teacher was trained in, with that training's examples and loss: with
 # synthetic transfer a client hears twice per round (synthesize, then label) but trains once.
 TEACHER_ROUND_STATE = "teacher-round"
+# synthesis.warm_steps > 0: the client's generator, kept for its next round (never sent).
+GENERATOR_STATE = "generator"
 
 app = ClientApp()
 
@@ -475,6 +478,12 @@ def proxy_student(name: str, input_shape: tuple[int, ...], num_classes: int, see
     return build_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed)
 
 
+def stored_generator(client: ClientRound) -> dict[str, torch.Tensor] | None:
+    """The generator this client kept from its last synthesis (``synthesis.warm_steps`` > 0)."""
+    stored = client.state.get(GENERATOR_STATE) if client.run.synthesis.warm_steps else None
+    return stored.to_torch_state_dict() if isinstance(stored, ArrayRecord) else None
+
+
 @app.query("synthesize")
 def synthesize(message: Message, context: Context) -> Message:
     """Invert this round's teacher into synthetic inputs (data-free transfer); no real data leaves."""
@@ -493,12 +502,15 @@ def synthesize(message: Message, context: Context) -> Message:
             reference_generator=client.generator(SeedPurpose.FEATURE_REFERENCE),
             noise_rng=client.rng(SeedPurpose.FEATURE_NOISE),
         )
+    # Fast-DFKD's reuse: a kept generator already inverts last round's teacher, so it follows
+    # this round's in synthesis.warm_steps steps instead of synthesis.steps from scratch.
+    start = stored_generator(client)
     synthesizer = build_synthesizer(
         client.run.synthesis.method,
         teacher,
         input_shape=client.info.input_shape,
         num_classes=client.info.num_classes,
-        steps=client.run.synthesis.steps,
+        steps=client.run.synthesis.steps if start is None else client.run.synthesis.warm_steps,
         pixel_mean=client.info.mean,
         pixel_std=client.info.std,
         statistics=statistics,
@@ -507,7 +519,13 @@ def synthesize(message: Message, context: Context) -> Message:
             proxy_student, client.run.synthesis.proxy_student, client.info.input_shape, client.info.num_classes
         ),
     )
-    images, _ = synthesizer.sample(client.run.synthesis.per_client, generator=client.generator(SeedPurpose.SYNTHESIS))
+    random = client.generator(SeedPurpose.SYNTHESIS)
+    if client.run.synthesis.warm_steps:
+        assert isinstance(synthesizer, AmortizedGenerator)  # SynthesisConfig allows warm_steps only for it
+        synthesizer.fit(generator=random, start=start)
+        assert synthesizer.network is not None
+        client.state[GENERATOR_STATE] = ArrayRecord(synthesizer.network.state_dict())
+    images, _ = synthesizer.sample(client.run.synthesis.per_client, generator=random)
     seconds = time.perf_counter() - started
     return client.reply(synthetic_reply(to_uint8(images, client.info), client_id=client.client_id, seconds=seconds))
 

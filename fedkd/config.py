@@ -97,6 +97,10 @@ class SynthesisConfig:
     per_client: int = 200  # synthetic inputs each sampled client contributes per round
     steps: int = 200  # generator–student iterations, generator training steps, or DeepInversion iterations per batch
     keep_pools: bool = True  # the student distills on every round's pool so far (server memory)
+    # generator: 0 trains a fresh generator every round; N > 0 keeps each client's generator
+    # between rounds (on the client) and, after its first round, trains it N more steps against
+    # the round's teacher (Fast-DFKD's reuse: Fang et al., AAAI 2022).
+    warm_steps: int = 0
     # adversarial: the architecture of the local proxy student the client's generator plays against
     proxy_student: str = "lenet5_half"
 
@@ -106,6 +110,15 @@ class SynthesisConfig:
             raise ValueError(f"synthesis.per_client must be ≥ 1, got {self.per_client}.")
         if self.steps < 1:
             raise ValueError(f"synthesis.steps must be ≥ 1, got {self.steps}.")
+        if self.warm_steps < 0:
+            raise ValueError(
+                f"synthesis.warm_steps must be ≥ 0 (0 = a fresh generator every round), got {self.warm_steps}."
+            )
+        if self.warm_steps and self.method != "generator":
+            raise ValueError(
+                f"synthesis.warm_steps reuses the generator of synthesis.method=generator; method {self.method!r} "
+                "keeps no generator between rounds. Set synthesis.method=generator or synthesis.warm_steps=0."
+            )
         check_model_name(self.proxy_student)
 
 

@@ -18,7 +18,7 @@ Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -213,14 +213,33 @@ class AmortizedGenerator:
             )
         return network.to(device=device, dtype=dtype)
 
-    def fit(self, *, generator: torch.Generator, student: nn.Module | None = None) -> AmortizedGenerator:
-        """Train a fresh generator network for ``config.steps`` steps against the teacher."""
+    def fit(
+        self,
+        *,
+        generator: torch.Generator,
+        student: nn.Module | None = None,
+        start: Mapping[str, torch.Tensor] | None = None,
+    ) -> AmortizedGenerator:
+        """Train the generator network for ``config.steps`` steps against the teacher.
+
+        The network starts fresh, or from ``start`` (a state dict of an earlier fit's
+        :attr:`network`): Fast-DFKD's reuse, where a generator that already inverts a similar
+        teacher needs only a few steps to follow it.
+        """
         config = self.config
         if config.adi_weight > 0 and student is None:
             raise ValueError(
                 f"adi_weight={config.adi_weight} needs a student to compete with; pass student=... or set adi_weight=0."
             )
         network = self._new_network(generator)
+        if start is not None:
+            try:
+                network.load_state_dict(start)
+            except RuntimeError as error:
+                raise ValueError(
+                    "the generator state to start from does not fit this generator (another input shape, "
+                    f"class count, latent_dim or width?): {error}"
+                ) from error
         network.train()
         device = module_device(self.teacher)
         optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, betas=(0.5, 0.999))

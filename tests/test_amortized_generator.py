@@ -43,6 +43,37 @@ def test_generator_is_trained_once_then_sampling_is_a_forward_pass():
     assert synthesizer.loss_history == first_history
 
 
+def test_a_warm_started_fit_continues_from_the_given_generator():
+    teacher = _tiny_teacher()
+    trained = AmortizedGenerator(teacher, input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small())
+    trained.fit(generator=torch.Generator().manual_seed(0))
+    assert trained.network is not None
+    start = {k: v.clone() for k, v in trained.network.state_dict().items()}
+
+    def fit_one_step(start_from):
+        synthesizer = AmortizedGenerator(
+            teacher, input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small(steps=1, lr=1e-6)
+        )
+        synthesizer.fit(generator=torch.Generator().manual_seed(1), start=start_from)
+        assert synthesizer.network is not None
+        return synthesizer.network.state_dict()
+
+    warm, cold = fit_one_step(start), fit_one_step(None)
+    # One tiny step from the kept generator stays next to it; a fresh one starts elsewhere.
+    weights = [k for k, v in start.items() if v.is_floating_point() and "running" not in k]
+    assert all(torch.allclose(warm[k], start[k], atol=1e-4) for k in weights)
+    assert not all(torch.allclose(cold[k], start[k], atol=1e-2) for k in weights)
+
+
+def test_a_generator_state_of_another_shape_is_refused_with_the_reason():
+    other = AmortizedGenerator(_tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small(width=4))
+    other.fit(generator=torch.Generator().manual_seed(0))
+    assert other.network is not None
+    synthesizer = AmortizedGenerator(_tiny_teacher(), input_shape=SHAPE, num_classes=NUM_CLASSES, config=_small())
+    with pytest.raises(ValueError, match="does not fit this generator"):
+        synthesizer.fit(generator=torch.Generator().manual_seed(0), start=other.network.state_dict())
+
+
 @pytest.mark.slow  # seconds of training; the quick tier keeps the cheaper checks
 def test_same_seed_gives_the_same_samples_and_another_seed_does_not():
     def run(seed):

@@ -174,6 +174,44 @@ def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeyp
 
 
 @pytest.mark.slow
+def test_warm_steps_keep_each_clients_generator_and_continue_it_the_next_round(monkeypatch):
+    from generators.amortized import AmortizedGenerator
+
+    fits: list[tuple[int, bool]] = []
+    original = AmortizedGenerator.fit
+
+    def recording(self, *, generator, student=None, start=None):
+        fits.append((self.config.steps, start is not None))
+        return original(self, generator=generator, student=student, start=start)
+
+    monkeypatch.setattr(AmortizedGenerator, "fit", recording)
+    config = RunConfig(
+        dataset="digits",
+        num_clients=2,
+        rounds=3,
+        local_epochs=1,
+        distill_epochs=1,
+        partition=PartitionConfig(scheme="iid"),
+        transfer="synthetic",
+        synthesis=SynthesisConfig(per_client=10, steps=5, warm_steps=2),
+        student_model="cnn_small",
+    )
+    grid = InProcessGrid(client_app, num_nodes=2)
+    rows = run_federation(grid, config, run_dir=None)
+    assert [row["synthetic_inputs"] for row in rows] == [20, 20, 20]
+    # Round 1 trains each generator from scratch, rounds 2 and 3 continue the kept one.
+    assert fits == [(5, False)] * 2 + [(2, True)] * 4
+    assert all("generator" in grid.context(node).state for node in (1, 2))
+
+
+def test_warm_steps_are_only_for_the_generator_method():
+    with pytest.raises(ValueError, match="synthesis.method=generator"):
+        SynthesisConfig(method="deepinversion", warm_steps=5)
+    with pytest.raises(ValueError, match="≥ 0"):
+        SynthesisConfig(warm_steps=-1)
+
+
+@pytest.mark.slow
 def test_bad_synthetic_inputs_are_rejected_and_counted_and_the_round_goes_on():
     from flwr.clientapp import ClientApp
 
