@@ -93,8 +93,7 @@ def mix_within_batch(inputs: torch.Tensor, fraction: float, generator: torch.Gen
     if count == 0 or len(inputs) < 2:
         return inputs
     partners = torch.randperm(len(inputs), generator=generator, device=generator.device)[:count].to(inputs.device)
-    lam = torch.rand(count, generator=generator, device=generator.device).to(inputs)
-    lam = lam.view(-1, *([1] * (inputs.dim() - 1)))
+    weights = torch.rand(count, generator=generator, device=generator.device).cpu().numpy()
     mixed = inputs.clone()
-    mixed[:count] = lam * inputs[:count] + (1 - lam) * inputs[partners]
+    mixed[:count] = mix(inputs[:count], inputs[partners], weights)
     return mixed

@@ -1,5 +1,7 @@
 """Pooling the clients' synthetic inputs (pure, no Flower run) and the data-free mode end to end."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from baselines import untrained_student_accuracy
@@ -143,6 +145,20 @@ def test_data_free_run_learns_without_the_server_touching_real_data(monkeypatch)
     assert row["bytes_down"] >= down_pool
 
 
+# Two clients, two rounds, a few generator steps: enough to follow what each client does.
+TWO_CLIENTS_DATA_FREE = RunConfig(
+    dataset="digits",
+    num_clients=2,
+    rounds=2,
+    local_epochs=1,
+    distill_epochs=1,
+    partition=PartitionConfig(scheme="iid"),
+    transfer="synthetic",
+    synthesis=SynthesisConfig(per_client=10, steps=5),
+    student_model="cnn_small",
+)
+
+
 @pytest.mark.slow
 def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeypatch):
     import federation.client_app as client_module
@@ -155,19 +171,8 @@ def test_each_client_trains_its_teacher_once_per_round_in_data_free_mode(monkeyp
         return original(model, client, **kwargs)
 
     monkeypatch.setattr(client_module, "train_locally", counting)
-    config = RunConfig(
-        dataset="digits",
-        num_clients=2,
-        rounds=2,
-        local_epochs=1,
-        distill_epochs=1,
-        partition=PartitionConfig(scheme="iid"),
-        transfer="synthetic",
-        synthesis=SynthesisConfig(per_client=10, steps=5),
-        student_model="cnn_small",
-    )
     grid = InProcessGrid(client_app, num_nodes=2)
-    run_federation(grid, config, run_dir=None)
+    run_federation(grid, TWO_CLIENTS_DATA_FREE, run_dir=None)
     assert sorted(trained) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     # The note that the query trained the teacher is used up by the train message.
     assert all("teacher-round" not in grid.context(node).state for node in (1, 2))
@@ -185,16 +190,8 @@ def test_warm_steps_keep_each_clients_generator_and_continue_it_the_next_round(m
         return original(self, generator=generator, student=student, start=start)
 
     monkeypatch.setattr(AmortizedGenerator, "fit", recording)
-    config = RunConfig(
-        dataset="digits",
-        num_clients=2,
-        rounds=3,
-        local_epochs=1,
-        distill_epochs=1,
-        partition=PartitionConfig(scheme="iid"),
-        transfer="synthetic",
-        synthesis=SynthesisConfig(per_client=10, steps=5, warm_steps=2),
-        student_model="cnn_small",
+    config = dataclasses.replace(
+        TWO_CLIENTS_DATA_FREE, rounds=3, synthesis=SynthesisConfig(per_client=10, steps=5, warm_steps=2)
     )
     grid = InProcessGrid(client_app, num_nodes=2)
     rows = run_federation(grid, config, run_dir=None)
