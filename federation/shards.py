@@ -47,18 +47,26 @@ def available_cores() -> int:
 
 
 def assign_shards(num_nodes: int, workers: int) -> list[tuple[int, ...]]:
-    """Node ids ``1..num_nodes`` dealt round-robin to ``min(workers, num_nodes)`` workers.
+    """Node ids ``1..num_nodes`` dealt to ``min(workers, num_nodes)`` workers, one turn at a time.
 
-    Worker ``w`` holds the ids ``k`` with ``(k - 1) % n == w``. Dealing rather than cutting
-    blocks keeps the shards within one client of each other for any sampled subset that is
-    spread over the ids, and a shard depends only on the two counts (never on data or timing).
+    Each turn deals the next ``n`` ids, one to every worker, starting one worker further on than
+    the turn before (turn 0: workers ``0, 1, …``; turn 1: ``1, 2, …, 0``). Dealing rather than
+    cutting blocks keeps the shards within one client of each other for any sampled subset that
+    is spread over the ids; moving the start keeps a shard from holding only every n-th client,
+    which with ``client_models`` assigned round-robin would give one worker all the clients of
+    one architecture (two workers, two architectures: one worker with every costly teacher while
+    the other waits). A shard depends only on the two counts.
     """
     if num_nodes < 1:
         raise ValueError(f"num_nodes must be ≥ 1, got {num_nodes}.")
     if workers < 1:
         raise ValueError(f"workers must be ≥ 1, got {workers}.")
     count = min(workers, num_nodes)
-    return [tuple(range(w + 1, num_nodes + 1, count)) for w in range(count)]
+    shards: list[list[int]] = [[] for _ in range(count)]
+    for position in range(num_nodes):
+        turn, offset = divmod(position, count)
+        shards[(offset + turn) % count].append(position + 1)
+    return [tuple(shard) for shard in shards]
 
 
 def message_bytes(message: Message) -> bytes:

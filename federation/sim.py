@@ -1,8 +1,9 @@
 """``fedkd-sim``: the Hydra entry point that runs the Flower apps in simulation.
 
-Four engines run the same ServerApp logic and the same ClientApp:
+Four engines run the same ServerApp logic and the same ClientApp (``engine=auto``, the default,
+picks ``processes`` where this process may use more than one core, else ``inprocess``):
 
-* ``engine=inprocess`` (default) delivers each message to the ClientApp in this process;
+* ``engine=inprocess`` delivers each message to the ClientApp in this process;
 * ``engine=processes`` runs the ClientApp in ``workers`` forked processes, a fixed shard of the
   clients each (:mod:`federation.processes`);
 * ``engine=ray`` runs it in ``workers`` Ray actors, a fixed shard each, on this machine or a Ray
@@ -14,6 +15,7 @@ The run folder is Hydra's output directory (``hydra.run.dir=…``; ``-m`` sweeps
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -32,6 +34,7 @@ from omegaconf import DictConfig
 from federation.hydra_schema import register_configs, sim_config_from_hydra
 from fedkd.checkpoint import ResumeError
 from fedkd.config import RunConfig
+from federation.shards import available_cores
 from fedkd.results import RunFolder, format_bytes
 from fedkd.tracking import TensorBoardLogger, round_callbacks
 
@@ -62,6 +65,15 @@ def simulate(
             tensorboard.close()
 
 
+def chosen_engine(config: RunConfig) -> str:
+    """The engine a run uses: ``engine=auto`` is ``processes`` when this process may use more than
+    one core and there is more than one client (clients then train side by side, one per core),
+    and ``inprocess`` otherwise; any other setting is itself."""
+    if config.engine != "auto":
+        return config.engine
+    return "processes" if config.num_clients > 1 and available_cores() > 1 else "inprocess"
+
+
 def _simulate(
     config: RunConfig,
     *,
@@ -82,9 +94,12 @@ def _simulate(
         if config.transfer == "synthetic"
         else ""
     )
+    engine = chosen_engine(config)
+    chosen = f"engine={engine}" if engine == config.engine else f"engine={engine} (auto, {available_cores()} cores)"
+    config = dataclasses.replace(config, engine=engine)
     print(
         f"fedkd: {config.strategy.name}{transfer} on {config.dataset}, {config.num_clients} clients "
-        f"({config.partition.scheme}), {config.rounds} rounds, engine={config.engine} → {run_dir}",
+        f"({config.partition.scheme}), {config.rounds} rounds, {chosen} → {run_dir}",
         flush=True,
     )
     if config.engine == "inprocess":

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from fedkd.config import EXECUTION_SETTINGS, RunConfig
+from fedkd.config import EXECUTION_SETTINGS, RunConfig, SynthesisConfig
 
 # Settings that act only on what the teachers already produced (or on how the run is executed),
 # so that runs differing only in them share their teachers.
@@ -41,6 +41,7 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
         *EXECUTION_SETTINGS,
         "rounds",
         "distill_epochs",
+        "distill_schedule",
         "temperature",
         "kd_alpha",
         "student_model",
@@ -54,6 +55,9 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
     "attack": ("kind", "fraction", "scale", "lie_fraction"),
     "strategy": ("aggregator", "min_replies"),
     "failure": ("crash_fraction",),
+    # The cache serves public transfer only (RunConfig refuses it otherwise): no synthesis setting
+    # reaches a cached teacher.
+    "synthesis": tuple(field.name for field in dataclasses.fields(SynthesisConfig)),
 }
 
 

@@ -21,10 +21,13 @@ from typing import Any
 
 from fedkd.attacks import ATTACK_KINDS
 from fedkd.data.partition import PARTITION_SCHEMES
+from fedkd.distillation import LR_SCHEDULES
 from fedkd.models import NORMALIZATION_FREE_MODELS, check_model_name
 from fedkd.privacy.config import PrivacyConfig
 
-ENGINES = ("inprocess", "processes", "ray", "flower-ray")
+# auto: the sharded worker processes where this process may use several cores, else in-process
+# (federation.sim.chosen_engine); every engine gives the same metrics.
+ENGINES = ("auto", "inprocess", "processes", "ray", "flower-ray")
 # Where the transfer inputs come from: a public split, or synthesized from the teachers.
 TRANSFER_SOURCES = ("public", "synthetic")
 SYNTHESIS_METHODS = ("adversarial", "generator", "deepinversion")
@@ -97,10 +100,15 @@ class SynthesisConfig:
     per_client: int = 200  # synthetic inputs each sampled client contributes per round
     steps: int = 200  # generator–student iterations, generator training steps, or DeepInversion iterations per batch
     keep_pools: bool = True  # the student distills on every round's pool so far (server memory)
+    # keep_pools: how many inputs of the earlier rounds' pools the student replays each round beside
+    # the newest pool (a fresh seeded draw every round; 0 = all of them). Bounds the student's work
+    # per round, which otherwise grows with the rounds (CMI and Fast-DFKD sample their memory banks).
+    replay_inputs: int = 4000
     # generator: 0 trains a fresh generator every round; N > 0 keeps each client's generator
     # between rounds (on the client) and, after its first round, trains it N more steps against
-    # the round's teacher (Fast-DFKD's reuse: Fang et al., AAAI 2022).
-    warm_steps: int = 0
+    # the round's teacher (Fast-DFKD's reuse: Fang et al., AAAI 2022). The other methods keep no
+    # generator and need warm_steps=0.
+    warm_steps: int = 20
     # adversarial: the architecture of the local proxy student the client's generator plays against
     proxy_student: str = "lenet5_half"
 
@@ -110,14 +118,19 @@ class SynthesisConfig:
             raise ValueError(f"synthesis.per_client must be ≥ 1, got {self.per_client}.")
         if self.steps < 1:
             raise ValueError(f"synthesis.steps must be ≥ 1, got {self.steps}.")
+        if self.replay_inputs < 0:
+            raise ValueError(
+                f"synthesis.replay_inputs must be ≥ 0 (0 = replay every earlier pool), got {self.replay_inputs}."
+            )
         if self.warm_steps < 0:
             raise ValueError(
                 f"synthesis.warm_steps must be ≥ 0 (0 = a fresh generator every round), got {self.warm_steps}."
             )
         if self.warm_steps and self.method != "generator":
             raise ValueError(
-                f"synthesis.warm_steps reuses the generator of synthesis.method=generator; method {self.method!r} "
-                "keeps no generator between rounds. Set synthesis.method=generator or synthesis.warm_steps=0."
+                f"synthesis.warm_steps={self.warm_steps} reuses the generator of synthesis.method=generator; method "
+                f"{self.method!r} keeps no generator between rounds. Add synthesis.warm_steps=0 (or use "
+                "synthesis.method=generator)."
             )
         check_model_name(self.proxy_student)
 
@@ -202,6 +215,9 @@ class RunConfig:
     # The student recipe (README, Federated-distillation recipe): ten distillation epochs per round
     # at T = 4, no random shifts, and (strategy.aggregator=auto) class-weighted soft labels.
     distill_epochs: int = 10
+    # The student's learning rate within a round: constant, or cosine-annealed to 0 over the round's
+    # distillation steps (fedkd.distillation.LR_SCHEDULES).
+    distill_schedule: str = "constant"
     temperature: float = 4.0
     kd_alpha: float = 1.0
     client_models: tuple[str, ...] = ("cnn_small", "lenet5_bn")
@@ -213,7 +229,7 @@ class RunConfig:
     # with privacy=gaussian|gnmax|pate those not released, otherwise the transfer set itself.
     semi_supervised: bool = False
     seed: int = 0
-    engine: str = "inprocess"
+    engine: str = "auto"
     # engine=processes|ray: workers (processes, Ray actors), each holding a fixed shard of the
     # clients; 0 = one per core this process may run on (engine=ray: one per CPU of the cluster).
     workers: int = 0
@@ -245,6 +261,7 @@ class RunConfig:
             raise ValueError(f"public_size must be ≥ 0, got {self.public_size}.")
         self._check_mixup_views()
         _choice("transfer", self.transfer, TRANSFER_SOURCES)
+        _choice("distill_schedule", self.distill_schedule, LR_SCHEDULES)
         if self.transfer == "synthetic" and self.public_labels:
             raise ValueError(
                 "public_labels=true needs a public set, but transfer=synthetic has none; set public_labels=false."
@@ -264,6 +281,11 @@ class RunConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if self.semi_supervised and self.distill_schedule != "constant":
+            raise ValueError(
+                f"semi_supervised=true follows FixMatch's own learning-rate schedule; distill_schedule="
+                f"{self.distill_schedule} would not apply. Set distill_schedule=constant or semi_supervised=false."
+            )
         if self.semi_supervised and self.kd_alpha < 1.0:
             raise ValueError(
                 f"semi_supervised=true with kd_alpha={self.kd_alpha}: the semi-supervised student does not "
@@ -354,9 +376,12 @@ class RunConfig:
         return "class_weighted" if self.privacy.mechanism == "none" else "weighted"
 
     def same_run(self, other: RunConfig) -> bool:
-        """Whether ``other`` computes the same run, whatever its :data:`EXECUTION_SETTINGS`."""
-        execution = {name: getattr(self, name) for name in EXECUTION_SETTINGS}
-        return dataclasses.replace(other, **execution) == self
+        """Whether ``other`` computes the same run, whatever its :data:`EXECUTION_SETTINGS` (and,
+        with a public transfer set, whatever its synthesis settings, which such a run never reads)."""
+        ignored: dict[str, Any] = {name: getattr(self, name) for name in EXECUTION_SETTINGS}
+        if self.transfer == "public":
+            ignored["synthesis"] = self.synthesis
+        return dataclasses.replace(other, **ignored) == self
 
     @property
     def releases_feature_statistics(self) -> bool:
@@ -417,6 +442,28 @@ def _coerce(cls: type, values: Mapping[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"Unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}.")
     return cls(**values)
+
+
+# Settings added after run folders were committed, where today's default is not what a run did
+# before the setting existed: a stored config without the key means the value here, and is read
+# back with it (fedkd.results.RunFolder.stored_config), so that an old folder neither passes for a
+# run of today's default nor is described by it.
+BEFORE_THE_SETTING: dict[tuple[str, ...], Any] = {
+    ("synthesis", "warm_steps"): 0,
+    ("synthesis", "replay_inputs"): 0,
+}
+
+
+def stored_run_config(values: Mapping[str, Any]) -> RunConfig:
+    """The :class:`RunConfig` a stored config (a run folder's ``config.yaml``) describes, keys it
+    predates taking their :data:`BEFORE_THE_SETTING` values."""
+    values = {key: dict(value) if isinstance(value, Mapping) else value for key, value in values.items()}
+    for path, value in BEFORE_THE_SETTING.items():
+        target = values
+        for group in path[:-1]:
+            target = target.setdefault(group, {})
+        target.setdefault(path[-1], value)
+    return run_config_from_mapping(values)
 
 
 def run_config_from_mapping(values: Mapping[str, Any]) -> RunConfig:

@@ -80,6 +80,16 @@ class OptimizerSettings:
     batch_size: int = 64
 
 
+# How the learning rate moves within one call of :func:`distill`: held, or annealed to zero along a
+# cosine (FedDF's server-side distillation, Lin et al., NeurIPS 2020).
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _choose_schedule(schedule: str) -> None:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"Unknown learning-rate schedule {schedule!r}; choose one of {list(LR_SCHEDULES)}.")
+
+
 def _batches(num_examples: int, batch_size: int, generator: torch.Generator):
     order = torch.randperm(num_examples, generator=generator)
     for start in range(0, num_examples, batch_size):
@@ -95,9 +105,19 @@ def _fit(
     settings: OptimizerSettings,
     generator: torch.Generator,
     optimizer: torch.optim.Optimizer | None,
+    schedule: str = "constant",
 ) -> float:
-    """Minimize ``batch_loss(indices)`` over shuffled mini-batches; mean loss of the last epoch."""
+    """Minimize ``batch_loss(indices)`` over shuffled mini-batches; mean loss of the last epoch.
+
+    ``schedule="cosine"`` anneals the learning rate from ``settings.lr`` to 0 along a cosine over
+    every step of the call (one step per mini-batch).
+    """
+    _choose_schedule(schedule)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    annealing = None
+    if schedule == "cosine":
+        steps = epochs * math.ceil(num_examples / settings.batch_size)
+        annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     model.train()
     last_epoch_loss = float("nan")
     for _ in range(epochs):
@@ -109,6 +129,8 @@ def _fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if annealing is not None:
+                annealing.step()
             total += loss.item() * len(batch)
             count += len(batch)
         last_epoch_loss = total / max(count, 1)
@@ -163,10 +185,12 @@ def distill(
     labels: torch.Tensor | None = None,
     max_shift: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
+    schedule: str = "constant",
 ) -> float:
     """Fit ``student`` to ``teacher_probs`` on ``inputs`` with :func:`kd_loss`.
 
-    Returns the mean loss of the last epoch.
+    ``schedule`` is the learning rate's course over the call (:data:`LR_SCHEDULES`). Returns the
+    mean loss of the last epoch.
     """
     if len(inputs) != len(teacher_probs):
         raise ValueError(f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels.")
@@ -189,6 +213,7 @@ def distill(
         settings=settings,
         generator=generator,
         optimizer=optimizer,
+        schedule=schedule,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from fedkd.config import RunConfig, run_config_from_mapping
+from fedkd.config import RunConfig, stored_run_config
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -48,7 +48,8 @@ class RunFolder:
         Lets an interrupted sweep be relaunched without redoing the runs it had finished, also
         from another checkout, data folder or engine (``RunConfig.same_run``). The
         stored config is read back through the same adapter as a new one, so a folder written
-        before a setting existed still matches when the setting keeps its default.
+        before a setting existed still matches when the setting keeps the value runs had before
+        it existed (its default, or :data:`fedkd.config.BEFORE_THE_SETTING`'s).
         """
         stored = self.stored_config() if self.metrics_path.exists() else None
         if stored is None or not config.same_run(stored):
@@ -68,7 +69,7 @@ class RunFolder:
         if not config_path.exists():
             return None
         try:
-            return run_config_from_mapping(read_config(self.path))
+            return stored_run_config(read_config(self.path))
         except (TypeError, ValueError):
             return None
 

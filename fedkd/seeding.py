@@ -55,3 +55,4 @@ class SeedPurpose(IntEnum):
     ATTACK_COLLUSION = 16
     CRASHES = 17
     MIXUP_VIEWS = 18
+    POOL_REPLAY = 19

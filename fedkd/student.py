@@ -53,6 +53,7 @@ class Student:
         seed: int,
         alpha: float = 1.0,
         max_shift: float = 0.0,
+        schedule: str = "constant",
         semi: SemiSupervision | None = None,
     ) -> None:
         self.model = model
@@ -62,6 +63,7 @@ class Student:
         self.seed = seed
         self.alpha = alpha
         self.max_shift = max_shift
+        self.schedule = schedule
         self.semi = semi
 
     def learn(
@@ -108,6 +110,7 @@ class Student:
             # A fresh Adam each round: the targets change between rounds, and second moments
             # estimated on round 1's near-uniform soft labels make later steps far too large.
             optimizer=None,
+            schedule=self.schedule,
         )
 
     def arrays(self) -> ArrayRecord:

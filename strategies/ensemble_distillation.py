@@ -309,6 +309,8 @@ def transfer_source(context: BuildContext) -> TransferSource:
             per_client=config.synthesis.per_client,
             aggregator=context.aggregator,
             keep_pools=config.synthesis.keep_pools,
+            replay_inputs=config.synthesis.replay_inputs,
+            seed=config.seed,
             timeout=config.round_timeout,
         )
     if config.privacy.mechanism == "pate":

@@ -98,6 +98,7 @@ class BuildContext:
             seed=config.seed,
             alpha=config.kd_alpha,
             max_shift=config.augment_shift,
+            schedule=config.distill_schedule,
             semi=SemiSupervision() if config.semi_supervised else None,
         )
 

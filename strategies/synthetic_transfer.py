@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 
 from fedkd.checkpoint import arrays_record
 from fedkd.data import DatasetInfo, to_tensor
+from fedkd.seeding import SeedPurpose, numpy_generator
 from fedkd.messages import (
     SYNTHESIZE_MESSAGE,
     SYNTHETIC_KEY,
@@ -101,6 +102,14 @@ def pool_synthetic_replies(
     return SyntheticPool(images, sorted_out.client_ids, sorted_out.failed, sorted_out.rejected)
 
 
+def replay_draw(num_earlier: int, replay_inputs: int, rng: np.random.Generator) -> NDArray[np.int64] | None:
+    """Sorted positions among ``num_earlier`` kept inputs to replay, or None for all of them
+    (``replay_inputs`` 0, or at least as many as there are)."""
+    if replay_inputs == 0 or replay_inputs >= num_earlier:
+        return None
+    return np.sort(rng.choice(num_earlier, size=replay_inputs, replace=False))
+
+
 class SyntheticTransfer:
     """Transfer source that asks the sampled clients for synthetic inputs and pools them.
 
@@ -116,6 +125,12 @@ class SyntheticTransfer:
         Distill on every round's pool so far, each with the soft labels it got in its round
         (the memory bank of CMI and Fast-DFKD), rather than on this round's pool only. Costs
         no extra bytes: old pools are not sent again.
+    replay_inputs : int
+        With ``keep_pools``: how many inputs of the earlier pools the student replays each round
+        beside the newest pool, drawn afresh every round without replacement (0 = all of them).
+        Keeps the student's work per round from growing with the rounds.
+    seed : int
+        The run's seed; the replay draw follows ``(seed, round)``.
     timeout : float
         Seconds to wait for the clients' answers.
     """
@@ -129,19 +144,26 @@ class SyntheticTransfer:
         per_client: int,
         aggregator: Aggregator | ClientAggregator,
         keep_pools: bool = True,
+        replay_inputs: int = 0,
+        seed: int = 0,
         timeout: float = 3600.0,
     ) -> None:
+        if replay_inputs < 0:
+            raise ValueError(f"replay_inputs must be ≥ 0 (0 = replay every earlier pool), got {replay_inputs}.")
         self.info = info
         self.per_client = per_client
         self.aggregator = client_aggregator(aggregator)
         self.keep_pools = keep_pools
+        self.replay_inputs = replay_inputs
+        self.seed = seed
         self.timeout = timeout
         self._round_inputs: torch.Tensor | None = None
         self._rejected = 0
         self._bank: list[tuple[torch.Tensor, NDArray[np.float32]]] = []
 
     def describe(self) -> str:
-        return f"synthetic transfer, {self.per_client} inputs per client, keep_pools={self.keep_pools}"
+        replay = f", replay_inputs={self.replay_inputs}" if self.keep_pools and self.replay_inputs else ""
+        return f"synthetic transfer, {self.per_client} inputs per client, keep_pools={self.keep_pools}{replay}"
 
     def decode(self, images: np.ndarray) -> torch.Tensor:
         """The pooled uint8 images as normalized inputs for the student."""
@@ -185,6 +207,12 @@ class SyntheticTransfer:
         self._bank.append((self._round_inputs, aggregate))
         inputs = torch.cat([pool for pool, _ in self._bank])
         targets = np.concatenate([labels for _, labels in self._bank])
+        num_earlier = len(targets) - len(aggregate)
+        rng = numpy_generator(self.seed, server_round, SeedPurpose.POOL_REPLAY)
+        replayed = replay_draw(num_earlier, self.replay_inputs, rng)
+        if replayed is not None:
+            keep = np.concatenate([replayed, np.arange(num_earlier, len(targets))])
+            inputs, targets = inputs[torch.from_numpy(keep)], targets[keep]
         return DistillationSet(inputs, targets, aggregate=aggregate)
 
     def round_metrics(self) -> dict[str, Any]:

@@ -237,9 +237,15 @@ def test_synthetic_transfer_has_no_public_set_and_ignores_public_size():
 
 
 def test_synthesis_settings_travel_through_flower_and_hydra_configs():
-    flat = {"transfer": "synthetic", "synthesis": "deepinversion", "synthesis-per-client": 7, "synthesis-steps": 9}
+    flat = {
+        "transfer": "synthetic",
+        "synthesis": "deepinversion",
+        "synthesis-per-client": 7,
+        "synthesis-steps": 9,
+        "synthesis-warm-steps": 0,
+    }
     config = run_config_from_flower(flat)
-    assert config.synthesis == SynthesisConfig(method="deepinversion", per_client=7, steps=9)
+    assert config.synthesis == SynthesisConfig(method="deepinversion", per_client=7, steps=9, warm_steps=0)
     assert run_config_from_flower(run_config_to_flower(config)) == config
     nested = run_config_from_mapping({"transfer": "synthetic", "synthesis": {"per_client": 3}})
     assert nested.synthesis.per_client == 3

@@ -142,3 +142,50 @@ def test_distill_rejects_mismatched_lengths():
             settings=OptimizerSettings(),
             generator=torch.Generator(),
         )
+
+
+class _RecordingLinear(nn.Linear):
+    """Keeps a copy of its weight at every forward pass: one per mini-batch, before that batch's step."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 3)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.seen.append(self.weight.detach().clone())
+        return super().forward(inputs.flatten(1))
+
+
+def _step_sizes(schedule: str) -> list[float]:
+    torch.manual_seed(0)
+    student = _RecordingLinear()
+    inputs = torch.randn(64, 4)
+    # One fixed target for every input: the gradient keeps its direction, so Adam's steps keep
+    # their size unless the learning rate changes.
+    targets = torch.tensor([[0.9, 0.05, 0.05]]).repeat(64, 1)
+    distill(
+        student,
+        inputs,
+        targets,
+        epochs=2,
+        temperature=1.0,
+        settings=OptimizerSettings(lr=1e-2, batch_size=8),
+        generator=torch.Generator().manual_seed(0),
+        schedule=schedule,
+    )
+    weights = [*student.seen, student.weight.detach()]
+    return [float((after - before).abs().max()) for before, after in zip(weights, weights[1:])]
+
+
+def test_cosine_schedule_anneals_the_students_steps_to_zero_within_the_call():
+    constant, cosine = _step_sizes("constant"), _step_sizes("cosine")
+    assert len(constant) == len(cosine) == 16  # 2 epochs × 8 batches
+    assert constant[-1] > 0.5 * constant[0]
+    assert cosine[0] == pytest.approx(constant[0])  # both start at the full rate
+    assert cosine[-1] < 0.05 * cosine[0]  # the last step's rate is (1 + cos(15π/16)) / 2 ≈ 0.01 of it
+    assert cosine[len(cosine) // 2] < 0.7 * cosine[0]
+
+
+def test_unknown_schedule_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="cosine"):
+        _step_sizes("linear")

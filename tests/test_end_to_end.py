@@ -62,7 +62,7 @@ def _teacher_from_state(grid: InProcessGrid, node_id: int, config: RunConfig) ->
 
 @pytest.mark.slow
 def test_inprocess_run_writes_run_folder_and_the_student_learns(tmp_path):
-    rows = simulate(TINY, run_dir=tmp_path)
+    rows = simulate(dataclasses.replace(TINY, engine="inprocess"), run_dir=tmp_path)
     assert [row["round"] for row in rows] == [1, 2]
     assert rows[-1]["student_accuracy"] > untrained_student_accuracy(TINY) + LEARNED
     written = read_metrics(tmp_path)

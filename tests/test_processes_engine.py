@@ -35,9 +35,18 @@ def test_shards_cover_every_node_once_and_differ_by_at_most_one(num_nodes, worke
     assert assign_shards(num_nodes, workers) == shards  # a pure function of the two counts
 
 
-def test_shards_are_dealt_round_robin():
-    assert assign_shards(7, 3) == [(1, 4, 7), (2, 5), (3, 6)]
+def test_shards_are_dealt_one_turn_at_a_time_from_a_moving_start():
+    assert assign_shards(7, 3) == [(1, 6), (2, 4), (3, 5, 7)]
     assert assign_shards(2, 5) == [(1,), (2,)]
+
+
+@pytest.mark.parametrize("num_nodes, workers, architectures", [(100, 2, 2), (20, 2, 2), (30, 3, 3), (40, 4, 2)])
+def test_every_shard_holds_each_round_robin_architecture_about_equally(num_nodes, workers, architectures):
+    # client_models go round-robin over client ids (node id - 1); a shard of only one of them
+    # leaves the workers with the cheaper teachers idle.
+    for shard in assign_shards(num_nodes, workers):
+        counts = [sum((node - 1) % architectures == a for node in shard) for a in range(architectures)]
+        assert max(counts) - min(counts) <= 1, (shard, counts)
 
 
 FREE_AND_MEASURE = textwrap.dedent(
@@ -102,7 +111,7 @@ def test_each_worker_serves_its_own_shard_and_keeps_its_nodes_state():
             replies = ask(grid, [5, 1, 2, 3, 4])
         assert [reply.metadata.src_node_id for reply in replies] == [5, 1, 2, 3, 4]  # the order sent
         pids = {reply.content["m"]["node"]: reply.content["m"]["pid"] for reply in replies}
-        assert pids[1] == pids[3] == pids[5] != pids[2] == pids[4] != os.getpid()
+        assert pids[1] == pids[4] == pids[5] != pids[2] == pids[3] != os.getpid()  # shards (1, 4, 5), (2, 3)
         states = grid.node_states()
         assert {node: state["seen"]["count"] for node, state in states.items()} == {n: 2 for n in range(1, 6)}
         states[3]["seen"] = MetricRecord({"count": 40})
@@ -112,8 +121,8 @@ def test_each_worker_serves_its_own_shard_and_keeps_its_nodes_state():
 
 
 def test_a_worker_that_dies_becomes_error_replies_and_is_forked_again_with_empty_state(monkeypatch):
-    # workers=2 deals nodes (1, 3) and (2, 4): node 4 runs after node 2 in the worker it kills.
-    # The server looks late, when node 2's reply waits in the pipe of a process already dead.
+    # workers=2 deals nodes (1, 4) and (2, 3): node 4 runs after node 1 in the worker it kills.
+    # The server looks late, when node 1's reply waits in the pipe of a process already dead.
     import federation.processes
 
     def late_wait(handles, timeout=None):
@@ -128,7 +137,7 @@ def test_a_worker_that_dies_becomes_error_replies_and_is_forked_again_with_empty
         assert grid.restarts == 0
         states = grid.node_states()  # forks the new worker first
         assert grid.restarts == 1
-        assert states[2] == RecordDict() and states[1]["seen"]["count"] == 1  # node 2's state died with it
+        assert states[1] == RecordDict() and states[2]["seen"]["count"] == 1  # node 1's state died with it
         states[4]["died"] = MetricRecord({"once": 1})  # tell the new worker's node 4 not to die again
         grid.restore_node_states({4: states[4]})
         assert not any(reply.has_error() for reply in ask(grid, [1, 2, 3, 4]))

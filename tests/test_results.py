@@ -50,6 +50,35 @@ def test_a_folder_written_before_a_setting_existed_still_matches_its_default(tmp
     assert folder.finished_rows(dataclasses.replace(config, transfer="synthetic")) is None
 
 
+def test_a_folder_from_before_a_setting_whose_default_changed_reads_as_it_ran(tmp_path):
+    import yaml
+
+    from fedkd.config import SynthesisConfig
+
+    config = RunConfig(rounds=2, transfer="synthetic", distill_schedule="constant")
+    before = dataclasses.replace(config, synthesis=SynthesisConfig(warm_steps=0, replay_inputs=0))
+    folder = _finished_folder(tmp_path, before)
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del stored["distill_schedule"], stored["synthesis"]["warm_steps"], stored["synthesis"]["replay_inputs"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    # Those runs had a constant rate, fresh generators and every pool replayed, whatever today's defaults.
+    assert folder.stored_config() == before
+    assert folder.finished_rows(before) is not None
+    assert folder.finished_rows(dataclasses.replace(config, distill_schedule="cosine")) is None
+    assert folder.finished_rows(RunConfig(rounds=2, transfer="synthetic")) is None  # today's defaults
+
+
+def test_a_public_transfer_run_is_the_same_run_whatever_its_unread_synthesis_settings(tmp_path):
+    from fedkd.config import SynthesisConfig
+
+    config = RunConfig(rounds=2)
+    folder = _finished_folder(tmp_path, dataclasses.replace(config, synthesis=SynthesisConfig(warm_steps=0)))
+    assert folder.finished_rows(config) is not None
+    synthetic = dataclasses.replace(config, transfer="synthetic")
+    _finished_folder(tmp_path / "synthetic", dataclasses.replace(synthetic, synthesis=SynthesisConfig(warm_steps=0)))
+    assert RunFolder(tmp_path / "synthetic").finished_rows(synthetic) is None  # there it is read
+
+
 def test_a_folder_holding_something_else_is_not_a_finished_run(tmp_path):
     config = RunConfig(rounds=2)
     folder = _finished_folder(tmp_path, config)

@@ -28,6 +28,7 @@ PURPOSE_VALUES = {
     "ATTACK_COLLUSION": 16,
     "CRASHES": 17,
     "MIXUP_VIEWS": 18,
+    "POOL_REPLAY": 19,
 }
 
 

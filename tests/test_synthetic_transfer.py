@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 from baselines import untrained_student_accuracy
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from grids import RecordingGrid
 
@@ -21,7 +21,14 @@ from fedkd.messages import (
     TRANSFER_KEY,
     synthetic_reply,
 )
-from strategies.synthetic_transfer import pool_synthetic_replies, validate_synthetic_images
+from fedkd.data import DatasetInfo
+from strategies.aggregation import weighted_mean
+from strategies.synthetic_transfer import (
+    SyntheticTransfer,
+    pool_synthetic_replies,
+    replay_draw,
+    validate_synthetic_images,
+)
 from strategies.validation import InvalidReply
 
 SHAPE = (1, 4, 4)
@@ -103,6 +110,65 @@ DATA_FREE = RunConfig(
 
 
 DATA_FREE_LEARNED = 0.05
+
+
+class _OneClientGrid:
+    """Answers each round's synthesize query with that round's images, as client 0."""
+
+    def __init__(self, pools):
+        self.pools = iter(pools)
+
+    def send_and_receive(self, queries, timeout):
+        return [_reply(next(self.pools), client_id=0)]
+
+
+def _distillation_sets(rounds, *, per_round=4, **transfer_options):
+    """Each round's distillation set when round r's pool is ``per_round`` images of pixel value r."""
+    info = DatasetInfo("pixels", 2, SHAPE, (0.0,), (1.0 / 255,))  # normalized input = pixel value
+    transfer = SyntheticTransfer(info=info, per_client=per_round, aggregator=weighted_mean, **transfer_options)
+    grid = _OneClientGrid(_images(per_round, r) for r in range(1, rounds + 1))
+    sets = []
+    for server_round in range(1, rounds + 1):
+        transfer.prepare(server_round, grid, [1], task=ConfigRecord())
+        # The soft labels say which round labelled an input: [r, 1 - r/10].
+        labels = np.tile(np.float32([server_round / 10, 1 - server_round / 10]), (1, per_round, 1))
+        sets.append(transfer.distillation_set(labels, np.ones(1), server_round=server_round))
+    return sets
+
+
+def test_kept_pools_are_all_distilled_with_the_labels_of_their_round():
+    sets = _distillation_sets(3)
+    assert [len(s.inputs) for s in sets] == [4, 8, 12]
+    last = sets[-1]
+    rounds = last.inputs[:, 0, 0, 0].numpy()
+    assert rounds.tolist() == [1] * 4 + [2] * 4 + [3] * 4
+    np.testing.assert_allclose(last.targets[:, 0], rounds / 10, rtol=1e-6)
+
+
+def test_replay_bounds_the_earlier_pools_and_always_keeps_the_newest():
+    sets = _distillation_sets(4, replay_inputs=3, seed=7)
+    assert [len(s.inputs) for s in sets] == [4, 7, 7, 7]
+    for server_round, learned in enumerate(sets, start=1):
+        rounds = learned.inputs[:, 0, 0, 0].numpy()
+        assert (rounds == server_round).sum() == 4  # the newest pool, whole
+        assert set(rounds) <= set(range(1, server_round + 1))
+        np.testing.assert_allclose(learned.targets[:, 0], rounds / 10, rtol=1e-6)  # each input keeps its round's label
+    again = _distillation_sets(4, replay_inputs=3, seed=7)
+    assert all(np.array_equal(a.targets, b.targets) for a, b in zip(sets, again, strict=True))
+
+
+def test_replay_draw_is_without_replacement_and_differs_by_round():
+    draws = [replay_draw(100, 10, np.random.default_rng(seed)) for seed in (1, 2)]
+    for draw in draws:
+        assert len(set(draw.tolist())) == 10 and draw.min() >= 0 and draw.max() < 100
+    assert not np.array_equal(*draws)
+    assert replay_draw(100, 0, np.random.default_rng(0)) is None  # 0: replay everything
+    assert replay_draw(5, 10, np.random.default_rng(0)) is None  # fewer kept than asked: all of them
+
+
+def test_replay_inputs_must_not_be_negative():
+    with pytest.raises(ValueError, match="replay_inputs"):
+        SynthesisConfig(replay_inputs=-1)
 
 
 @pytest.mark.slow
@@ -202,8 +268,9 @@ def test_warm_steps_keep_each_clients_generator_and_continue_it_the_next_round(m
 
 
 def test_warm_steps_are_only_for_the_generator_method():
-    with pytest.raises(ValueError, match="synthesis.method=generator"):
-        SynthesisConfig(method="deepinversion", warm_steps=5)
+    with pytest.raises(ValueError, match="synthesis.warm_steps=0"):
+        SynthesisConfig(method="deepinversion")  # the default keeps a generator, which this method has not
+    assert SynthesisConfig(method="deepinversion", warm_steps=0).warm_steps == 0
     with pytest.raises(ValueError, match="≥ 0"):
         SynthesisConfig(warm_steps=-1)
 

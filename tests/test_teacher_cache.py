@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 from federation import client_app
 from federation.sim import simulate
 from federation.teacher_cache import CachedTeacher, TeacherCache, entry_key
-from fedkd.config import AttackConfig, PartitionConfig, RunConfig, StrategyConfig
+from fedkd.config import AttackConfig, PartitionConfig, RunConfig, StrategyConfig, SynthesisConfig
 from fedkd.privacy.config import PrivacyConfig
 
 RUN = RunConfig(dataset="digits", num_clients=4, public_size=200)
@@ -30,6 +30,9 @@ def test_settings_after_the_teacher_share_it_and_every_other_setting_does_not():
         dataclasses.replace(RUN, attack=AttackConfig(kind="scale", fraction=0.3)),
         dataclasses.replace(RUN, mixup_views=100),
         dataclasses.replace(RUN, rounds=3, temperature=3.0, distill_epochs=1, student_model="cnn_small"),
+        dataclasses.replace(RUN, distill_schedule="cosine"),
+        # The cache serves public transfer only, where no synthesis setting reaches a teacher.
+        dataclasses.replace(RUN, synthesis=SynthesisConfig(steps=7, warm_steps=0, replay_inputs=5)),
         dataclasses.replace(RUN, engine="processes", teacher_cache="/elsewhere", data_root="/other/copy"),
     ]
     assert {key(run) for run in same} == {key()}
