@@ -32,9 +32,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from federation.hydra_schema import register_configs, sim_config_from_hydra
+from federation.shards import available_cores
 from fedkd.checkpoint import ResumeError
 from fedkd.config import RunConfig
-from federation.shards import available_cores
 from fedkd.results import RunFolder, format_bytes
 from fedkd.tracking import TensorBoardLogger, round_callbacks
 

@@ -32,7 +32,6 @@ from numpy.typing import NDArray
 
 from fedkd.checkpoint import arrays_record
 from fedkd.data import DatasetInfo, to_tensor
-from fedkd.seeding import SeedPurpose, numpy_generator
 from fedkd.messages import (
     SYNTHESIZE_MESSAGE,
     SYNTHETIC_KEY,
@@ -42,6 +41,7 @@ from fedkd.messages import (
     array_record,
     synthetic_transfer_record,
 )
+from fedkd.seeding import SeedPurpose, numpy_generator
 from strategies.aggregation import Aggregator
 from strategies.transfer import (
     ClientAggregator,

@@ -174,7 +174,7 @@ def _step_sizes(schedule: str) -> list[float]:
         schedule=schedule,
     )
     weights = [*student.seen, student.weight.detach()]
-    return [float((after - before).abs().max()) for before, after in zip(weights, weights[1:])]
+    return [float((after - before).abs().max()) for before, after in zip(weights[:-1], weights[1:], strict=True)]
 
 
 def test_cosine_schedule_anneals_the_students_steps_to_zero_within_the_call():

@@ -13,6 +13,7 @@ from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid
 from federation.run import run_federation
 from fedkd.config import PartitionConfig, RunConfig, SynthesisConfig
+from fedkd.data import DatasetInfo
 from fedkd.data import local as local_data
 from fedkd.messages import (
     SYNTHESIZE_MESSAGE,
@@ -21,7 +22,6 @@ from fedkd.messages import (
     TRANSFER_KEY,
     synthetic_reply,
 )
-from fedkd.data import DatasetInfo
 from strategies.aggregation import weighted_mean
 from strategies.synthetic_transfer import (
     SyntheticTransfer,
