@@ -185,7 +185,7 @@ def test_a_resumed_processes_run_ends_where_the_uninterrupted_one_does(inprocess
 
 @pytest.mark.slow
 def test_a_killed_worker_fails_its_unanswered_clients_and_the_run_goes_on():
-    # workers=2 deals nodes (1, 3) and (2, 4); node 4 runs after node 2 in its worker.
+    # workers=2 deals nodes (1, 4) and (2, 3); node 4 runs after node 1 in its worker.
     config = TINY
     with ProcessPoolGrid(
         dying_app(node_id=4, in_round=1), num_nodes=4, workers=2, split_spec=config.split_spec()
@@ -194,7 +194,7 @@ def test_a_killed_worker_fails_its_unanswered_clients_and_the_run_goes_on():
         assert grid.restarts == 1
         states = grid.node_states()
     assert [row["round"] for row in rows] == [1, 2]
-    # Round 1: node 2 answered before its worker died, node 4 did not; the round used the rest.
+    # Round 1: node 1 answered before its worker died, node 4 did not; the round used the rest.
     assert rows[0]["failed_nodes"] == [4] and rows[0]["clients"] == 3
     # Round 2: a fresh worker serves the shard; node 4 trained again from an empty state.
     assert rows[1]["failed"] == 0 and rows[1]["clients"] == 4
