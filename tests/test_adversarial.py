@@ -72,6 +72,7 @@ def test_penultimate_features_capture_the_last_linear_input_and_unhook():
         ({"adversarial_weight": -1.0}, "adversarial_weight"),
         ({"generator_lr": 0.0}, "generator_lr"),
         ({"entropy_weight": float("nan")}, "entropy_weight"),
+        ({"student_optimizer": "lbfgs"}, "student_optimizer"),
         ({"adversarial_weight": 0.0, "bn_weight": 0.0, "ce_weight": 0.0}, "would not learn"),
     ],
 )
@@ -107,6 +108,15 @@ def test_a_step_trains_the_student_and_generator_and_leaves_the_teacher_alone():
     assert any(not torch.equal(v, generator_before[k]) for k, v in game.network.state_dict().items())
     assert all(p.requires_grad for p in teacher.parameters())
     assert game.bank_size == 8
+
+
+def test_the_student_optimizer_is_dfads_sgd_when_asked():
+    adam = _game(_tiny_teacher(0), _tiny_teacher(1)).student_optimizer
+    sgd = _game(_tiny_teacher(0), _tiny_teacher(1), student_optimizer="sgd", student_lr=0.1).student_optimizer
+    assert isinstance(adam, torch.optim.Adam)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
+    assert sgd.defaults["lr"] == 0.1
 
 
 def test_the_bank_keeps_only_the_latest_batches():
