@@ -42,6 +42,7 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
         "rounds",
         "distill_epochs",
         "distill_schedule",
+        "distill_ema",
         "temperature",
         "kd_alpha",
         "student_model",

@@ -218,6 +218,9 @@ class RunConfig:
     # The student's learning rate within a round: constant, or cosine-annealed to 0 over the round's
     # distillation steps (fedkd.distillation.LR_SCHEDULES).
     distill_schedule: str = "constant"
+    # Decay of a moving average of the student's weights over a round's distillation steps, which
+    # the student keeps at the end of the round (Polyak averaging; 0 = the last step's weights).
+    distill_ema: float = 0.0
     temperature: float = 4.0
     kd_alpha: float = 1.0
     client_models: tuple[str, ...] = ("cnn_small", "lenet5_bn")
@@ -262,6 +265,13 @@ class RunConfig:
         self._check_mixup_views()
         _choice("transfer", self.transfer, TRANSFER_SOURCES)
         _choice("distill_schedule", self.distill_schedule, LR_SCHEDULES)
+        if not 0.0 <= self.distill_ema < 1.0:
+            raise ValueError(f"distill_ema must lie in [0, 1) (0 = no weight averaging), got {self.distill_ema}.")
+        if self.semi_supervised and self.distill_ema:
+            raise ValueError(
+                f"semi_supervised=true averages the student's weights itself (FixMatch's EMA); distill_ema="
+                f"{self.distill_ema} would not apply. Set distill_ema=0 or semi_supervised=false."
+            )
         if self.transfer == "synthetic" and self.public_labels:
             raise ValueError(
                 "public_labels=true needs a public set, but transfer=synthetic has none; set public_labels=false."

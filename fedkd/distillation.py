@@ -85,6 +85,12 @@ class OptimizerSettings:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_average_decay(decay: float) -> None:
+    """Refuse a weight-averaging decay outside [0, 1) (0 = no averaging)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"the student's weight-averaging decay must lie in [0, 1) (0 = off), got {decay}.")
+
+
 def _choose_schedule(schedule: str) -> None:
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"Unknown learning-rate schedule {schedule!r}; choose one of {list(LR_SCHEDULES)}.")
@@ -106,18 +112,26 @@ def _fit(
     generator: torch.Generator,
     optimizer: torch.optim.Optimizer | None,
     schedule: str = "constant",
+    average_decay: float = 0.0,
 ) -> float:
     """Minimize ``batch_loss(indices)`` over shuffled mini-batches; mean loss of the last epoch.
 
     ``schedule="cosine"`` anneals the learning rate from ``settings.lr`` to 0 along a cosine over
-    every step of the call (one step per mini-batch).
+    every step of the call (one step per mini-batch). ``average_decay`` > 0 keeps an exponential
+    moving average of the weights (BatchNorm statistics included) over the call's steps and
+    leaves it in ``model`` at the end: Polyak averaging, which removes the step-to-step noise a
+    constant learning rate leaves in the last iterate.
     """
     _choose_schedule(schedule)
+    check_average_decay(average_decay)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     annealing = None
     if schedule == "cosine":
         steps = epochs * math.ceil(num_examples / settings.batch_size)
         annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    averaged = None
+    if average_decay > 0:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(average_decay), use_buffers=True)
     model.train()
     last_epoch_loss = float("nan")
     for _ in range(epochs):
@@ -131,9 +145,13 @@ def _fit(
             optimizer.step()
             if annealing is not None:
                 annealing.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             total += loss.item() * len(batch)
             count += len(batch)
         last_epoch_loss = total / max(count, 1)
+    if averaged is not None and averaged.n_averaged.item() > 0:
+        model.load_state_dict(averaged.module.state_dict())
     return last_epoch_loss
 
 
@@ -186,11 +204,13 @@ def distill(
     max_shift: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     schedule: str = "constant",
+    average_decay: float = 0.0,
 ) -> float:
     """Fit ``student`` to ``teacher_probs`` on ``inputs`` with :func:`kd_loss`.
 
-    ``schedule`` is the learning rate's course over the call (:data:`LR_SCHEDULES`). Returns the
-    mean loss of the last epoch.
+    ``schedule`` is the learning rate's course over the call (:data:`LR_SCHEDULES`);
+    ``average_decay`` > 0 leaves the moving average of the weights in ``student`` (:func:`_fit`).
+    Returns the mean loss of the last epoch.
     """
     if len(inputs) != len(teacher_probs):
         raise ValueError(f"{len(inputs)} transfer inputs but {len(teacher_probs)} rows of soft labels.")
@@ -214,6 +234,7 @@ def distill(
         generator=generator,
         optimizer=optimizer,
         schedule=schedule,
+        average_decay=average_decay,
     )
 
 

@@ -39,6 +39,9 @@ class Student:
         The student network; trained in place.
     alpha : float
         Weight of the distillation term; ``1 - alpha`` weighs cross-entropy on ``labels``.
+    average_decay : float
+        Decay of the moving average of the weights the student keeps at the end of each round
+        (0 = the last step's weights; see :func:`fedkd.distillation.distill`).
     semi : SemiSupervision, optional
         Learn also from unlabelled public inputs (FixMatch) when the source offers them.
     """
@@ -54,6 +57,7 @@ class Student:
         alpha: float = 1.0,
         max_shift: float = 0.0,
         schedule: str = "constant",
+        average_decay: float = 0.0,
         semi: SemiSupervision | None = None,
     ) -> None:
         self.model = model
@@ -64,6 +68,7 @@ class Student:
         self.alpha = alpha
         self.max_shift = max_shift
         self.schedule = schedule
+        self.average_decay = average_decay
         self.semi = semi
 
     def learn(
@@ -111,6 +116,7 @@ class Student:
             # estimated on round 1's near-uniform soft labels make later steps far too large.
             optimizer=None,
             schedule=self.schedule,
+            average_decay=self.average_decay,
         )
 
     def arrays(self) -> ArrayRecord:

@@ -99,6 +99,7 @@ class BuildContext:
             alpha=config.kd_alpha,
             max_shift=config.augment_shift,
             schedule=config.distill_schedule,
+            average_decay=config.distill_ema,
             semi=SemiSupervision() if config.semi_supervised else None,
         )
 

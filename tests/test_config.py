@@ -41,6 +41,8 @@ def test_defaults_are_valid_and_quick():
         ({"lr": 0.0}, "lr"),
         ({"transfer": "web"}, "Unknown transfer"),
         ({"transfer": "synthetic", "public_labels": True}, "public_labels=false"),
+        ({"distill_ema": 1.0}, "distill_ema must lie in"),
+        ({"distill_ema": 0.99, "semi_supervised": True}, "distill_ema=0 or semi_supervised=false"),
     ],
 )
 def test_invalid_run_config_names_value_and_fix(kwargs, match):

@@ -156,7 +156,7 @@ class _RecordingLinear(nn.Linear):
         return super().forward(inputs.flatten(1))
 
 
-def _step_sizes(schedule: str) -> list[float]:
+def _recorded_distill(schedule: str = "constant", average_decay: float = 0.0) -> _RecordingLinear:
     torch.manual_seed(0)
     student = _RecordingLinear()
     inputs = torch.randn(64, 4)
@@ -172,7 +172,13 @@ def _step_sizes(schedule: str) -> list[float]:
         settings=OptimizerSettings(lr=1e-2, batch_size=8),
         generator=torch.Generator().manual_seed(0),
         schedule=schedule,
+        average_decay=average_decay,
     )
+    return student
+
+
+def _step_sizes(schedule: str) -> list[float]:
+    student = _recorded_distill(schedule)
     weights = [*student.seen, student.weight.detach()]
     return [float((after - before).abs().max()) for before, after in zip(weights[:-1], weights[1:], strict=True)]
 
@@ -189,3 +195,20 @@ def test_cosine_schedule_anneals_the_students_steps_to_zero_within_the_call():
 def test_unknown_schedule_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="cosine"):
         _step_sizes("linear")
+
+
+def test_weight_averaging_leaves_the_moving_average_of_the_steps_in_the_student():
+    plain, averaged = _recorded_distill(average_decay=0.0), _recorded_distill(average_decay=0.9)
+    # The same steps were taken: averaging only changes what the student keeps at the end.
+    torch.testing.assert_close(torch.stack(plain.seen), torch.stack(averaged.seen))
+    iterates = [*plain.seen[1:], plain.weight.detach()]  # the weights after each of the 16 steps
+    expected = iterates[0]
+    for weight in iterates[1:]:
+        expected = 0.9 * expected + 0.1 * weight
+    torch.testing.assert_close(averaged.weight.detach(), expected)
+    assert not torch.allclose(averaged.weight, plain.weight)
+
+
+def test_weight_averaging_decay_outside_the_unit_interval_is_refused():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        _recorded_distill(average_decay=1.0)
