@@ -24,15 +24,22 @@ from pathlib import Path
 from fedkd.results import iter_run_folders
 
 # name -> the overrides that make it differ from the defaults (the first is the defaults). Every
-# variant changes one thing back from the recipe, except "previous defaults", which undoes all four
-# of the recipe's changes (aggregator, temperature, distillation epochs, shifts) at once.
+# variant changes one thing back from the recipe, except "previous defaults", which undoes all
+# of the recipe's changes (aggregator, temperature, distillation epochs, shifts, weight average) at once.
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "strategy.aggregator=weighted": ["strategy.aggregator=weighted"],
     "temperature=1": ["temperature=1"],
     "distill_epochs=5": ["distill_epochs=5"],
     "augment_shift=0.1": ["augment_shift=0.1"],
-    "previous defaults": ["strategy.aggregator=weighted", "temperature=1", "distill_epochs=5", "augment_shift=0.1"],
+    "distill_ema=0": ["distill_ema=0"],
+    "previous defaults": [
+        "strategy.aggregator=weighted",
+        "temperature=1",
+        "distill_epochs=5",
+        "augment_shift=0.1",
+        "distill_ema=0",
+    ],
     "rounds=5": ["rounds=5"],
     "mixup_views=1000": ["mixup_views=1000"],
     "semi_supervised=true": ["semi_supervised=true"],

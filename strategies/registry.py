@@ -100,7 +100,7 @@ class BuildContext:
             max_shift=config.augment_shift,
             schedule=config.distill_schedule,
             average_decay=config.distill_ema,
-            semi=SemiSupervision() if config.semi_supervised else None,
+            semi=SemiSupervision(ema_decay=config.distill_ema) if config.semi_supervised else None,
         )
 
     def public_transfer(self, aggregator: Aggregator | ClientAggregator | None = None) -> PublicTransfer:

@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 from fedkd.config import (
+    DATASET_AUGMENT_SHIFT,
+    DATASET_SHIFT,
     GROUPS,
     ClientTask,
     PartitionConfig,
@@ -42,7 +44,6 @@ def test_defaults_are_valid_and_quick():
         ({"transfer": "web"}, "Unknown transfer"),
         ({"transfer": "synthetic", "public_labels": True}, "public_labels=false"),
         ({"distill_ema": 1.0}, "distill_ema must lie in"),
-        ({"distill_ema": 0.99, "semi_supervised": True}, "distill_ema=0 or semi_supervised=false"),
     ],
 )
 def test_invalid_run_config_names_value_and_fix(kwargs, match):
@@ -125,6 +126,19 @@ def test_split_spec_agrees_between_server_and_client():
     assert task.run.split_spec(data_root="/elsewhere").data_root == "/elsewhere"
 
 
+def test_the_default_shift_is_the_datasets_and_an_explicit_one_wins():
+    assert RunConfig(dataset="mnist").augment_shift == DATASET_AUGMENT_SHIFT["mnist"] > 0
+    assert RunConfig(dataset="digits").augment_shift == DATASET_AUGMENT_SHIFT["digits"] > 0
+    assert RunConfig(dataset="fashion_mnist").augment_shift == 0.0
+    assert RunConfig(dataset="mnist", augment_shift=0.0).augment_shift == 0.0
+    assert RunConfig(dataset="fashion_mnist", augment_shift=0.05).augment_shift == 0.05
+    # What the run records is the resolved value, which reads back as the same run.
+    resolved = RunConfig(dataset="mnist")
+    assert run_config_from_mapping(dataclasses.asdict(resolved)) == resolved
+    with pytest.raises(ValueError, match="dataset's own"):
+        RunConfig(augment_shift=-0.5)
+
+
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().rounds = 5  # type: ignore[misc]
@@ -142,7 +156,12 @@ def test_the_three_default_configs_agree():
     root = Path(__file__).resolve().parents[1]
     flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert run_config_from_flower(flower) == RunConfig()
-    assert {key: value for key, value in flower.items() if key != "output-dir"} == run_config_to_flower(RunConfig())
+    # pyproject asks for the dataset's shift; a built config holds the value it resolved to.
+    assert flower["augment-shift"] == DATASET_SHIFT
+    written = {key: value for key, value in flower.items() if key not in ("output-dir", "augment-shift")}
+    resolved = run_config_to_flower(RunConfig())
+    assert resolved.pop("augment-shift") == DATASET_AUGMENT_SHIFT["digits"]
+    assert written == resolved
     with initialize_config_module(config_module="experiments.conf", version_base=None):
         cfg = compose(config_name="config", overrides=["data_root=''"])
     assert sim_config_from_hydra(cfg).run_config() == RunConfig()
@@ -179,12 +198,14 @@ def test_every_group_file_names_its_choice_and_lists_only_what_differs(path):
         run_level = {key: value for key, value in values.items() if key != path.parent.name}
         values = values[path.parent.name]
     assert values[primary] == path.stem
-    defaults, run_defaults = schema(), RunConfig()
+    defaults = schema()
     repeated = [key for key, value in values.items() if key != primary and getattr(defaults, key) == value]
+    # Run-level keys against their declared defaults (the class attributes): augment_shift's
+    # resolves per dataset, and a group that pins it pins it for every dataset.
     repeated += [
         key
         for key, value in run_level.items()
-        if getattr(run_defaults, key) in (value, tuple(value) if isinstance(value, list) else value)
+        if getattr(RunConfig, key) in (value, tuple(value) if isinstance(value, list) else value)
     ]
     assert not repeated, f"{path} repeats the defaults of {repeated}; delete those lines"
 

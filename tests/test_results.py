@@ -56,12 +56,14 @@ def test_a_folder_from_before_a_setting_whose_default_changed_reads_as_it_ran(tm
     from fedkd.config import SynthesisConfig
 
     config = RunConfig(rounds=2, transfer="synthetic", distill_schedule="constant")
-    before = dataclasses.replace(config, synthesis=SynthesisConfig(warm_steps=0, replay_inputs=0))
+    before = dataclasses.replace(config, synthesis=SynthesisConfig(warm_steps=0, replay_inputs=0), distill_ema=0.0)
     folder = _finished_folder(tmp_path, before)
     stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del stored["distill_schedule"], stored["synthesis"]["warm_steps"], stored["synthesis"]["replay_inputs"]
+    del stored["distill_ema"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
-    # Those runs had a constant rate, fresh generators and every pool replayed, whatever today's defaults.
+    # Those runs had a constant rate, fresh generators, every pool replayed and the student's last
+    # weights, whatever today's defaults.
     assert folder.stored_config() == before
     assert folder.finished_rows(before) is not None
     assert folder.finished_rows(dataclasses.replace(config, distill_schedule="cosine")) is None
