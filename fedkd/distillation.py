@@ -85,6 +85,19 @@ class OptimizerSettings:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+# The weight average reaches back at most about a third of a call's steps: its horizon 1 / (1 − decay)
+# is capped at steps / 3. A decay chosen for a long round (0.99: the last ~100 of 630 steps) would
+# otherwise keep a short call's student near its first step (after 30 steps, 74 % of the average).
+AVERAGE_SPAN_DIVISOR = 3.0
+
+
+def capped_average_decay(decay: float, steps: int) -> float:
+    """``decay``, lowered where needed so that the average spans at most a third of ``steps``."""
+    if decay <= 0 or steps <= 0:
+        return decay
+    return min(decay, max(0.0, 1.0 - AVERAGE_SPAN_DIVISOR / steps))
+
+
 def check_average_decay(decay: float) -> None:
     """Refuse a weight-averaging decay outside [0, 1) (0 = no averaging)."""
     if not 0.0 <= decay < 1.0:
@@ -120,18 +133,20 @@ def _fit(
     every step of the call (one step per mini-batch). ``average_decay`` > 0 keeps an exponential
     moving average of the weights (BatchNorm statistics included) over the call's steps and
     leaves it in ``model`` at the end: Polyak averaging, which removes the step-to-step noise a
-    constant learning rate leaves in the last iterate.
+    constant learning rate leaves in the last iterate. A short call averages over fewer steps
+    (:func:`capped_average_decay`).
     """
     _choose_schedule(schedule)
     check_average_decay(average_decay)
+    steps = epochs * math.ceil(num_examples / settings.batch_size)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     annealing = None
     if schedule == "cosine":
-        steps = epochs * math.ceil(num_examples / settings.batch_size)
         annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     averaged = None
     if average_decay > 0:
-        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(average_decay), use_buffers=True)
+        decay = capped_average_decay(average_decay, steps)
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     model.train()
     last_epoch_loss = float("nan")
     for _ in range(epochs):

@@ -173,6 +173,7 @@ TINY = RunConfig(
     # in this five-client run (0.009 against weighted's 0.008; README says so).
     temperature=1.0,
     augment_shift=0.1,
+    distill_ema=0.0,
 )
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from fedkd.distillation import (
     OptimizerSettings,
+    capped_average_decay,
     distill,
     evaluate,
     kd_loss,
@@ -197,16 +198,29 @@ def test_unknown_schedule_is_refused_with_the_choices():
         _step_sizes("linear")
 
 
+def _moving_average(iterates: list[torch.Tensor], decay: float) -> torch.Tensor:
+    average = iterates[0]
+    for weight in iterates[1:]:
+        average = decay * average + (1 - decay) * weight
+    return average
+
+
 def test_weight_averaging_leaves_the_moving_average_of_the_steps_in_the_student():
-    plain, averaged = _recorded_distill(average_decay=0.0), _recorded_distill(average_decay=0.9)
+    plain, averaged = _recorded_distill(average_decay=0.0), _recorded_distill(average_decay=0.8)
     # The same steps were taken: averaging only changes what the student keeps at the end.
     torch.testing.assert_close(torch.stack(plain.seen), torch.stack(averaged.seen))
     iterates = [*plain.seen[1:], plain.weight.detach()]  # the weights after each of the 16 steps
-    expected = iterates[0]
-    for weight in iterates[1:]:
-        expected = 0.9 * expected + 0.1 * weight
-    torch.testing.assert_close(averaged.weight.detach(), expected)
+    torch.testing.assert_close(averaged.weight.detach(), _moving_average(iterates, 0.8))
     assert not torch.allclose(averaged.weight, plain.weight)
+
+
+def test_a_short_call_averages_over_at_most_a_third_of_its_steps():
+    assert capped_average_decay(0.99, 630) == 0.99  # a 2,000-input round of 10 epochs: as asked
+    assert capped_average_decay(0.99, 16) == pytest.approx(1 - 3 / 16)
+    assert capped_average_decay(0.0, 16) == 0.0
+    plain, averaged = _recorded_distill(average_decay=0.0), _recorded_distill(average_decay=0.99)
+    iterates = [*plain.seen[1:], plain.weight.detach()]
+    torch.testing.assert_close(averaged.weight.detach(), _moving_average(iterates, 1 - 3 / 16))
 
 
 def test_weight_averaging_decay_outside_the_unit_interval_is_refused():
