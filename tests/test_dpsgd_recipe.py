@@ -90,7 +90,7 @@ def test_the_dpsgd_group_file_takes_the_recipe_from_the_dataclass():
     # The DP-SGD recipe itself comes from PrivacyConfig; beside the mechanism the group only pins
     # the student settings its results were measured with.
     assert values.pop("privacy") == {"mechanism": "dpsgd"}
-    assert values == {"temperature": 1.0, "distill_epochs": 5, "augment_shift": 0.1}
+    assert values == {"temperature": 1.0, "distill_epochs": 5, "augment_shift": 0.1, "distill_ema": 0.0}
     recipe = PrivacyConfig(mechanism="dpsgd")
     assert (recipe.teacher_model, recipe.momentum, recipe.max_grad_norm, recipe.augment_shift) == (
         "tanh_cnn",
