@@ -50,7 +50,7 @@ from generators.adversarial import (
     STUDENT_OPTIMIZERS,
     AdversarialConfig,
     AdversarialDistillation,
-    student_optimizer,
+    build_student_optimizer,
 )
 from generators.image_grid import save_class_grid
 from generators.losses import student_objective
@@ -304,7 +304,7 @@ def main() -> None:
     folder.write_config(run_config, extra=extra)
     folder.start_metrics()
 
-    optimizer = student_optimizer(student, config)
+    optimizer = build_student_optimizer(student, config)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.iterations * args.student_steps)
     next_batch = (
         None

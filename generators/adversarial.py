@@ -176,7 +176,7 @@ class AdversarialConfig:
         check_pixel_normalization(self.pixel_mean, self.pixel_std)
 
 
-def student_optimizer(student: nn.Module, config: AdversarialConfig) -> torch.optim.Optimizer:
+def build_student_optimizer(student: nn.Module, config: AdversarialConfig) -> torch.optim.Optimizer:
     """The student's optimizer named by ``config.student_optimizer``."""
     if config.student_optimizer == "sgd":
         return torch.optim.SGD(student.parameters(), lr=config.student_lr, momentum=0.9, weight_decay=5e-4)
@@ -282,7 +282,7 @@ class AdversarialDistillation:
         self.generator_optimizer = torch.optim.Adam(
             self.network.parameters(), lr=config.generator_lr, betas=(0.5, 0.999)
         )
-        self.student_optimizer = student_optimizer(student, config)
+        self.student_optimizer = build_student_optimizer(student, config)
         self.student_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.student_optimizer, T_max=total_iterations * config.student_steps
         )
