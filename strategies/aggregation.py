@@ -414,6 +414,32 @@ def sharpen(probs: NDArray[np.floating], *, temperature: float) -> NDArray[np.fl
     return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def retemper(probs: NDArray[np.floating], *, from_temperature: float, to_temperature: float) -> NDArray[np.float32]:
+    """Rows ``softmax(z / T_from)`` turned into ``softmax(z / T_to)`` of the same logits ``z``.
+
+    ``log p`` equals ``z / T_from`` up to a per-row constant, so ``softmax(log p · T_from / T_to)``
+    recovers the rows at another temperature without the logits: the server can combine the
+    clients' soft labels at one temperature and distill at another. Works on any leading shape.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (..., C)
+        Probability rows at ``from_temperature``; zeros are allowed.
+    from_temperature, to_temperature : float
+        Positive and finite.
+
+    Returns
+    -------
+    ndarray of float32, shape (..., C)
+        Probability rows with the same argmax.
+    """
+    _check_temperature(from_temperature)
+    _check_temperature(to_temperature)
+    logits = np.log(np.clip(probs.astype(np.float64), _TINY, None)) * (from_temperature / to_temperature)
+    scaled = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (scaled / scaled.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def entropy_reduction(
     soft_labels: NDArray[np.floating],
     weights: NDArray[np.floating],

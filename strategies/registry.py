@@ -35,7 +35,7 @@ from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.student import Student
 from strategies.aggregation import AGGREGATORS, PER_CLASS_WEIGHTS, Aggregator, get_aggregator
 from strategies.sampling import ClientSampling, sample_size
-from strategies.transfer import ClientAggregator, PublicTransfer, RobustAggregation, StatelessAggregation
+from strategies.transfer import ClientAggregator, PublicTransfer, RobustAggregation, StatelessAggregation, retempered
 
 StateRecords = dict[str, ArrayRecord | ConfigRecord]
 
@@ -82,11 +82,17 @@ class BuildContext:
 
     @property
     def aggregator(self) -> ClientAggregator:
-        """The run's aggregator; ``robust`` keeps each client's reputation across rounds."""
+        """The run's aggregator; ``robust`` keeps each client's reputation across rounds. With
+        ``strategy.aggregate_temperature`` set (and unlike ``temperature``) it combines the clients'
+        rows at that temperature and softens the aggregate back to ``temperature``."""
         name = self.config.aggregator
-        if name == "robust":
-            return RobustAggregation(self.info.num_classes)
-        return StatelessAggregation(get_aggregator(name))
+        combined: ClientAggregator = (
+            RobustAggregation(self.info.num_classes) if name == "robust" else StatelessAggregation(get_aggregator(name))
+        )
+        combine_at = self.config.strategy.aggregate_temperature
+        if combine_at and combine_at != self.config.temperature:
+            return retempered(combined, sent_at=self.config.temperature, combined_at=combine_at)
+        return combined
 
     def student(self) -> Student:
         config = self.config

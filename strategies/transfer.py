@@ -15,6 +15,7 @@ the student.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -29,7 +30,7 @@ from fedkd.checkpoint import arrays_record
 from fedkd.messages import TRANSFER_KEY, transfer_record
 from fedkd.mixup import MixupPairs, draw_pairs, mix
 from fedkd.seeding import SeedPurpose, numpy_generator
-from strategies.aggregation import Aggregator
+from strategies.aggregation import Aggregator, retemper
 from strategies.robust_aggregation import REPUTATION_DECAY, Reputation, trust_weighted
 
 StateRecords = dict[str, ArrayRecord | ConfigRecord]
@@ -148,11 +149,13 @@ class RobustAggregation:
 
 @dataclass(frozen=True)
 class PostProcessed:
-    """A :class:`ClientAggregator` followed by a step on its ``(N, C)`` result (DS-FL's ERA)."""
+    """A :class:`ClientAggregator` followed by a step on its ``(N, C)`` result (DS-FL's ERA), and
+    optionally preceded by one on the clients' ``(K, N, C)`` rows (:func:`retempered`)."""
 
     inner: ClientAggregator
     step: Callable[[NDArray[np.float32]], NDArray[np.float32]]
     step_name: str
+    before: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None
 
     @property
     def name(self) -> str:
@@ -166,13 +169,31 @@ class PostProcessed:
         client_ids: Sequence[int],
         labels: NDArray[np.integer] | None = None,
     ) -> NDArray[np.float32]:
-        return self.step(self.inner.aggregate(soft_labels, weights, client_ids=client_ids, labels=labels))
+        rows = soft_labels if self.before is None else self.before(soft_labels)
+        return self.step(self.inner.aggregate(rows, weights, client_ids=client_ids, labels=labels))
 
     def state_records(self) -> StateRecords:
         return self.inner.state_records()
 
     def load_state_records(self, state: StateRecords) -> None:
         self.inner.load_state_records(state)
+
+
+def retempered(inner: ClientAggregator, *, sent_at: float, combined_at: float) -> PostProcessed:
+    """``inner`` combining the clients' rows at temperature ``combined_at`` instead of ``sent_at``.
+
+    The clients send ``softmax(z / T)`` at the run's temperature ``T = sent_at``; the rows are
+    re-tempered to ``combined_at``, combined, and the aggregate is re-tempered back to ``T`` for
+    the student (:func:`strategies.aggregation.retemper`). Softened rows suit the student's loss;
+    on strongly non-IID partitions they suit the combination less, since a client softened to
+    T = 4 spreads probability over classes it never saw.
+    """
+    return PostProcessed(
+        inner,
+        step=functools.partial(retemper, from_temperature=combined_at, to_temperature=sent_at),
+        step_name=f"combined at T={combined_at:g}",
+        before=functools.partial(retemper, from_temperature=sent_at, to_temperature=combined_at),
+    )
 
 
 def client_aggregator(aggregator: Aggregator | ClientAggregator) -> ClientAggregator:

@@ -4,9 +4,12 @@ from pathlib import Path
 import pytest
 
 from fedkd.config import (
+    CHEAP_ROUNDS,
+    COSTLY_ROUNDS,
     DATASET_AUGMENT_SHIFT,
     DATASET_SHIFT,
     GROUPS,
+    ROUNDS_BY_COST,
     ClientTask,
     PartitionConfig,
     RunConfig,
@@ -139,6 +142,20 @@ def test_the_default_shift_is_the_datasets_and_an_explicit_one_wins():
         RunConfig(augment_shift=-0.5)
 
 
+def test_the_default_rounds_follow_what_a_round_costs():
+    from fedkd.privacy.config import PrivacyConfig
+
+    assert RunConfig().rounds == CHEAP_ROUNDS  # public transfer, no privacy
+    assert RunConfig(transfer="synthetic").rounds == COSTLY_ROUNDS
+    assert RunConfig(privacy=PrivacyConfig(mechanism="gaussian")).rounds == COSTLY_ROUNDS
+    assert RunConfig(rounds=3, transfer="synthetic").rounds == 3  # a number given is kept
+    # What the run records is the resolved number, which reads back as the same run.
+    resolved = RunConfig(transfer="synthetic")
+    assert run_config_from_mapping(dataclasses.asdict(resolved)) == resolved
+    with pytest.raises(ValueError, match="rounds"):
+        RunConfig(rounds=0)
+
+
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().rounds = 5  # type: ignore[misc]
@@ -156,11 +173,14 @@ def test_the_three_default_configs_agree():
     root = Path(__file__).resolve().parents[1]
     flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert run_config_from_flower(flower) == RunConfig()
-    # pyproject asks for the dataset's shift; a built config holds the value it resolved to.
-    assert flower["augment-shift"] == DATASET_SHIFT
-    written = {key: value for key, value in flower.items() if key not in ("output-dir", "augment-shift")}
+    # pyproject asks for the dataset's shift and for the rounds that suit a round's cost; a built
+    # config holds the values they resolved to.
+    assert flower["augment-shift"] == DATASET_SHIFT and flower["rounds"] == ROUNDS_BY_COST
+    resolved_keys = ("augment-shift", "rounds")
+    written = {key: value for key, value in flower.items() if key not in ("output-dir", *resolved_keys)}
     resolved = run_config_to_flower(RunConfig())
     assert resolved.pop("augment-shift") == DATASET_AUGMENT_SHIFT["digits"]
+    assert resolved.pop("rounds") == CHEAP_ROUNDS
     assert written == resolved
     with initialize_config_module(config_module="experiments.conf", version_base=None):
         cfg = compose(config_name="config", overrides=["data_root=''"])
