@@ -25,7 +25,8 @@ from fedkd.results import iter_run_folders
 
 # name -> the overrides that make it differ from the defaults (the first is the defaults). Every
 # variant changes one thing back from the recipe, except "previous defaults", which undoes all
-# of the recipe's changes (aggregator, temperature, distillation epochs, shifts, weight average) at once.
+# of the recipe's changes (aggregator, temperature, distillation epochs, shifts, weight average,
+# 15 rounds) at once.
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "strategy.aggregator=weighted": ["strategy.aggregator=weighted"],
@@ -39,7 +40,9 @@ VARIANTS: dict[str, list[str]] = {
         "distill_epochs=5",
         "augment_shift=0.1",
         "distill_ema=0",
+        "rounds=10",
     ],
+    "rounds=10": ["rounds=10"],
     "rounds=5": ["rounds=5"],
     "mixup_views=1000": ["mixup_views=1000"],
     "semi_supervised=true": ["semi_supervised=true"],

@@ -79,6 +79,9 @@ class StrategyConfig:
     # The temperature at which the clients' soft labels are combined; the aggregate is then
     # re-tempered to the run's `temperature` for the student (0: combine at `temperature`).
     aggregate_temperature: float = 0.0
+    # Public transfer: the student's targets are the running average of the rounds' aggregates
+    # with this decay (temporal ensembling; 0: each round's aggregate alone).
+    round_average: float = 0.0
 
     def __post_init__(self) -> None:
         if self.digest_epochs < 0:
@@ -90,6 +93,8 @@ class StrategyConfig:
                 f"strategy.aggregate_temperature must be a finite number ≥ 0 (0: combine at the run's "
                 f"temperature), got {self.aggregate_temperature}."
             )
+        if not 0.0 <= self.round_average < 1.0:
+            raise ValueError(f"strategy.round_average must lie in [0, 1) (0: off), got {self.round_average}.")
         if self.regularizer_weight < 0:
             raise ValueError(f"strategy.regularizer_weight must be ≥ 0, got {self.regularizer_weight}.")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -353,6 +358,11 @@ class RunConfig:
             raise ValueError(f"mixup_views must be ≥ 0, got {self.mixup_views}.")
         if not self.mixup_views:
             return
+        if self.strategy.round_average:
+            raise ValueError(
+                f"strategy.round_average={self.strategy.round_average} averages each input's targets over the "
+                "rounds, but mixup views are new inputs every round; set strategy.round_average=0 or mixup_views=0."
+            )
         if self.transfer != "public" or self.public_size < 2:
             raise ValueError(
                 f"mixup_views={self.mixup_views} mixes pairs of public inputs; it needs transfer=public and "

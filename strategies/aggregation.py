@@ -440,6 +440,28 @@ def retemper(probs: NDArray[np.floating], *, from_temperature: float, to_tempera
     return (scaled / scaled.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def running_average(
+    previous: NDArray[np.floating] | None, current: NDArray[np.floating], *, decay: float
+) -> NDArray[np.float64]:
+    """``decay · previous + (1 − decay) · current`` of two ``(N, C)`` matrices of probability rows,
+    rows renormalized; ``current`` itself when there is no ``previous``.
+
+    Laine & Aila's temporal ensembling ("Temporal Ensembling for Semi-Supervised Learning", ICLR
+    2017) applied to the server's targets: the average spans the teachers of about the last
+    ``1 / (1 − decay)`` rounds, an ensemble over rounds as well as over clients.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"the rounds' average needs a decay in [0, 1), got {decay}.")
+    if previous is None:
+        return current.astype(np.float64)
+    if previous.shape != current.shape:
+        raise ValueError(
+            f"cannot average targets of shape {current.shape} with earlier ones of shape {previous.shape}."
+        )
+    mixed = decay * previous.astype(np.float64) + (1.0 - decay) * current.astype(np.float64)
+    return mixed / mixed.sum(axis=-1, keepdims=True)
+
+
 def entropy_reduction(
     soft_labels: NDArray[np.floating],
     weights: NDArray[np.floating],

@@ -35,7 +35,15 @@ from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.student import Student
 from strategies.aggregation import AGGREGATORS, PER_CLASS_WEIGHTS, Aggregator, get_aggregator
 from strategies.sampling import ClientSampling, sample_size
-from strategies.transfer import ClientAggregator, PublicTransfer, RobustAggregation, StatelessAggregation, retempered
+from strategies.transfer import (
+    ClientAggregator,
+    PublicTransfer,
+    RobustAggregation,
+    RoundAveraged,
+    StatelessAggregation,
+    client_aggregator,
+    retempered,
+)
 
 StateRecords = dict[str, ArrayRecord | ConfigRecord]
 
@@ -112,10 +120,13 @@ class BuildContext:
     def public_transfer(self, aggregator: Aggregator | ClientAggregator | None = None) -> PublicTransfer:
         """The whole public split as the transfer set (labels only where the run allows them)."""
         public = public_inputs(self.config.split_spec())
+        combined = client_aggregator(aggregator if aggregator is not None else self.aggregator)
+        if self.config.strategy.round_average > 0:
+            combined = RoundAveraged(combined, decay=self.config.strategy.round_average)
         return PublicTransfer(
             inputs=public.images,
             indices=np.arange(len(public.images)),
-            aggregator=aggregator if aggregator is not None else self.aggregator,
+            aggregator=combined,
             labels=public.labels if self.config.public_labels else None,
             mixup_views=self.config.mixup_views,
             seed=self.config.seed,

@@ -30,7 +30,7 @@ from fedkd.checkpoint import arrays_record
 from fedkd.messages import TRANSFER_KEY, transfer_record
 from fedkd.mixup import MixupPairs, draw_pairs, mix
 from fedkd.seeding import SeedPurpose, numpy_generator
-from strategies.aggregation import Aggregator, retemper
+from strategies.aggregation import Aggregator, retemper, running_average
 from strategies.robust_aggregation import REPUTATION_DECAY, Reputation, trust_weighted
 
 StateRecords = dict[str, ArrayRecord | ConfigRecord]
@@ -177,6 +177,47 @@ class PostProcessed:
 
     def load_state_records(self, state: StateRecords) -> None:
         self.inner.load_state_records(state)
+
+
+class RoundAveraged:
+    """A :class:`ClientAggregator` whose result is the running average of ``inner``'s results over
+    the rounds (:func:`strategies.aggregation.running_average`), kept in the checkpoint.
+
+    Only for a transfer set that is the same every round (the public set without mixup views):
+    the rows of two rounds must describe the same inputs.
+    """
+
+    def __init__(self, inner: ClientAggregator, *, decay: float) -> None:
+        running_average(None, np.zeros((0, 0)), decay=decay)  # refuses a bad decay now
+        self.inner, self.decay = inner, decay
+        self.average: NDArray[np.float64] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}, averaged over rounds with decay {self.decay:g}"
+
+    def aggregate(
+        self,
+        soft_labels: NDArray[np.float32],
+        weights: NDArray[np.float64],
+        *,
+        client_ids: Sequence[int],
+        labels: NDArray[np.integer] | None = None,
+    ) -> NDArray[np.float32]:
+        current = self.inner.aggregate(soft_labels, weights, client_ids=client_ids, labels=labels)
+        self.average = running_average(self.average, current, decay=self.decay)
+        return self.average.astype(np.float32)
+
+    def state_records(self) -> StateRecords:
+        state = self.inner.state_records()
+        if self.average is not None:
+            state["round-average"] = arrays_record({"targets": self.average})
+        return state
+
+    def load_state_records(self, state: StateRecords) -> None:
+        self.inner.load_state_records(state)
+        record = state.get("round-average")
+        self.average = record["targets"].numpy() if isinstance(record, ArrayRecord) else None
 
 
 def retempered(inner: ClientAggregator, *, sent_at: float, combined_at: float) -> PostProcessed:
