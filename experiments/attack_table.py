@@ -54,6 +54,8 @@ BASE = {
     "temperature": 1.0,
     "distill_epochs": 5,
     "augment_shift": 0.1,
+    "distill_ema": 0.0,
+    "rounds": 10,
 }
 CHECKPOINT = "checkpoint.fkd"
 # Table columns and plot lines, older sweeps' aggregators included.
