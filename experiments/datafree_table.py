@@ -54,8 +54,9 @@ def _central_label(summary: dict) -> str:
 def central_table(root: Path) -> str:
     """One row per ``central-*`` run: the same student and student steps, different input sources."""
     lines = [
-        "| run folder | dataset | student inputs | teacher accuracy | student accuracy (last) | best | student steps | CPU time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run folder | dataset | teacher → student | student inputs | teacher accuracy | student accuracy (last) | best "
+        "| student steps | CPU time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     runs = []
     for summary_path in sorted(root.glob("central-*/summary.json")):
@@ -69,7 +70,8 @@ def central_table(root: Path) -> str:
     for (_, _, folder), summary, rows, config in sorted(runs, key=lambda run: run[0]):
         best = max(row["student_accuracy"] for row in rows)
         lines.append(
-            f"| `{folder}` | {config['dataset']} | {_central_label(summary)} | {summary['teacher_accuracy']:.4f} "
+            f"| `{folder}` | {config['dataset']} | {summary['teacher']} → {config['student_model']} "
+            f"| {_central_label(summary)} | {summary['teacher_accuracy']:.4f} "
             f"| **{rows[-1]['student_accuracy']:.4f}** | {best:.4f} "
             f"| {summary['iterations'] * summary['student_steps']:,} × {summary['batch_size']} "
             f"| {summary['cpu_seconds']:.0f} s |"

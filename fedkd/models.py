@@ -47,31 +47,40 @@ class LeNet5BN(nn.Module):
     """LeNet-5 with BatchNorm after each convolution (the DAFL/DFAD MNIST teacher family).
 
     ``width=0.5`` gives LeNet-5-half, the student of DAFL and DFAD: half the channels and
-    hidden units of every layer.
+    hidden units of every layer. ``batch_norm=False`` gives their exact networks, which have none.
     """
 
     def __init__(
-        self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: float = 1.0
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        width: float = 1.0,
+        batch_norm: bool = True,
+        batch_norm_head: bool = False,
     ) -> None:
         super().__init__()
         conv1, conv2, fc1, fc2 = (max(1, round(units * width)) for units in (6, 16, 120, 84))
         # LeNet-5 was designed for 32×32 inputs; padding 28×28 by 2 keeps its 5×5 feature map.
         padding = max(0, (32 - image_size) // 2)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, conv1, 5, padding=padding, bias=False),
-            nn.BatchNorm2d(conv1),
+            nn.Conv2d(in_channels, conv1, 5, padding=padding, bias=not batch_norm),
+            nn.BatchNorm2d(conv1) if batch_norm else nn.Identity(),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(conv1, conv2, 5, bias=False),
-            nn.BatchNorm2d(conv2),
+            nn.Conv2d(conv1, conv2, 5, bias=not batch_norm),
+            nn.BatchNorm2d(conv2) if batch_norm else nn.Identity(),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
         side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
         self.classifier = nn.Sequential(
-            nn.Linear(conv2 * side * side, fc1),
+            nn.Linear(conv2 * side * side, fc1, bias=not batch_norm_head),
+            nn.BatchNorm1d(fc1) if batch_norm_head else nn.Identity(),
             nn.ReLU(inplace=True),
-            nn.Linear(fc1, fc2),
+            nn.Linear(fc1, fc2, bias=not batch_norm_head),
+            nn.BatchNorm1d(fc2) if batch_norm_head else nn.Identity(),
             nn.ReLU(inplace=True),
             nn.Linear(fc2, num_classes),
         )
@@ -232,6 +241,8 @@ MODEL_REGISTRY: dict[str, ModelFactory] = {
     "cnn_small": SmallCNN,
     "lenet5_bn": LeNet5BN,
     "lenet5_half": lambda **kw: LeNet5BN(width=0.5, **kw),
+    "lenet5_bn4": lambda **kw: LeNet5BN(batch_norm_head=True, **kw),
+    "lenet5_half_plain": lambda **kw: LeNet5BN(width=0.5, batch_norm=False, **kw),
     "cnn_fc": FCHeadCNN,
     "cnn_medium": MediumCNN,
     "resnet8": lambda **kw: ResNetCifar(depth=8, **kw),
@@ -240,7 +251,7 @@ MODEL_REGISTRY: dict[str, ModelFactory] = {
     "tanh_cnn": TanhCNN,
 }
 # Registered models without BatchNorm or GroupNorm: data-free synthesis has nothing to invert.
-NORMALIZATION_FREE_MODELS = frozenset({"tanh_cnn"})
+NORMALIZATION_FREE_MODELS = frozenset({"tanh_cnn", "lenet5_half_plain"})
 
 
 def available_models() -> list[str]:

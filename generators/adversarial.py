@@ -66,6 +66,7 @@ from generators.hooks import (
 )
 from generators.losses import (
     activation_loss,
+    attention_transfer_loss,
     information_entropy_loss,
     logit_discrepancy,
     one_hot_loss,
@@ -124,6 +125,11 @@ class AdversarialConfig:
     student_temperature : float
         The student's loss: 0 for DFAD's L1 on logits, T > 0 for ``T²·KL`` at temperature T
         (:func:`~generators.losses.student_objective`). The generator's discrepancy stays L1.
+    attention_weight : float
+        ZSKT's attention-transfer term in the student's loss (β, 250 in Micaelli & Storkey 2019;
+        0 = off): the student also matches the teacher's spatial attention after every pooling
+        stage (:func:`~generators.losses.attention_transfer_loss`). Costs a teacher forward pass
+        per student step.
     pixel_mean, pixel_std : tuple of float
         Normalization of the teacher's inputs; generated pixels stay in the range of ``[0, 1]``.
     """
@@ -145,6 +151,7 @@ class AdversarialConfig:
     entropy_weight: float = 0.0
     bank_batches: int = 200
     student_temperature: float = 0.0
+    attention_weight: float = 0.0
     pixel_mean: tuple[float, ...] = MNIST_MEAN
     pixel_std: tuple[float, ...] = MNIST_STD
 
@@ -173,6 +180,8 @@ class AdversarialConfig:
             raise ValueError(
                 f"student_temperature must be 0 (L1 on logits) or a finite T > 0 (KL at T), got {self.student_temperature!r}."
             )
+        if not math.isfinite(self.attention_weight) or self.attention_weight < 0:
+            raise ValueError(f"attention_weight must be a finite number >= 0 (0 = off), got {self.attention_weight!r}.")
         check_pixel_normalization(self.pixel_mean, self.pixel_std)
 
 
@@ -204,6 +213,29 @@ def penultimate_features(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
+
+
+@contextmanager
+def pooled_features(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, the list holds the output of each of the model's ``nn.MaxPool2d`` layers, per forward.
+
+    The pooling stages are where LeNet-style networks change resolution; a teacher and its
+    half-width student have the same ones, so their attention maps compare stage by stage.
+    """
+    captured: list[torch.Tensor] = []
+    layers = [module for module in model.modules() if isinstance(module, nn.MaxPool2d)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.MaxPool2d stage; set attention_weight=0.")
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        captured.append(output)
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class AdversarialDistillation:
@@ -389,9 +421,13 @@ class AdversarialDistillation:
                 inputs, targets = self.bank_inputs[picks], self.bank_logits[picks]
                 if self.augment is not None:
                     inputs = self.augment(inputs)
-                    with frozen([self.teacher]), torch.no_grad():
-                        targets = self.teacher(inputs)
-                loss = student_objective(self.student(inputs), targets, temperature=config.student_temperature)
+                if config.attention_weight > 0:
+                    loss = self._student_loss_with_attention(inputs)
+                else:
+                    if self.augment is not None:
+                        with frozen([self.teacher]), torch.no_grad():
+                            targets = self.teacher(inputs)
+                    loss = student_objective(self.student(inputs), targets, temperature=config.student_temperature)
                 self.student_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.student_optimizer.step()
@@ -401,6 +437,16 @@ class AdversarialDistillation:
         summary = {f"generator_{name}": float(value.item()) for name, value in terms.items()}
         summary["student_loss"] = sum(student_losses) / len(student_losses)
         return summary
+
+    def _student_loss_with_attention(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The student's logit loss plus ZSKT's attention transfer, the teacher run afresh on ``inputs``."""
+        config = self.config
+        with frozen([self.teacher]), torch.no_grad(), pooled_features(self.teacher) as teacher_features:
+            targets = self.teacher(inputs)
+        with pooled_features(self.student) as student_features:
+            logits = self.student(inputs)
+        loss = student_objective(logits, targets, temperature=config.student_temperature)
+        return loss + config.attention_weight * attention_transfer_loss(student_features, teacher_features)
 
     def synthesize(self, *, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One generated input per class id in ``targets`` (a forward pass of the current generator)."""

@@ -180,6 +180,44 @@ def student_objective(
     return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
 
 
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Spatial attention of a ``(B, C, H, W)`` feature map: channel mean of squares, unit l2 norm per input.
+
+    Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017; it does not depend on
+    the number of channels, so a narrow student's map compares with a wide teacher's.
+    """
+    if features.dim() != 4:
+        raise ValueError(
+            f"attention_map needs (batch, channels, height, width) features, got shape {tuple(features.shape)}."
+        )
+    return F.normalize(features.pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(
+    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Sum over stages of the mean squared difference of student and teacher attention maps.
+
+    ZSKT (Micaelli & Storkey, NeurIPS 2019) adds this term, weighted by β = 250, to the student's
+    loss on generated inputs: each input then tells the student where the teacher looks, not only
+    what it outputs.
+    """
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise ValueError(
+            f"attention transfer needs the same number (≥ 1) of stages in student and teacher, got "
+            f"{len(student_features)} and {len(teacher_features)}."
+        )
+    total = student_features[0].new_zeros(())
+    for student, teacher in zip(student_features, teacher_features, strict=True):
+        if student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(
+                f"attention maps of different sizes: student {tuple(student.shape[2:])}, teacher "
+                f"{tuple(teacher.shape[2:])}; attention transfer needs stages of equal resolution."
+            )
+        total = total + (attention_map(student) - attention_map(teacher)).pow(2).mean()
+    return total
+
+
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """DAFL's one-hot loss: cross-entropy of the teacher's output to its own arg-max class.
 

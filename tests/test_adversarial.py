@@ -11,9 +11,16 @@ from torch import nn
 from fedkd.data import load_dataset, to_tensor
 from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
 from fedkd.models import build_model
-from generators.adversarial import AdversarialConfig, AdversarialDistillation, penultimate_features
+from generators.adversarial import (
+    AdversarialConfig,
+    AdversarialDistillation,
+    penultimate_features,
+    pooled_features,
+)
 from generators.losses import (
     activation_loss,
+    attention_map,
+    attention_transfer_loss,
     information_entropy_loss,
     logit_discrepancy,
     one_hot_loss,
@@ -54,6 +61,65 @@ def test_information_entropy_loss_is_the_negative_entropy_of_the_mean_prediction
     assert information_entropy_loss(opposite).item() == pytest.approx(-math.log(2.0), abs=1e-6)
 
 
+def test_attention_map_is_the_normalized_channel_mean_of_squares():
+    features = torch.zeros(1, 2, 1, 2)
+    features[0, 0, 0] = torch.tensor([3.0, 0.0])
+    features[0, 1, 0] = torch.tensor([1.0, 2.0])
+    # Channel means of squares: (9 + 1) / 2 = 5 and (0 + 4) / 2 = 2; then unit l2 norm.
+    expected = torch.tensor([[5.0, 2.0]]) / math.sqrt(29.0)
+    torch.testing.assert_close(attention_map(features), expected)
+    # Independent of the number of channels: a channel repeated leaves the map as it was.
+    torch.testing.assert_close(attention_map(features.repeat(1, 3, 1, 1)), expected)
+
+
+def test_attention_transfer_loss_sums_stage_mean_squared_differences():
+    student = [torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 1)]
+    student[0][0, 0, 0, 0] = 1.0  # map (1, 0)
+    teacher = [torch.ones(1, 4, 1, 2), torch.ones(1, 2, 1, 1)]  # maps (1/√2, 1/√2) and (1)
+    half = 1 / math.sqrt(2.0)
+    expected = ((1 - half) ** 2 + half**2) / 2
+    assert attention_transfer_loss(student, teacher).item() == pytest.approx(expected)
+    assert attention_transfer_loss(teacher, teacher).item() == 0.0
+    with pytest.raises(ValueError, match="same number"):
+        attention_transfer_loss(student[:1], teacher)
+    with pytest.raises(ValueError, match="different sizes"):
+        attention_transfer_loss([torch.ones(1, 1, 2, 2)], [torch.ones(1, 1, 1, 1)])
+
+
+def test_pooled_features_capture_every_pooling_stage_and_unhook():
+    model = build_model("lenet5_half", input_shape=(1, 28, 28), num_classes=10).eval()
+    with pooled_features(model) as captured:
+        model(torch.zeros(2, 1, 28, 28))
+    assert [tuple(f.shape) for f in captured] == [(2, 3, 14, 14), (2, 8, 5, 5)]
+    model(torch.zeros(2, 1, 28, 28))
+    assert len(captured) == 2
+    with pytest.raises(ValueError, match="MaxPool2d"), pooled_features(_tiny_teacher()):
+        pass
+
+
+def test_attention_transfer_changes_the_student_step():
+    """With attention_weight > 0 the student's loss carries the term, so its update differs."""
+    teacher = build_model("lenet5_bn", input_shape=(1, 28, 28), num_classes=10, seed=0).eval()
+
+    def student_after(weight: float) -> dict[str, torch.Tensor]:
+        student = build_model("lenet5_half", input_shape=(1, 28, 28), num_classes=10, seed=1)
+        game = AdversarialDistillation(
+            teacher,
+            student,
+            input_shape=(1, 28, 28),
+            num_classes=10,
+            total_iterations=2,
+            generator=torch.Generator().manual_seed(0),
+            config=AdversarialConfig(batch_size=8, student_steps=1, bank_batches=2, attention_weight=weight),
+        )
+        losses = game.step()
+        assert losses["student_loss"] > 0
+        return _state_copy(student)
+
+    plain, attended = student_after(0.0), student_after(250.0)
+    assert any(not torch.equal(plain[name], attended[name]) for name in plain)
+
+
 def test_penultimate_features_capture_the_last_linear_input_and_unhook():
     teacher = _tiny_teacher()
     inputs = torch.randn(3, *SHAPE)
@@ -73,6 +139,7 @@ def test_penultimate_features_capture_the_last_linear_input_and_unhook():
         ({"generator_lr": 0.0}, "generator_lr"),
         ({"entropy_weight": float("nan")}, "entropy_weight"),
         ({"student_optimizer": "lbfgs"}, "student_optimizer"),
+        ({"attention_weight": -1.0}, "attention_weight"),
         ({"adversarial_weight": 0.0, "bn_weight": 0.0, "ce_weight": 0.0}, "would not learn"),
     ],
 )

@@ -11,6 +11,7 @@ def _run(root, name, synthesizer, accuracies, **weights):
     folder = RunFolder(root / name)
     extra = {
         "synthesizer": synthesizer,
+        "teacher": "lenet5_bn4",
         "teacher_accuracy": 0.99,
         "iterations": 100,
         "student_steps": 10,
@@ -32,7 +33,8 @@ def test_rows_show_last_and_best_accuracy_with_controls_first_and_upper_bound_la
     _run(tmp_path, "central-mnist-noise", "noise", [0.8, 0.85])
     _run(tmp_path, "central-mnist-ablation", "adversarial", [0.9], adversarial_weight=0.0)
     lines = central_table(tmp_path).splitlines()[2:]
-    assert [line.split(" | ")[2] for line in lines] == [
+    assert {line.split(" | ")[2] for line in lines} == {"lenet5_bn4 → lenet5_half"}
+    assert [line.split(" | ")[3] for line in lines] == [
         "Gaussian noise (control)",
         "adversarial generator (no adversarial)",
         "adversarial generator",

@@ -57,3 +57,19 @@ def test_lenet5_half_halves_every_layer():
 
     assert widths(full) == [6, 16, 120, 84, 10]
     assert widths(half) == [3, 8, 60, 42, 10]
+
+
+def test_lenet5_bn4_normalizes_the_hidden_linear_layers_too():
+    # BatchNorm after both hidden linear layers gives data-free synthesis 120 + 84 more
+    # channels of training statistics to match than lenet5_bn's two convolution layers.
+    model = build_model("lenet5_bn4", input_shape=(1, 28, 28), num_classes=10)
+    assert [m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)] == [6, 16]
+    assert [m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)] == [120, 84]
+
+
+def test_lenet5_half_plain_is_dafls_student_without_normalization():
+    model = build_model("lenet5_half_plain", input_shape=(1, 28, 28), num_classes=10)
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)
+    assert not any(isinstance(m, norms) for m in model.modules())
+    assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [3, 8]
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Conv2d))
