@@ -87,6 +87,13 @@ def class_names(dataset: str, num_classes: int) -> tuple[str, ...]:
     return CLASS_NAMES.get(dataset, tuple(str(label) for label in range(num_classes)))
 
 
+def class_recall(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """The share of each class's examples predicted as that class (0 for an absent class)."""
+    hits = torch.bincount(labels[predictions == labels], minlength=num_classes).float()
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
+    return [round(value, 4) for value in (hits / counts).tolist()]
+
+
 def train_teacher(
     teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float, seed: int
 ) -> None:
@@ -195,6 +202,12 @@ def main() -> None:
         "--generator-width", type=int, default=defaults.width, help="channels of the generator's widest layer"
     )
     parser.add_argument(
+        "--num-generators",
+        type=int,
+        default=defaults.num_generators,
+        help="independently initialized generators taking turns, sharing the student's bank",
+    )
+    parser.add_argument(
         "--student-temperature",
         type=float,
         default=defaults.student_temperature,
@@ -283,6 +296,7 @@ def main() -> None:
         entropy_weight=args.entropy_weight,
         bank_batches=args.bank_batches,
         width=args.generator_width,
+        num_generators=args.num_generators,
         student_temperature=args.student_temperature,
         attention_weight=args.attention_weight,
         pixel_mean=tuple(info.mean),
@@ -427,9 +441,15 @@ def main() -> None:
             class_names=class_names(args.dataset, info.num_classes),
             title=f"{args.dataset}: {args.synthesizer}, {args.teacher} teacher",
         )
+    student_predictions = predict_logits(evaluated, test_images).argmax(1)
+    teacher_predictions = predict_logits(teacher, test_images).argmax(1)
     summary = {
         "teacher_accuracy": teacher_accuracy,
         "student_accuracy": result.accuracy,
+        # Where the student falls short: its recall per class, and how often it agrees with the teacher.
+        "student_class_accuracy": class_recall(student_predictions, test_labels, info.num_classes),
+        "teacher_class_accuracy": class_recall(teacher_predictions, test_labels, info.num_classes),
+        "student_teacher_agreement": (student_predictions == teacher_predictions).float().mean().item(),
         "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(student),
         "cpu_seconds": time.process_time() - cpu_started,

@@ -19,6 +19,9 @@ A conditional generator ``G(z, y)`` and the student play a game over the teacher
 The generator is one network reused across all batches and trained a few steps at a time (the
 "short inner loop" of Fast-DFKD) rather than re-optimized per batch as DeepInversion's pixels
 are; once trained, :meth:`AdversarialDistillation.sample` synthesizes by forward pass.
+``num_generators > 1`` trains an ensemble of independently initialized generators that take
+turns, one step each per iteration, and share the bank (Luo et al. 2020): each generator
+settles on its own subset of the teacher's modes, and the student learns from their union.
 
 References
 ----------
@@ -28,6 +31,8 @@ Chen et al., "Data-Free Learning of Student Networks", ICCV 2019 (DAFL).
 Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020.
 Fang et al., "Contrastive Model Inversion for Data-Free Knowledge Distillation", IJCAI 2021 (CMI).
 Fang et al., "Up to 100× Faster Data-free Knowledge Distillation", AAAI 2022 (Fast-DFKD).
+Luo et al., "Large-Scale Generative Data-Free Distillation", arXiv:2012.05578, 2020 (an ensemble
+of generators).
 """
 
 from __future__ import annotations
@@ -108,6 +113,9 @@ class AdversarialConfig:
         optimizer (Fang et al. 2019 train it at a learning rate of 0.1).
     latent_dim, width : int
         Noise size and widest layer of :class:`~generators.amortized.ConditionalGenerator`.
+    num_generators : int
+        Independently initialized generators taking turns (1 = DFAD's single generator). Each
+        iteration still costs one generator step, so each of ``k`` generators takes ``1/k`` of them.
     adversarial_weight : float
         Weight of the (maximized) teacher–student L1 discrepancy in the generator's loss.
     bn_weight, first_bn_multiplier : float
@@ -141,6 +149,7 @@ class AdversarialConfig:
     student_optimizer: str = "adam"
     latent_dim: int = 64
     width: int = 32
+    num_generators: int = 1
     adversarial_weight: float = 1.0
     bn_weight: float = 1.0
     first_bn_multiplier: float = DEFAULT_FIRST_BN_MULTIPLIER
@@ -156,7 +165,14 @@ class AdversarialConfig:
     pixel_std: tuple[float, ...] = MNIST_STD
 
     def __post_init__(self) -> None:
-        counts = {"batch_size": 2, "student_steps": 1, "latent_dim": 1, "width": 2, "bank_batches": 1}
+        counts = {
+            "batch_size": 2,
+            "student_steps": 1,
+            "latent_dim": 1,
+            "width": 2,
+            "num_generators": 1,
+            "bank_batches": 1,
+        }
         for name, minimum in counts.items():
             if not is_count(getattr(self, name), minimum=minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {getattr(self, name)!r}.")
@@ -300,20 +316,23 @@ class AdversarialDistillation:
         bounds = pixel_bounds(config.pixel_mean, config.pixel_std, device=device, dtype=dtype)
         assert bounds is not None  # pixel_mean/pixel_std are required by the config
         self.low, self.high = bounds
-        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            network = ConditionalGenerator(
-                input_shape=self.input_shape,
-                num_classes=num_classes,
-                latent_dim=config.latent_dim,
-                width=config.width,
-                bounds=bounds,
+        self.networks: list[ConditionalGenerator] = []
+        self.generator_optimizers: list[torch.optim.Optimizer] = []
+        for _ in range(config.num_generators):
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                network = ConditionalGenerator(
+                    input_shape=self.input_shape,
+                    num_classes=num_classes,
+                    latent_dim=config.latent_dim,
+                    width=config.width,
+                    bounds=bounds,
+                ).to(device=device, dtype=dtype)
+            self.networks.append(network)
+            self.generator_optimizers.append(
+                torch.optim.Adam(network.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
             )
-        self.network = network.to(device=device, dtype=dtype)
-        self.generator_optimizer = torch.optim.Adam(
-            self.network.parameters(), lr=config.generator_lr, betas=(0.5, 0.999)
-        )
         self.student_optimizer = build_student_optimizer(student, config)
         self.student_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.student_optimizer, T_max=total_iterations * config.student_steps
@@ -324,6 +343,11 @@ class AdversarialDistillation:
         self.bank_size = 0
         self._bank_next = 0
         self.iterations = 0
+
+    @property
+    def network(self) -> ConditionalGenerator:
+        """The generator that takes the next generator step (the only one when ``num_generators == 1``)."""
+        return self.networks[self.iterations % len(self.networks)]
 
     def quantize(self, images: torch.Tensor) -> torch.Tensor:
         """Round normalized inputs to the nearest 8-bit pixel value, as they would cross the wire."""
@@ -395,9 +419,11 @@ class AdversarialDistillation:
         """One generator step, then ``student_steps`` student steps on the bank; returns the losses."""
         config = self.config
         targets = self._targets(config.batch_size)
-        self.network.train()
+        network = self.network
+        optimizer = self.generator_optimizers[self.iterations % len(self.networks)]
+        network.train()
         with frozen([self.teacher, self.student]), torch.enable_grad():
-            images = self.network(self._noise(config.batch_size), targets)
+            images = network(self._noise(config.batch_size), targets)
             terms = self.generator_loss(images, targets)
             total = terms["total"]
             if not math.isfinite(total.item()):
@@ -405,9 +431,9 @@ class AdversarialDistillation:
                     f"generator loss became {total.item()} at iteration {self.iterations}; "
                     "lower generator_lr or the loss weights."
                 )
-            self.generator_optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             total.backward()
-            self.generator_optimizer.step()
+            optimizer.step()
             stored = self.quantize(images.detach())
             self._push(stored, self.teacher(stored))
         self.student.train()
@@ -449,13 +475,19 @@ class AdversarialDistillation:
         return loss + config.attention_weight * attention_transfer_loss(student_features, teacher_features)
 
     def synthesize(self, *, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One generated input per class id in ``targets`` (a forward pass of the current generator)."""
+        """One generated input per class id in ``targets`` (a forward pass; the generators take turns)."""
         check_targets(targets, self.num_classes)
         device = module_device(self.teacher)
         noise = torch.randn((len(targets), self.config.latent_dim), generator=generator, device=generator.device)
-        self.network.eval()
+        noise, targets = noise.to(device), targets.to(device=device, dtype=torch.long)
+        images = torch.empty((len(targets), *self.input_shape), device=device, dtype=module_dtype(self.teacher))
         with torch.no_grad():
-            return self.network(noise.to(device), targets.to(device=device, dtype=torch.long)).detach()
+            for index, network in enumerate(self.networks):
+                network.eval()
+                turn = slice(index, None, len(self.networks))
+                if len(targets[turn]):
+                    images[turn] = network(noise[turn], targets[turn])
+        return images
 
     def sample(
         self, num: int, *, generator: torch.Generator, student: nn.Module | None = None

@@ -17,6 +17,7 @@ from generators.adversarial import (
     penultimate_features,
     pooled_features,
 )
+from generators.common import balanced_targets
 from generators.losses import (
     activation_loss,
     attention_map,
@@ -140,6 +141,7 @@ def test_penultimate_features_capture_the_last_linear_input_and_unhook():
         ({"entropy_weight": float("nan")}, "entropy_weight"),
         ({"student_optimizer": "lbfgs"}, "student_optimizer"),
         ({"attention_weight": -1.0}, "attention_weight"),
+        ({"num_generators": 0}, "num_generators"),
         ({"adversarial_weight": 0.0, "bn_weight": 0.0, "ce_weight": 0.0}, "would not learn"),
     ],
 )
@@ -250,6 +252,44 @@ def test_sample_is_a_forward_pass_in_the_pixel_range():
     assert images.shape == (10, *SHAPE) and targets.shape == (10,)
     assert images.min() >= -1 - 1e-6 and images.max() <= 1 + 1e-6
     assert torch.bincount(targets, minlength=NUM_CLASSES).tolist() == [3, 3, 2, 2]
+
+
+def test_an_ensemble_of_generators_takes_turns_and_shares_the_bank():
+    game = _game(_tiny_teacher(0), _tiny_teacher(1), num_generators=3)
+    starts = [{k: v.clone() for k, v in network.state_dict().items()} for network in game.networks]
+    # Independently initialized: no two generators start from the same weights.
+    assert not torch.equal(starts[0]["embed.weight"], starts[1]["embed.weight"])
+
+    def moved(index: int) -> bool:
+        state = game.networks[index].state_dict()
+        return any(not torch.equal(value, starts[index][name]) for name, value in state.items())
+
+    assert game.network is game.networks[0]
+    game.step()
+    assert [moved(index) for index in range(3)] == [True, False, False]
+    assert game.network is game.networks[1]
+    game.step()
+    game.step()
+    assert [moved(index) for index in range(3)] == [True, True, True]
+    assert game.bank_size == 3 * 8
+
+
+def test_an_ensemble_samples_from_every_generator():
+    game = _game(_tiny_teacher(0), _tiny_teacher(1), num_generators=2)
+    for network in game.networks[1:]:
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.add_(1.0)
+    images, targets = game.sample(6, generator=torch.Generator().manual_seed(0))
+    # Input i comes from generator i mod 2: replay sample()'s draws (classes, then noise).
+    replay = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(balanced_targets(6, NUM_CLASSES, replay), targets)
+    noise = torch.randn(6, 8, generator=replay)
+    for index, network in enumerate(game.networks):
+        network.eval()
+        with torch.no_grad():
+            expected = network(noise[index::2], targets[index::2])
+        torch.testing.assert_close(images[index::2], expected)
 
 
 @pytest.fixture(scope="module")
