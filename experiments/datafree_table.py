@@ -45,7 +45,9 @@ def _central_label(summary: dict) -> str:
         off = [name for name in ("adversarial_weight", "bn_weight", "ce_weight") if weights.get(name, 0) == 0]
         on = [name for name in ("one_hot_weight", "activation_weight", "entropy_weight") if weights.get(name, 0) > 0]
         changes = [f"no {name.removesuffix('_weight')}" for name in off] + [name.removesuffix("_weight") for name in on]
-        return "adversarial generator" + (f" ({', '.join(changes)})" if changes else "")
+        count = weights.get("num_generators", 1)
+        name = "adversarial generator" if count == 1 else f"{count} adversarial generators"
+        return name + (f" ({', '.join(changes)})" if changes else "")
     if source in ("generator", "deepinversion"):
         return f"{source}, {summary['num_synthetic']:,} inputs, {summary['synthesis_steps']} steps"
     return {"noise": "Gaussian noise (control)", "real": "real training inputs (upper bound)"}[source]

@@ -32,12 +32,14 @@ def test_rows_show_last_and_best_accuracy_with_controls_first_and_upper_bound_la
     _run(tmp_path, "central-mnist-adversarial", "adversarial", [0.97, 0.981, 0.980])
     _run(tmp_path, "central-mnist-noise", "noise", [0.8, 0.85])
     _run(tmp_path, "central-mnist-ablation", "adversarial", [0.9], adversarial_weight=0.0)
+    _run(tmp_path, "central-mnist-ensemble", "adversarial", [0.98], num_generators=4)
     lines = central_table(tmp_path).splitlines()[2:]
     assert {line.split(" | ")[2] for line in lines} == {"lenet5_bn4 → lenet5_half"}
     assert [line.split(" | ")[3] for line in lines] == [
         "Gaussian noise (control)",
         "adversarial generator (no adversarial)",
         "adversarial generator",
+        "4 adversarial generators",
         "real training inputs (upper bound)",
     ]
     assert "| **0.9800** | 0.9810 | 1,000 × 128 | 12 s |" in lines[2]
