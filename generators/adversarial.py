@@ -419,8 +419,8 @@ class AdversarialDistillation:
         """One generator step, then ``student_steps`` student steps on the bank; returns the losses."""
         config = self.config
         targets = self._targets(config.batch_size)
-        network = self.network
-        optimizer = self.generator_optimizers[self.iterations % len(self.networks)]
+        turn = self.iterations % len(self.networks)
+        network, optimizer = self.networks[turn], self.generator_optimizers[turn]
         network.train()
         with frozen([self.teacher, self.student]), torch.enable_grad():
             images = network(self._noise(config.batch_size), targets)
