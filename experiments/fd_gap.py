@@ -31,10 +31,14 @@ from fedkd.distillation import (
     OptimizerSettings,
     distill,
     evaluate,
+    lacked_classes,
+    lacked_mass,
     predict_logits,
     soften,
     train_supervised,
+    train_with_consensus,
 )
+from fedkd.messages import consensus_record, consensus_targets
 from fedkd.models import build_model, model_for_client
 from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 from strategies.aggregation import PER_CLASS_WEIGHTS, class_counts, entropy_reduce, get_aggregator
@@ -64,7 +68,14 @@ def label_ceiling(config: RunConfig, *, epochs: int) -> float:
     return evaluate(student, test.images, test.labels).accuracy
 
 
-def replay(config: RunConfig, *, digest_sharpen: float | None, test_size: int) -> list[dict[str, Any]]:
+def replay(
+    config: RunConfig,
+    *,
+    digest_sharpen: float | None,
+    test_size: int,
+    consensus_weight: float = 0.0,
+    lacked_share: float = 0.0,
+) -> list[dict[str, Any]]:
     """One row per round: ensemble, mean-teacher and student test accuracy."""
     torch.set_num_threads(1)
     spec = config.split_spec()
@@ -92,6 +103,7 @@ def replay(config: RunConfig, *, digest_sharpen: float | None, test_size: int) -
         seed=derive_seed(config.seed, SeedPurpose.STUDENT_INIT),
     )
     consensus: torch.Tensor | None = None
+    public_positions = np.arange(len(public.images))
     rows = []
     for server_round in range(1, config.rounds + 1):
         started = time.process_time()
@@ -109,15 +121,35 @@ def replay(config: RunConfig, *, digest_sharpen: float | None, test_size: int) -
                     generator=torch_generator(config.seed, server_round, k, SeedPurpose.TEACHER_DIGEST),
                     max_shift=config.augment_shift,
                 )
-            train_supervised(
-                teacher,
-                partition.images,
-                partition.labels,
-                epochs=config.local_epochs,
-                settings=settings,
-                generator=torch_generator(config.seed, server_round, k, SeedPurpose.TEACHER_TRAIN),
-                max_shift=config.augment_shift,
-            )
+            if consensus is not None and consensus_weight > 0:
+                input_weights = None
+                if lacked_share > 0:
+                    counts = torch.bincount(partition.labels, minlength=info.num_classes)
+                    input_weights = lacked_mass(consensus, lacked_classes(counts, share=lacked_share))
+                train_with_consensus(
+                    teacher,
+                    partition.images,
+                    partition.labels,
+                    public.images,
+                    consensus,
+                    weight=consensus_weight,
+                    temperature=config.temperature,
+                    epochs=config.local_epochs,
+                    settings=settings,
+                    generator=torch_generator(config.seed, server_round, k, SeedPurpose.TEACHER_TRAIN),
+                    max_shift=config.augment_shift,
+                    input_weights=input_weights,
+                )
+            else:
+                train_supervised(
+                    teacher,
+                    partition.images,
+                    partition.labels,
+                    epochs=config.local_epochs,
+                    settings=settings,
+                    generator=torch_generator(config.seed, server_round, k, SeedPurpose.TEACHER_TRAIN),
+                    max_shift=config.augment_shift,
+                )
             public_probs.append(soften(predict_logits(teacher, public.images), config.temperature).numpy())
             test_probs.append(soften(predict_logits(teacher, test_images), config.temperature).numpy())
             weights.append(class_counts(partition.labels, info.num_classes) if per_class else len(partition))
@@ -125,7 +157,8 @@ def replay(config: RunConfig, *, digest_sharpen: float | None, test_size: int) -
         aggregate = aggregator(np.stack(public_probs), client_weights)
         ensemble_on_test = aggregator(np.stack(test_probs), client_weights)
         shared = aggregate if digest_sharpen is None else entropy_reduce(aggregate, temperature=digest_sharpen)
-        consensus = torch.from_numpy(shared)
+        # As it travels: float16 on the wire, renormalized rows on the client.
+        consensus = torch.from_numpy(consensus_targets(consensus_record(public_positions, shared))[1])
         distill(
             student,
             public.images,
@@ -135,6 +168,7 @@ def replay(config: RunConfig, *, digest_sharpen: float | None, test_size: int) -
             settings=settings,
             generator=torch_generator(config.seed, server_round, SeedPurpose.DISTILL),
             max_shift=config.augment_shift,
+            average_decay=config.distill_ema,
         )
         row = {
             "round": server_round,
@@ -168,6 +202,16 @@ def main() -> None:
     )
     parser.add_argument("--digest-epochs", type=int, default=0, help="FedMD/DS-FL digest of the consensus")
     parser.add_argument("--digest-sharpen", type=float, default=None, help="DS-FL's ERA on the consensus sent down")
+    parser.add_argument(
+        "--consensus-weight", type=float, default=0.0, help="strategy.consensus_weight (co-distillation; 0: off)"
+    )
+    parser.add_argument(
+        "--consensus-lacked-share",
+        type=float,
+        default=StrategyConfig.consensus_lacked_share,
+        help="strategy.consensus_lacked_share (0: every public input)",
+    )
+    parser.add_argument("--distill-ema", type=float, default=0.0, help="the student's weight average")
     parser.add_argument("--ceiling-epochs", type=int, default=20)
     parser.add_argument("--test-size", type=int, default=1000, help="test inputs the teachers are scored on")
     parser.add_argument("--seed", type=int, default=0)
@@ -185,13 +229,20 @@ def main() -> None:
         distill_epochs=args.distill_epochs,
         temperature=args.temperature,
         augment_shift=args.augment_shift,
+        distill_ema=args.distill_ema,
         seed=args.seed,
     )
     torch.set_num_threads(1)
     result: dict[str, Any] = {"args": vars(args)}
     result["label_ceiling_accuracy"] = label_ceiling(config, epochs=args.ceiling_epochs)
     print(json.dumps({"label_ceiling_accuracy": result["label_ceiling_accuracy"]}), flush=True)
-    result["rounds"] = replay(config, digest_sharpen=args.digest_sharpen, test_size=args.test_size)
+    result["rounds"] = replay(
+        config,
+        digest_sharpen=args.digest_sharpen,
+        test_size=args.test_size,
+        consensus_weight=args.consensus_weight,
+        lacked_share=args.consensus_lacked_share,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

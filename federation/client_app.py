@@ -32,10 +32,13 @@ from fedkd.distillation import (
     class_mean_logits,
     distill,
     evaluate,
+    lacked_classes,
+    lacked_mass,
     predict_logits,
     soften,
     train_supervised,
     train_with_class_targets,
+    train_with_consensus,
 )
 from fedkd.faults import SimulatedCrash, crashed_clients
 from fedkd.messages import (
@@ -46,13 +49,13 @@ from fedkd.messages import (
     LOGITS,
     METRICS_KEY,
     NUM_EXAMPLES,
-    SOFT_LABELS_ARRAY,
     TASK_KEY,
     TRANSFER_IMAGES,
     TRANSFER_INDICES,
     TRANSFER_KEY,
     WEIGHTS_KEY,
     class_logits_record,
+    consensus_targets,
     mixup_pairs,
     number,
     soft_label_reply,
@@ -66,6 +69,7 @@ from fedkd.seeding import SeedPurpose, derive_seed, numpy_generator, torch_gener
 from generators.amortized import AmortizedGenerator
 from generators.registry import build_synthesizer
 from strategies.aggregation import PER_CLASS_WEIGHTS, class_counts
+from strategies.registry import get_spec
 
 TEACHER_STATE = "teacher"
 # Which round the stored teacher was trained in, with that training's examples and loss: with
@@ -178,10 +182,16 @@ class ClientRound:
 
 
 def train_locally(
-    model: torch.nn.Module, client: ClientRound, *, partition: LabeledTensors | None = None, teacher: int = 0
+    model: torch.nn.Module,
+    client: ClientRound,
+    *,
+    partition: LabeledTensors | None = None,
+    teacher: int = 0,
+    consensus: ArrayRecord | None = None,
 ) -> float:
-    """E local epochs on this client's private partition (or one teacher's shard of it);
-    returns the last epoch's loss."""
+    """E local epochs on this client's private partition (or one teacher's shard of it), learning
+    the server's consensus on the public inputs alongside where it came down and
+    ``strategy.consensus_weight`` > 0 (co-distillation); returns the last epoch's loss."""
     partition = client.partition if partition is None else partition
     if client.attack == "flip":
         partition = LabeledTensors(partition.images, flip_labels(partition.labels, client.info.num_classes))
@@ -193,6 +203,28 @@ def train_locally(
             client.state,
             feature_releases=client.task.feature_releases,
             generator=client.generator(SeedPurpose.TEACHER_TRAIN),
+        )
+    strategy = client.run.strategy
+    if consensus is not None and strategy.consensus_weight > 0:
+        positions, probs = consensus_targets(consensus)
+        targets = torch.from_numpy(probs)
+        input_weights = None
+        if strategy.consensus_lacked_share > 0:
+            counts = torch.bincount(partition.labels, minlength=client.info.num_classes)
+            input_weights = lacked_mass(targets, lacked_classes(counts, share=strategy.consensus_lacked_share))
+        return train_with_consensus(
+            model,
+            partition.images,
+            partition.labels,
+            public_inputs(client.split, positions).images,
+            targets,
+            weight=strategy.consensus_weight,
+            input_weights=input_weights,
+            temperature=client.run.temperature,
+            epochs=client.run.local_epochs,
+            settings=client.settings,
+            generator=teacher_generator(client, teacher),
+            max_shift=client.run.augment_shift,
         )
     return train_supervised(
         model,
@@ -245,8 +277,8 @@ def restore_teacher(client: ClientRound, teacher_index: int = 0) -> torch.nn.Mod
 
 def digest(teacher: torch.nn.Module, consensus: ArrayRecord, client: ClientRound) -> None:
     """Fit the teacher to the server's aggregated soft labels on their transfer inputs."""
-    positions = consensus[TRANSFER_INDICES].numpy()
-    targets = torch.from_numpy(consensus[SOFT_LABELS_ARRAY].numpy().copy())
+    positions, probs = consensus_targets(consensus)
+    targets = torch.from_numpy(probs)
     distill(
         teacher,
         public_inputs(client.split, positions).images,
@@ -273,9 +305,10 @@ def teacher_for_round(client: ClientRound, *, remember: bool) -> tuple[torch.nn.
     if isinstance(done, ConfigRecord) and done["round"] == client.task.server_round:
         return teacher, number(done, "train-loss")
     consensus = client.message.content.get(CONSENSUS_KEY)
-    if isinstance(consensus, ArrayRecord):
+    consensus = consensus if isinstance(consensus, ArrayRecord) else None
+    if consensus is not None and get_spec(client.run.strategy.name).digests_consensus:
         digest(teacher, consensus, client)
-    loss = train_locally(teacher, client)
+    loss = train_locally(teacher, client, consensus=consensus)
     client.state[TEACHER_STATE] = ArrayRecord(teacher.state_dict())
     if remember:
         client.state[TEACHER_ROUND_STATE] = ConfigRecord({"round": client.task.server_round, "train-loss": float(loss)})
@@ -319,7 +352,7 @@ def logits_of_the_round(client: ClientRound) -> tuple[torch.Tensor, float]:
     consensus = content.get(CONSENSUS_KEY)
     if isinstance(consensus, ArrayRecord):
         received.update({f"consensus/{name}": array.numpy() for name, array in consensus.items()})
-        # The teacher digests the consensus at the run's temperature, a setting the key otherwise skips.
+        # The teacher learns the consensus at the run's temperature, a setting the key otherwise skips.
         received["consensus/temperature"] = np.array(client.run.temperature)
     start = client.state.get(TEACHER_STATE)
     key = entry_key(

@@ -198,6 +198,75 @@ def train_supervised(
     )
 
 
+def train_with_consensus(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    public: torch.Tensor,
+    consensus: torch.Tensor,
+    *,
+    weight: float,
+    temperature: float,
+    epochs: int,
+    settings: OptimizerSettings,
+    generator: torch.Generator,
+    max_shift: float = 0.0,
+    input_weights: torch.Tensor | None = None,
+) -> float:
+    """Cross-entropy on the private examples plus ``weight`` × the KD loss toward the federation's
+    consensus on public inputs, in the same steps (Cronus, Chang et al. 2019: the public inputs
+    with the aggregated labels join the local training set, so the teacher learns the classes it
+    lacks without forgetting them while it revisits its own). Each step pairs a private batch with
+    an equally large random batch of public inputs; an epoch is one pass over the private data.
+    ``input_weights`` (one per public input) scale each input's KD term (:func:`lacked_mass`).
+    """
+    if len(public) != len(consensus):
+        raise ValueError(f"{len(public)} public inputs but {len(consensus)} rows of consensus.")
+    if input_weights is not None and input_weights.shape != (len(public),):
+        raise ValueError(
+            f"input_weights must hold one weight per public input ({len(public)}), got {input_weights.shape}."
+        )
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        picked = torch.randint(len(public), (len(batch),), generator=generator)
+        views = (
+            random_translate(images[batch], max_shift=max_shift, generator=generator),
+            random_translate(public[picked], max_shift=max_shift, generator=generator),
+        )
+        private_logits, public_logits = model(torch.cat(views)).split([len(v) for v in views])
+        loss = F.cross_entropy(private_logits, labels[batch])
+        if input_weights is None:
+            return loss + weight * kd_loss(public_logits, consensus[picked], temperature=temperature)
+        log_student = F.log_softmax(public_logits / temperature, dim=-1)
+        per_input = F.kl_div(log_student, consensus[picked], reduction="none").sum(1) * temperature**2
+        return loss + weight * (input_weights[picked] * per_input).mean()
+
+    return _fit(model, len(images), batch_loss, epochs=epochs, settings=settings, generator=generator, optimizer=None)
+
+
+def lacked_classes(class_counts: torch.Tensor, *, share: float) -> torch.Tensor:
+    """How much a client lacks each class, from 1 (no examples) down to 0 at ``share`` of a
+    uniform partition's share (``1 / C``) and above: ``clip(1 − C · n_c / (n · share), 0, 1)``.
+
+    ``share`` = 0.1 counts a class as lacked while it is under 1 % of a ten-class client's data.
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must lie in (0, 1], got {share}.")
+    counts = class_counts.to(torch.float32)
+    if counts.ndim != 1 or counts.sum() <= 0 or bool((counts < 0).any()):
+        raise ValueError("class_counts must be one non-negative count per class, not all zero.")
+    fraction = counts / counts.sum()
+    return (1.0 - fraction * len(counts) / share).clamp(min=0.0, max=1.0)
+
+
+def lacked_mass(consensus: torch.Tensor, lacked: torch.Tensor) -> torch.Tensor:
+    """Each public input's weight in a client's co-distillation: the consensus's probability on
+    the classes the client lacks (``consensus @ lacked``). The consensus teaches a client what it
+    has not seen, and leaves the inputs of its own classes to its own data, so the teachers stay
+    as different from each other as their data made them where they know something."""
+    return consensus @ lacked.to(consensus.dtype)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
     """Logits of ``model`` in evaluation mode (running BatchNorm statistics)."""

@@ -4,7 +4,7 @@ Train message (server → client), soft-label mode::
 
     "config":   ConfigRecord  — the ClientTask (see fedkd.config)
     "transfer": ArrayRecord   — "indices": int32 indices of the public transfer inputs
-    "consensus": ArrayRecord  — (FedMD, DS-FL) "indices" and "probs": last round's aggregate
+    "consensus": ArrayRecord  — (FedMD, DS-FL, co-distillation) "indices" and float16 "probs": last round's aggregate
 
 Reply (client → server)::
 
@@ -93,13 +93,22 @@ def synthetic_reply(images: np.ndarray, *, client_id: int, seconds: float) -> Re
 
 
 def consensus_record(indices: np.ndarray, probs: np.ndarray) -> ArrayRecord:
-    """The aggregated soft labels sent back down (FedMD, DS-FL), with the inputs they label."""
+    """The aggregated soft labels sent back down (FedMD, DS-FL, co-distillation), with the inputs
+    they label. The probabilities travel as float16, half of float32's bytes: a target for the
+    KD loss needs three significant digits, not seven (:func:`consensus_targets` reads them)."""
     return ArrayRecord(
         {
             TRANSFER_INDICES: Array(np.ascontiguousarray(indices, dtype=np.int32)),
-            SOFT_LABELS_ARRAY: Array(np.ascontiguousarray(probs, dtype=np.float32)),
+            SOFT_LABELS_ARRAY: Array(np.ascontiguousarray(probs, dtype=np.float16)),
         }
     )
+
+
+def consensus_targets(record: ArrayRecord) -> tuple[np.ndarray, np.ndarray]:
+    """The public positions and float32 probability rows of a :func:`consensus_record`, each row
+    renormalized to sum to 1 (float16 rounding leaves them off by up to ~1e-3)."""
+    probs = record[SOFT_LABELS_ARRAY].numpy().astype(np.float32)
+    return record[TRANSFER_INDICES].numpy(), probs / probs.sum(axis=1, keepdims=True)
 
 
 def soft_label_reply(

@@ -76,6 +76,8 @@ register(
         aggregators=True,
         mixup_views=True,
         needs_public_set=True,
+        co_distillation=True,
+        digests_consensus=True,
         extra_check=refuse_double_reduction,
     )
 )

@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from fedkd.checkpoint import arrays_record
 from fedkd.messages import (
     CLASS_COUNTS,
+    CONSENSUS_KEY,
     EPSILON,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -42,6 +43,7 @@ from fedkd.messages import (
     SOFT_LABELS_KEY,
     TASK_KEY,
     array_record,
+    consensus_record,
     metric_record,
     number,
     values,
@@ -54,7 +56,7 @@ from strategies.private_aggregation import PrivateRelease, ServerPrivacy, WorstC
 from strategies.registry import BuildContext, StateRecords, StrategySpec, register
 from strategies.sampling import ClientSampling
 from strategies.synthetic_transfer import SyntheticTransfer
-from strategies.transfer import DistillationSet, TransferSource, stored
+from strategies.transfer import DistillationSet, PublicTransfer, TransferSource, stored
 from strategies.validation import InvalidReply, Triage, triage, validate_soft_labels
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,8 @@ class EnsembleDistillation(Strategy):
     """Aggregate client soft labels on transfer inputs and distill them into a student.
 
     Subclasses that set ``shares_consensus`` also send the last aggregate back down, for the
-    clients to digest before their next local training (FedMD, DS-FL).
+    clients to digest before their next local training (FedMD, DS-FL); so does any run with
+    ``co_distillation``, whose clients learn from it during their local training.
 
     Parameters
     ----------
@@ -135,6 +138,8 @@ class EnsembleDistillation(Strategy):
     weights_by_class : bool
         The aggregator weighs clients per class (``class_weighted``): each reply carries the
         client's class counts, which replace the partition sizes as weights.
+    co_distillation : bool
+        Send the last round's aggregate on the public inputs down (``strategy.consensus_weight`` > 0).
     """
 
     shares_consensus = False
@@ -150,7 +155,9 @@ class EnsembleDistillation(Strategy):
         min_replies: int = 1,
         client_privacy: PrivacyConfig | None = None,
         weights_by_class: bool = False,
+        co_distillation: bool = False,
     ) -> None:
+        self.sends_consensus = self.shares_consensus or co_distillation
         self.student = student
         self.weights_by_class = weights_by_class
         self.source = source
@@ -188,8 +195,12 @@ class EnsembleDistillation(Strategy):
         ]
 
     def consensus_records(self) -> dict[str, ArrayRecord]:
-        """What travels down beside the transfer inputs (FedMD and DS-FL send the consensus)."""
-        return {}
+        """The last round's aggregate and the public inputs it labels, where the consensus travels down."""
+        if not self.sends_consensus or self.consensus is None:
+            return {}
+        if not isinstance(self.source, PublicTransfer):
+            raise TypeError(f"the consensus labels public inputs; this run's transfer is {self.source.describe()}.")
+        return {CONSENSUS_KEY: consensus_record(self.source.indices, self.consensus)}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -228,7 +239,7 @@ class EnsembleDistillation(Strategy):
         learned = self.source.distillation_set(
             soft_labels, weights, server_round=server_round, client_ids=parsed.client_ids
         )
-        if self.shares_consensus:
+        if self.sends_consensus:
             self.consensus = learned.aggregate
         metrics["distill-loss"] = self._distill(learned, server_round)
         return self.student.arrays(), MetricRecord(self._round_metrics(metrics, parsed))
@@ -355,6 +366,7 @@ def build_soft_label_strategy(kind: type[Distiller], context: BuildContext, sour
         min_replies=context.config.strategy.min_replies,
         client_privacy=client_privacy(context),
         weights_by_class=context.config.aggregator in PER_CLASS_WEIGHTS,
+        co_distillation=context.config.strategy.consensus_weight > 0,
     )
 
 
@@ -373,5 +385,6 @@ register(
         aggregators=True,
         mixup_views=True,
         needs_public_set=True,
+        co_distillation=True,
     )
 )

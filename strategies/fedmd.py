@@ -21,29 +21,14 @@ Workshop on Federated Learning. Consensus = unweighted mean (use ``aggregator=me
 
 from __future__ import annotations
 
-from typing import Any
-
-from flwr.app import ArrayRecord
-
-from fedkd.messages import CONSENSUS_KEY, consensus_record
 from strategies.ensemble_distillation import EnsembleDistillation, build_soft_label_strategy
 from strategies.registry import BuildContext, StrategySpec, register
-from strategies.transfer import PublicTransfer
 
 
 class FedMD(EnsembleDistillation):
     """Ensemble distillation on the public set whose consensus travels down to every client."""
 
     shares_consensus = True
-
-    def __init__(self, *, source: PublicTransfer, **kwargs: Any) -> None:
-        super().__init__(source=source, **kwargs)
-        self.public = source
-
-    def consensus_records(self) -> dict[str, ArrayRecord]:
-        if self.consensus is None:
-            return {}
-        return {CONSENSUS_KEY: consensus_record(self.public.indices, self.consensus)}
 
 
 def build(context: BuildContext) -> FedMD:
@@ -60,5 +45,7 @@ register(
         aggregators=True,
         mixup_views=True,
         needs_public_set=True,
+        co_distillation=True,
+        digests_consensus=True,
     )
 )

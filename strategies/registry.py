@@ -157,6 +157,11 @@ class StrategySpec:
         Whether it distills on the public split (``public_size`` must be > 0).
     mixup_views : bool
         Whether its clients label mixup views of the public inputs (``mixup_views`` > 0).
+    co_distillation : bool
+        Whether the consensus can travel down for the clients to learn from in their local
+        training (``strategy.consensus_weight`` > 0).
+    digests_consensus : bool
+        Whether its clients first fit the consensus alone, ``strategy.digest_epochs`` (FedMD, DS-FL).
     extra_check : Callable[[RunConfig], None], optional
         Further conditions of this strategy on the configuration (raises ``ValueError``).
     """
@@ -170,6 +175,8 @@ class StrategySpec:
     aggregators: bool = False
     needs_public_set: bool = False
     mixup_views: bool = False
+    co_distillation: bool = False
+    digests_consensus: bool = False
     extra_check: Callable[[RunConfig], None] | None = None
 
     def check(self, config: RunConfig) -> None:
@@ -208,8 +215,30 @@ class StrategySpec:
                 f"which privacy={mechanism} does not noise or account for; use strategy.aggregator=weighted "
                 "(or another aggregator) with privacy, or privacy=none."
             )
+        self._check_consensus_weight(config)
         if self.extra_check is not None:
             self.extra_check(config)
+
+    def _check_consensus_weight(self, config: RunConfig) -> None:
+        weight, name = config.strategy.consensus_weight, config.strategy.name
+        if weight == 0:
+            return
+        if not self.co_distillation:
+            raise ValueError(
+                f"strategy.consensus_weight={weight} sends the aggregated soft labels down for the clients to "
+                f"learn from; strategy={name} has none. Use one of {names_where(lambda s: s.co_distillation)} "
+                "or strategy.consensus_weight=0."
+            )
+        if config.transfer != "public":
+            raise ValueError(
+                f"strategy.consensus_weight={weight} needs transfer=public: synthetic inputs stay with the client "
+                "that made them, so the others cannot learn the consensus on them. Set strategy.consensus_weight=0."
+            )
+        if config.privacy.mechanism != "none":
+            raise ValueError(
+                f"strategy.consensus_weight={weight} adds steps on the public inputs to every client's training, "
+                f"which privacy={config.privacy.mechanism} does not account for; set strategy.consensus_weight=0."
+            )
 
 
 _REGISTRY: dict[str, StrategySpec] = {}
