@@ -58,8 +58,9 @@ class PartitionConfig:
 
 # strategy.consensus_weight's default: CO_DISTILLATION_WEIGHT for the strategies in
 # CO_DISTILLING_BY_DEFAULT on public transfer without privacy, else 0 (resolved in RunConfig).
-# Fashion-MNIST, 50 clients, Dirichlet α = 0.1: the teachers' class-weighted ensemble rises from
-# 0.78 to 0.87 once each teacher also fits the consensus (README, Federated-distillation recipe).
+# Fashion-MNIST, 50 clients, Dirichlet α = 0.1: after five rounds the teachers' class-weighted
+# ensemble scores 0.78 without and 0.88 with it, and the student 0.77 and 0.86 (README,
+# Federated-distillation recipe, Co-distillation).
 # Under a privacy mechanism a client's steps on the public inputs would need their own accounting,
 # and synthetic inputs stay on the client that made them, so those runs keep it off.
 CONSENSUS_WHERE_FREE = -1.0

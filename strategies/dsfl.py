@@ -8,7 +8,7 @@ entropy-reduced labels travel down; every client distills them into its model be
 local training, and the server distills them into the global student.
 
 What crosses the wire: up, an ``N × C`` float32 soft-label matrix and three scalars; down, the
-task config, N int32 indices and (from round 2) the ``N × C`` float32 global soft labels.
+task config, N int32 indices and (from round 2) the ``N × C`` float16 global soft labels.
 
 Reference
 ---------

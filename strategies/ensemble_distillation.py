@@ -9,15 +9,19 @@ global student with ``α·T²·KL(p_T ‖ p_S) + (1 − α)·CE``.
 Where the transfer inputs come from — the public split, a pool the clients synthesize, or a
 privately released batch of queries — is the strategy's :class:`~strategies.transfer.TransferSource`.
 
-What crosses the wire (public transfer): down, the task config and N int32 indices; up, an
-``N × C`` float32 matrix and three scalars. No weights, gradients or raw data leave a client.
+What crosses the wire (public transfer): down, the task config and N int32 indices, and with
+co-distillation (``strategy.consensus_weight`` > 0, the default on public inputs without privacy)
+from round 2 the last round's aggregate as ``N × C`` float16 with its N int32 positions; up, an
+``N × C`` float32 matrix, three scalars and (``class_weighted``) C class counts. No weights,
+gradients or raw data leave a client.
 
 References
 ----------
 Sui et al., "FedED: Federated Learning via Ensemble Distillation for Medical Relation
 Extraction", EMNLP 2020. Lin et al., "Ensemble Distillation for Robust Model Fusion in
 Federated Learning", NeurIPS 2020. Hinton et al., "Distilling the Knowledge in a Neural
-Network", 2015.
+Network", 2015. Chang et al., "Cronus: Robust and Heterogeneous Collaborative Learning with
+Black-Box Knowledge Transfer", 2019 (the consensus learned beside the private data).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ still distills the consensus into a server-side student so that every strategy i
 the same test split.
 
 What crosses the wire: up, an ``N × C`` float32 soft-label matrix and three scalars; down, the
-task config, N int32 indices and (from round 2) the ``N × C`` float32 consensus.
+task config, N int32 indices and (from round 2) the ``N × C`` float16 consensus.
 
 Scores travel as probabilities ``softmax(z / T)`` rather than raw logits, so that every reply
 can be validated as a probability matrix.
