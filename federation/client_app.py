@@ -204,8 +204,8 @@ def train_locally(
             feature_releases=client.task.feature_releases,
             generator=client.generator(SeedPurpose.TEACHER_TRAIN),
         )
-    strategy = client.run.strategy
-    if consensus is not None and strategy.consensus_weight > 0:
+    strategy, weight = client.run.strategy, client.run.consensus_weight
+    if consensus is not None and weight > 0:
         positions, probs = consensus_targets(consensus)
         targets = torch.from_numpy(probs)
         input_weights = None
@@ -218,7 +218,7 @@ def train_locally(
             partition.labels,
             public_inputs(client.split, positions).images,
             targets,
-            weight=strategy.consensus_weight,
+            weight=weight,
             input_weights=input_weights,
             temperature=client.run.temperature,
             epochs=client.run.local_epochs,

@@ -57,7 +57,7 @@ class PartitionConfig:
 
 
 # strategy.consensus_weight's default: CO_DISTILLATION_WEIGHT for the strategies in
-# CO_DISTILLING_BY_DEFAULT on public transfer without privacy, else 0 (resolved in RunConfig).
+# CO_DISTILLING_BY_DEFAULT on public transfer without privacy, else 0 (RunConfig.consensus_weight).
 # Fashion-MNIST, 50 clients, Dirichlet α = 0.1: after five rounds the teachers' class-weighted
 # ensemble scores 0.78 without and 0.88 with it, and the student 0.77 and 0.86 (README,
 # Federated-distillation recipe, Co-distillation).
@@ -96,7 +96,7 @@ class StrategyConfig:
     # Co-distillation: the last round's aggregate (the consensus) travels down with the transfer
     # indices, and each client's local training adds this weight × the KD loss toward it on the
     # public inputs (fedkd.distillation.train_with_consensus; 0: the consensus stays on the
-    # server). CONSENSUS_WHERE_FREE (the default) resolves in RunConfig.
+    # server). CONSENSUS_WHERE_FREE (the default) resolves in RunConfig.consensus_weight.
     consensus_weight: float = CONSENSUS_WHERE_FREE
     # Which public inputs a client learns the consensus on: each in proportion to the consensus's
     # probability on the classes the client lacks, a class counting as lacked (fully at zero
@@ -321,12 +321,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         # Hydra and Flower hand lists over; the run config is a value, so hold a tuple.
         object.__setattr__(self, "client_models", _models(self.client_models))
-        cheap = self.transfer == "public" and self.privacy.mechanism == "none"
         if self.rounds == ROUNDS_BY_COST:
+            cheap = self.transfer == "public" and self.privacy.mechanism == "none"
             object.__setattr__(self, "rounds", CHEAP_ROUNDS if cheap else COSTLY_ROUNDS)
-        if self.strategy.consensus_weight == CONSENSUS_WHERE_FREE:
-            weight = CO_DISTILLATION_WEIGHT if cheap and self.strategy.name in CO_DISTILLING_BY_DEFAULT else 0.0
-            object.__setattr__(self, "strategy", dataclasses.replace(self.strategy, consensus_weight=weight))
         positive = {
             "num_clients": self.num_clients,
             "rounds": self.rounds,
@@ -452,6 +449,18 @@ class RunConfig:
                 f"attack.kind with privacy={privacy.mechanism} is not supported: clients share "
                 "clipped or voted rows there. Use privacy=none or privacy=dpsgd."
             )
+
+    @property
+    def consensus_weight(self) -> float:
+        """``strategy.consensus_weight``, with CONSENSUS_WHERE_FREE resolved: CO_DISTILLATION_WEIGHT
+        for the strategies in CO_DISTILLING_BY_DEFAULT on public transfer without privacy, else 0.
+        Resolved on use, like ``aggregator``, so that a copy with another transfer or privacy
+        mechanism (``dataclasses.replace``) gets its own default."""
+        weight = self.strategy.consensus_weight
+        if weight != CONSENSUS_WHERE_FREE:
+            return weight
+        free = self.transfer == "public" and self.privacy.mechanism == "none"
+        return CO_DISTILLATION_WEIGHT if free and self.strategy.name in CO_DISTILLING_BY_DEFAULT else 0.0
 
     @property
     def aggregator(self) -> str:

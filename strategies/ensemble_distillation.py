@@ -370,7 +370,7 @@ def build_soft_label_strategy(kind: type[Distiller], context: BuildContext, sour
         min_replies=context.config.strategy.min_replies,
         client_privacy=client_privacy(context),
         weights_by_class=context.config.aggregator in PER_CLASS_WEIGHTS,
-        co_distillation=context.config.strategy.consensus_weight > 0,
+        co_distillation=context.config.consensus_weight > 0,
     )
 
 

@@ -220,7 +220,7 @@ class StrategySpec:
             self.extra_check(config)
 
     def _check_consensus_weight(self, config: RunConfig) -> None:
-        weight, name = config.strategy.consensus_weight, config.strategy.name
+        weight, name = config.consensus_weight, config.strategy.name
         if weight == 0:
             return
         if not self.co_distillation:

@@ -107,13 +107,15 @@ def test_the_consensus_travels_as_float16_and_comes_back_as_probability_rows():
 
 
 def test_the_default_weight_is_on_for_ensemble_distillation_on_public_inputs_without_privacy():
-    assert RunConfig().strategy.consensus_weight == CO_DISTILLATION_WEIGHT
-    assert RunConfig(strategy=StrategyConfig(name="fedmd")).strategy.consensus_weight == 0.0
-    assert RunConfig(transfer="synthetic").strategy.consensus_weight == 0.0
+    assert RunConfig().consensus_weight == CO_DISTILLATION_WEIGHT
+    assert RunConfig(strategy=StrategyConfig(name="fedmd")).consensus_weight == 0.0
+    assert RunConfig(transfer="synthetic").consensus_weight == 0.0
     private = RunConfig(privacy=PrivacyConfig(mechanism="gaussian"), strategy=StrategyConfig(aggregator="weighted"))
-    assert private.strategy.consensus_weight == 0.0
+    assert private.consensus_weight == 0.0
+    # Resolved on use: a copy with a privacy mechanism gets that mechanism's default, not the copied 1.
+    assert dataclasses.replace(RunConfig(), privacy=PrivacyConfig(mechanism="gaussian")).consensus_weight == 0.0
     # A weight given explicitly is kept.
-    assert RunConfig(strategy=StrategyConfig(consensus_weight=0.3)).strategy.consensus_weight == 0.3
+    assert RunConfig(strategy=StrategyConfig(consensus_weight=0.3)).consensus_weight == 0.3
     with pytest.raises(ValueError, match="consensus_weight"):
         StrategyConfig(consensus_weight=-0.5)
 

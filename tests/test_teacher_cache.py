@@ -83,6 +83,8 @@ def test_a_cached_run_trains_no_teacher_and_reports_what_the_trained_run_did(tmp
         distill_epochs=1,
         student_model="cnn_small",
         attack=AttackConfig(kind="flip", fraction=0.25),
+        # Co-distilling teachers learn the aggregate, so another aggregator would retrain them.
+        strategy=StrategyConfig(consensus_weight=0.0),
     )
     trained = simulate(base, run_dir=tmp_path / "trained")
     cached = dataclasses.replace(base, teacher_cache=str(tmp_path / "cache"))
@@ -92,7 +94,7 @@ def test_a_cached_run_trains_no_teacher_and_reports_what_the_trained_run_did(tmp
         raise AssertionError("a teacher trained although the cache holds it")
 
     monkeypatch.setattr(client_app, "train_locally", no_training)
-    robust = dataclasses.replace(cached, strategy=StrategyConfig(aggregator="robust"))
+    robust = dataclasses.replace(cached, strategy=StrategyConfig(aggregator="robust", consensus_weight=0.0))
     replayed = simulate(robust, run_dir=tmp_path / "replayed-robust")
     again = simulate(cached, run_dir=tmp_path / "replayed")
 
