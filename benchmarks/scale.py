@@ -152,7 +152,7 @@ def floor_run(config: RunConfig) -> list[float]:
             teacher = teachers.get(client)
             if teacher is None:
                 teacher = build_model(
-                    model_for_client(config.client_models, client),
+                    model_for_client(config.teacher_models, client),
                     input_shape=info.input_shape,
                     num_classes=info.num_classes,
                     seed=derive_seed(config.seed, client, SeedPurpose.TEACHER_INIT),

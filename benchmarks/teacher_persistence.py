@@ -32,7 +32,7 @@ def main() -> None:
     spec = config.split_spec()
     info = info_for(spec)
     partition = private_partition(spec, 1)
-    for name in config.client_models:
+    for name in config.teacher_models:
         teacher = build_model(name, input_shape=info.input_shape, num_classes=info.num_classes, seed=0)
         started = time.perf_counter()
         for _ in range(args.repeats):

@@ -84,6 +84,7 @@ class Cell:
             "data_root": data_root,
             "seed": self.seed,
             "strategy": {"aggregator": self.aggregator, "consensus_weight": 0.0},
+            "client_models": ["cnn_small", "lenet5_bn"],
             "attack": {"kind": self.kind, "fraction": self.fraction},
         }
         for key, value in overrides.items():

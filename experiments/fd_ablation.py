@@ -26,7 +26,7 @@ from fedkd.results import iter_run_folders
 # name -> the overrides that make it differ from the defaults (the first is the defaults). Every
 # variant changes one thing back from the recipe, except "previous defaults", which undoes all
 # of the recipe's changes (aggregator, temperature, distillation epochs, shifts, weight average,
-# 15 rounds, co-distillation) at once.
+# 15 rounds, co-distillation, the teachers' architectures) at once.
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "strategy.aggregator=weighted": ["strategy.aggregator=weighted"],
@@ -42,9 +42,11 @@ VARIANTS: dict[str, list[str]] = {
         "distill_ema=0",
         "rounds=10",
         "strategy.consensus_weight=0",
+        "client_models=[cnn_small,lenet5_bn]",
     ],
     "strategy.consensus_weight=0": ["strategy.consensus_weight=0"],
     "strategy.consensus_lacked_share=0": ["strategy.consensus_lacked_share=0"],
+    "client_models=[cnn_small,lenet5_bn]": ["client_models=[cnn_small,lenet5_bn]"],
     "rounds=10": ["rounds=10"],
     "rounds=5": ["rounds=5"],
     "mixup_views=1000": ["mixup_views=1000"],

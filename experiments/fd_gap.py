@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.config import PartitionConfig, RunConfig, StrategyConfig
+from fedkd.config import PUBLIC_TRANSFER_TEACHERS, PartitionConfig, RunConfig, StrategyConfig
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.distillation import (
     OptimizerSettings,
@@ -89,7 +89,7 @@ def replay(
     clients = [k for k in range(config.num_clients) if len(private_partition(spec, k)) > 0]
     teachers = {
         k: build_model(
-            model_for_client(config.client_models, k),
+            model_for_client(config.teacher_models, k),
             input_shape=info.input_shape,
             num_classes=info.num_classes,
             seed=derive_seed(config.seed, k, SeedPurpose.TEACHER_INIT),
@@ -212,6 +212,11 @@ def main() -> None:
         help="strategy.consensus_lacked_share (0: every public input)",
     )
     parser.add_argument("--distill-ema", type=float, default=0.0, help="the student's weight average")
+    parser.add_argument(
+        "--client-models",
+        default=",".join(PUBLIC_TRANSFER_TEACHERS),
+        help="the teachers' architectures, comma-separated, round-robin over the clients",
+    )
     parser.add_argument("--ceiling-epochs", type=int, default=20)
     parser.add_argument("--test-size", type=int, default=1000, help="test inputs the teachers are scored on")
     parser.add_argument("--seed", type=int, default=0)
@@ -230,6 +235,7 @@ def main() -> None:
         temperature=args.temperature,
         augment_shift=args.augment_shift,
         distill_ema=args.distill_ema,
+        client_models=tuple(args.client_models.split(",")),
         seed=args.seed,
     )
     torch.set_num_threads(1)

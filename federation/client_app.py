@@ -258,7 +258,7 @@ def restore_teacher(client: ClientRound, teacher_index: int = 0) -> torch.nn.Mod
     init = (run.seed, client.client_id, SeedPurpose.TEACHER_INIT) + ((teacher_index,) if teacher_index else ())
     # Architectures go round-robin over every teacher of the federation; DP-SGD teachers use
     # privacy.teacher_model.
-    architecture = model_for_client(run.client_models, client.client_id * per_client + teacher_index)
+    architecture = model_for_client(run.teacher_models, client.client_id * per_client + teacher_index)
     if run.privacy.mechanism == "dpsgd":
         architecture = client_privacy.teacher_architecture(run, client.client_id)
     teacher = build_model(

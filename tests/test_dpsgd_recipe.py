@@ -14,13 +14,14 @@ from opacus.validators import ModuleValidator
 
 from experiments import dpsgd_central as central
 from federation.client_app import ClientRound, restore_teacher, train_locally
-from fedkd.config import ClientTask, RunConfig, run_config_from_flower, run_config_to_flower
+from fedkd.config import ClientTask, RunConfig, StrategyConfig, run_config_from_flower, run_config_to_flower
 from fedkd.messages import TASK_KEY
 from fedkd.models import NORMALIZATION_FREE_MODELS, TanhCNN, build_model, count_parameters
 from fedkd.privacy import client as client_privacy
 from fedkd.privacy.client import client_ledger, noise_plan
 from fedkd.privacy.config import PrivacyConfig
 from fedkd.privacy.dpsgd import batches_per_epoch, calibrate_for_run, make_private_compatible
+from fedkd.results import RunFolder, read_config
 from generators.hooks import normalization_layers
 
 DPSGD = PrivacyConfig(mechanism="dpsgd", local_epochs=1)
@@ -152,6 +153,30 @@ def test_dpsgd_replaces_client_models_with_the_teacher_model():
     assert all(isinstance(m, torch.nn.GroupNorm) for t in teachers for m in normalization_layers(t))
     # Without privacy the client architectures are untouched.
     assert type(restore_teacher(_client(dataclasses.replace(run, privacy=PrivacyConfig()), 0))).__name__ == "SmallCNN"
+
+
+def test_default_teachers_are_cnn_fc_on_public_inputs_without_privacy_and_the_measured_pair_elsewhere(tmp_path):
+    public = RunConfig(num_clients=4, public_size=200)
+    assert public.client_models == ("auto",)
+    assert [type(restore_teacher(_client(public, k))).__name__ for k in range(2)] == ["FCHeadCNN", "FCHeadCNN"]
+    for run in (
+        dataclasses.replace(public, transfer="synthetic"),
+        # Resolved on use: a copy with a privacy mechanism gets that mechanism's teachers.
+        dataclasses.replace(
+            public, privacy=PrivacyConfig(mechanism="gaussian"), strategy=StrategyConfig(aggregator="weighted")
+        ),
+    ):
+        assert run.teacher_models == ("cnn_small", "lenet5_bn")
+        assert [type(restore_teacher(_client(run, k))).__name__ for k in range(2)] == ["SmallCNN", "LeNet5BN"]
+    # Architectures given explicitly are kept.
+    assert RunConfig(client_models=("lenet5_bn",)).teacher_models == ("lenet5_bn",)
+    # The run folder records the teachers the clients used, and a relaunch of the default still
+    # finds its run there (not one with other teachers).
+    folder = RunFolder(tmp_path)
+    folder.write_config(public)
+    assert read_config(tmp_path)["client_models"] == ["cnn_fc"]
+    assert public.same_run(folder.stored_config())
+    assert not dataclasses.replace(public, client_models=("lenet5_bn",)).same_run(folder.stored_config())
 
 
 def test_the_noise_is_calibrated_for_the_privacy_groups_batch_and_epochs():

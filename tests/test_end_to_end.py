@@ -54,7 +54,7 @@ def _teacher_from_state(grid: InProcessGrid, node_id: int, config: RunConfig) ->
     info = info_for(config.split_spec())
     client_id = int(context.node_config["partition-id"])
     teacher = build_model(
-        model_for_client(config.client_models, client_id), input_shape=info.input_shape, num_classes=info.num_classes
+        model_for_client(config.teacher_models, client_id), input_shape=info.input_shape, num_classes=info.num_classes
     )
     teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
     return teacher

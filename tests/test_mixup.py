@@ -83,7 +83,7 @@ def test_a_client_labels_the_views_after_the_indexed_inputs_with_its_own_teacher
     info = info_for(TINY.split_spec())
     client_id = int(context.node_config["partition-id"])
     teacher = build_model(
-        model_for_client(TINY.client_models, client_id), input_shape=info.input_shape, num_classes=info.num_classes
+        model_for_client(TINY.teacher_models, client_id), input_shape=info.input_shape, num_classes=info.num_classes
     )
     teacher.load_state_dict(context.state[TEACHER_STATE].to_torch_state_dict())
     split = TINY.split_spec()

@@ -61,7 +61,7 @@ def teacher_architecture(run: RunConfig, client_id: int) -> str:
     """The architecture of a DP-SGD client's teacher: ``privacy.teacher_model`` for every
     client, or the run's ``client_models`` (round-robin) when it says ``client_models``."""
     if run.privacy.teacher_model == CLIENT_MODELS:
-        return model_for_client(run.client_models, client_id)
+        return model_for_client(run.teacher_models, client_id)
     return run.privacy.teacher_model
 
 
