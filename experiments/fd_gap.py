@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.config import PUBLIC_TRANSFER_TEACHERS, PartitionConfig, RunConfig, StrategyConfig
+from fedkd.config import TEACHERS_BY_SETTING, PartitionConfig, RunConfig, StrategyConfig
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.distillation import (
     OptimizerSettings,
@@ -214,8 +214,8 @@ def main() -> None:
     parser.add_argument("--distill-ema", type=float, default=0.0, help="the student's weight average")
     parser.add_argument(
         "--client-models",
-        default=",".join(PUBLIC_TRANSFER_TEACHERS),
-        help="the teachers' architectures, comma-separated, round-robin over the clients",
+        default=",".join(TEACHERS_BY_SETTING),
+        help="the teachers' architectures, comma-separated, round-robin over the clients (auto: fedkd-sim's)",
     )
     parser.add_argument("--ceiling-epochs", type=int, default=20)
     parser.add_argument("--test-size", type=int, default=1000, help="test inputs the teachers are scored on")

@@ -29,7 +29,7 @@ def untrained_client_accuracy(config: RunConfig) -> float:
     accuracies = []
     for client_id in range(config.num_clients):
         model = build_model(
-            model_for_client(config.client_models, client_id),
+            model_for_client(config.teacher_models, client_id),
             input_shape=info.input_shape,
             num_classes=info.num_classes,
             seed=derive_seed(config.seed, client_id, SeedPurpose.TEACHER_INIT),
