@@ -583,6 +583,9 @@ BEFORE_THE_SETTING: dict[tuple[str, ...], Any] = {
     ("synthesis", "warm_steps"): 0,
     ("synthesis", "replay_inputs"): 0,
     ("distill_ema",): 0.0,
+    # Before co-distillation no client learned the consensus (today: on by default for
+    # ensemble_distillation on public inputs without privacy).
+    ("strategy", "consensus_weight"): 0.0,
 }
 
 

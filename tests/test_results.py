@@ -71,6 +71,22 @@ def test_a_folder_from_before_a_setting_whose_default_changed_reads_as_it_ran(tm
     assert folder.finished_rows(RunConfig(rounds=2, transfer="synthetic")) is None  # today's defaults
 
 
+def test_a_folder_from_before_co_distillation_is_no_co_distilling_run(tmp_path):
+    import yaml
+
+    from fedkd.config import StrategyConfig
+
+    today = RunConfig(rounds=2)  # ensemble_distillation on public inputs: co-distills by default
+    assert today.consensus_weight > 0
+    before = dataclasses.replace(today, strategy=StrategyConfig(consensus_weight=0.0))
+    folder = _finished_folder(tmp_path, before)
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del stored["strategy"]["consensus_weight"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert folder.finished_rows(before) is not None
+    assert folder.finished_rows(today) is None  # a relaunch of today's defaults runs it again
+
+
 def test_a_public_transfer_run_is_the_same_run_whatever_its_unread_synthesis_settings(tmp_path):
     from fedkd.config import SynthesisConfig
 
