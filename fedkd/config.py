@@ -340,7 +340,7 @@ class RunConfig:
         # Hydra and Flower hand lists over; the run config is a value, so hold a tuple.
         object.__setattr__(self, "client_models", _models(self.client_models))
         if self.rounds == ROUNDS_BY_COST:
-            cheap = self.transfer == "public" and self.privacy.mechanism == "none"
+            cheap = self.public_transfer_without_privacy
             object.__setattr__(self, "rounds", CHEAP_ROUNDS if cheap else COSTLY_ROUNDS)
         positive = {
             "num_clients": self.num_clients,
@@ -469,6 +469,12 @@ class RunConfig:
             )
 
     @property
+    def public_transfer_without_privacy(self) -> bool:
+        """Public transfer inputs and no privacy mechanism: where rounds are cheap and the recipe's
+        co-distillation and teachers apply (``rounds``, ``consensus_weight``, ``teacher_models``)."""
+        return self.transfer == "public" and self.privacy.mechanism == "none"
+
+    @property
     def consensus_weight(self) -> float:
         """``strategy.consensus_weight``, with CONSENSUS_WHERE_FREE resolved: CO_DISTILLATION_WEIGHT
         for the strategies in CO_DISTILLING_BY_DEFAULT on public transfer without privacy, else 0.
@@ -477,7 +483,7 @@ class RunConfig:
         weight = self.strategy.consensus_weight
         if weight != CONSENSUS_WHERE_FREE:
             return weight
-        free = self.transfer == "public" and self.privacy.mechanism == "none"
+        free = self.public_transfer_without_privacy
         return CO_DISTILLATION_WEIGHT if free and self.strategy.name in CO_DISTILLING_BY_DEFAULT else 0.0
 
     @property
@@ -487,7 +493,7 @@ class RunConfig:
         Resolved on use, like ``consensus_weight``."""
         if self.client_models != TEACHERS_BY_SETTING:
             return self.client_models
-        free = self.transfer == "public" and self.privacy.mechanism == "none"
+        free = self.public_transfer_without_privacy
         return DATASET_PUBLIC_TRANSFER_TEACHERS.get(self.dataset, TEACHERS) if free else TEACHERS
 
     @property
