@@ -134,7 +134,7 @@ def floor_run(config: RunConfig) -> list[float]:
         settings=settings,
         seed=config.seed,
         alpha=config.kd_alpha,
-        max_shift=config.augment_shift,
+        max_shift=config.distill_shift,
     )
     teachers: dict[int, torch.nn.Module] = {}
     # The floor converts every partition to tensors once; it is the least work a round needs.

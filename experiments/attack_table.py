@@ -55,6 +55,7 @@ BASE = {
     "temperature": 1.0,
     "distill_epochs": 5,
     "augment_shift": 0.1,
+    "student_shift": 0.1,
     "distill_ema": 0.0,
     "rounds": 10,
 }

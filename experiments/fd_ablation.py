@@ -25,7 +25,8 @@ from fedkd.results import iter_run_folders
 
 # name -> the overrides that make it differ from the defaults (the first is the defaults). Every
 # variant changes one thing back from the recipe, except "previous defaults", which undoes all
-# of the recipe's changes (aggregator, temperature, distillation epochs, shifts, weight average,
+# of the recipe's changes (aggregator, temperature, distillation epochs, shifts (teachers' and the
+# student's), weight average,
 # 15 rounds, co-distillation, the teachers' architectures) at once.
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
@@ -33,12 +34,14 @@ VARIANTS: dict[str, list[str]] = {
     "temperature=1": ["temperature=1"],
     "distill_epochs=5": ["distill_epochs=5"],
     "augment_shift=0.1": ["augment_shift=0.1"],
+    "student_shift=0": ["student_shift=0"],
     "distill_ema=0": ["distill_ema=0"],
     "previous defaults": [
         "strategy.aggregator=weighted",
         "temperature=1",
         "distill_epochs=5",
         "augment_shift=0.1",
+        "student_shift=0.1",
         "distill_ema=0",
         "rounds=10",
         "strategy.consensus_weight=0",

@@ -17,6 +17,7 @@ Test labels are used only to report, never to select.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -167,7 +168,7 @@ def replay(
             temperature=config.temperature,
             settings=settings,
             generator=torch_generator(config.seed, server_round, SeedPurpose.DISTILL),
-            max_shift=config.augment_shift,
+            max_shift=config.distill_shift,
             average_decay=config.distill_ema,
         )
         row = {
@@ -195,6 +196,12 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=RunConfig.distill_epochs)
     parser.add_argument(
         "--augment-shift", type=float, default=RunConfig.augment_shift, help="random shifts, teachers and student"
+    )
+    parser.add_argument(
+        "--student-shift",
+        type=float,
+        default=None,
+        help="the student's own random shifts (student_shift; default: --augment-shift, as before the setting)",
     )
     parser.add_argument("--temperature", type=float, default=RunConfig.temperature)
     parser.add_argument(
@@ -238,6 +245,9 @@ def main() -> None:
         client_models=tuple(args.client_models.split(",")),
         seed=args.seed,
     )
+    # The replays in README ran before student_shift: their student moved as the teachers did.
+    student_shift = config.augment_shift if args.student_shift is None else args.student_shift
+    config = dataclasses.replace(config, student_shift=student_shift)
     torch.set_num_threads(1)
     result: dict[str, Any] = {"args": vars(args)}
     result["label_ceiling_accuracy"] = label_ceiling(config, epochs=args.ceiling_epochs)

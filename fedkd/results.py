@@ -24,6 +24,7 @@ PRIVACY_FILE = "privacy.json"
 def _config_values(config: RunConfig, extra: Mapping[str, Any] | None) -> dict[str, Any]:
     values = dataclasses.asdict(config)
     values["client_models"] = list(config.teacher_models)
+    values["student_shift"] = config.distill_shift
     values.update(extra or {})
     return values
 

@@ -56,3 +56,4 @@ class SeedPurpose(IntEnum):
     CRASHES = 17
     MIXUP_VIEWS = 18
     POOL_REPLAY = 19
+    VALIDATION_SPLIT = 20

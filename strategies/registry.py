@@ -111,7 +111,7 @@ class BuildContext:
             settings=OptimizerSettings(lr=config.lr, batch_size=config.batch_size),
             seed=config.seed,
             alpha=config.kd_alpha,
-            max_shift=config.augment_shift,
+            max_shift=config.distill_shift,
             schedule=config.distill_schedule,
             average_decay=config.distill_ema,
             semi=SemiSupervision(ema_decay=config.distill_ema) if config.semi_supervised else None,

@@ -64,8 +64,9 @@ def test_a_folder_from_before_a_setting_whose_default_changed_reads_as_it_ran(tm
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
     # Those runs had a constant rate, fresh generators, every pool replayed and the student's last
     # weights, whatever today's defaults.
-    # (The folder records the teachers client_models=auto resolved to.)
-    assert folder.stored_config() == dataclasses.replace(before, client_models=before.teacher_models)
+    # (The folder records the teachers and the student's shifts the defaults resolved to.)
+    resolved = dataclasses.replace(before, client_models=before.teacher_models, student_shift=before.distill_shift)
+    assert folder.stored_config() == resolved
     assert folder.finished_rows(before) is not None
     assert folder.finished_rows(dataclasses.replace(config, distill_schedule="cosine")) is None
     assert folder.finished_rows(RunConfig(rounds=2, transfer="synthetic")) is None  # today's defaults

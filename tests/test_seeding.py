@@ -29,6 +29,7 @@ PURPOSE_VALUES = {
     "CRASHES": 17,
     "MIXUP_VIEWS": 18,
     "POOL_REPLAY": 19,
+    "VALIDATION_SPLIT": 20,
 }
 
 
