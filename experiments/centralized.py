@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fedkd.config import PartitionConfig, RunConfig
+from experiments.setting import add_setting_arguments, setting_config
 from fedkd.data.local import evaluation_split, info_for, private_partition
 from fedkd.distillation import OptimizerSettings, evaluate, train_supervised
 from fedkd.models import build_model
@@ -25,24 +25,12 @@ from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--data-root", default="")
-    parser.add_argument("--num-clients", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--public-size", type=int, default=1000)
+    add_setting_arguments(parser, public_size=1000)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    config = RunConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        num_clients=args.num_clients,
-        partition=PartitionConfig(scheme="dirichlet", alpha=args.alpha),
-        public_size=args.public_size,
-        seed=args.seed,
-    )
+    config = setting_config(args)
     spec = config.split_spec()
     info = info_for(spec)
     parts = [private_partition(spec, k) for k in range(config.num_clients)]

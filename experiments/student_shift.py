@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from experiments.transfer_ceiling import fresh_student
-from fedkd.config import PartitionConfig, RunConfig
-from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
-from fedkd.distillation import OptimizerSettings, distill, evaluate, predict_logits, soften, train_supervised
-from fedkd.models import build_model
-from fedkd.seeding import SeedPurpose, derive_seed, torch_generator
+from experiments.setting import add_setting_arguments, setting_config
+from experiments.transfer_ceiling import central_teacher, fresh_student, private_union
+from fedkd.config import RunConfig
+from fedkd.data.local import evaluation_split, public_inputs
+from fedkd.distillation import OptimizerSettings, distill, evaluate, predict_logits, soften
+from fedkd.seeding import SeedPurpose, torch_generator
 
 SHIFTS = (0.0, 0.025, 0.05, 0.075, 0.1)
 
@@ -46,31 +46,13 @@ def held_out_teacher(
 ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A teacher trained on the private partitions' union less a random validation hold-out,
     and that hold-out's images and labels."""
-    spec = config.split_spec()
-    info = info_for(spec)
-    parts = [private_partition(spec, k) for k in range(config.num_clients)]
-    images = torch.cat([part.images for part in parts])
-    labels = torch.cat([part.labels for part in parts])
+    images, labels = private_union(config)
     if not 0 < validation_size < len(images):
         raise ValueError(f"--validation-size must lie in (0, {len(images)}), got {validation_size}.")
     order = torch.randperm(len(images), generator=torch_generator(config.seed, SeedPurpose.VALIDATION_SPLIT))
     validation, rest = order[:validation_size], order[validation_size:]
-    teacher = build_model(
-        architecture,
-        input_shape=info.input_shape,
-        num_classes=info.num_classes,
-        seed=derive_seed(config.seed, SeedPurpose.TEACHER_INIT),
-    )
-    train_supervised(
-        teacher,
-        images[rest],
-        labels[rest],
-        epochs=epochs,
-        settings=OptimizerSettings(lr=config.lr, batch_size=64),
-        generator=torch_generator(config.seed, SeedPurpose.TEACHER_TRAIN),
-        max_shift=config.augment_shift,
-    )
-    return teacher.eval(), images[validation], labels[validation]
+    teacher = central_teacher(config, architecture=architecture, epochs=epochs, examples=(images[rest], labels[rest]))
+    return teacher, images[validation], labels[validation]
 
 
 def shift_study(
@@ -125,17 +107,12 @@ def shift_study(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--data-root", default="")
-    parser.add_argument("--num-clients", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--public-size", type=int, default=2000)
+    add_setting_arguments(parser)
     parser.add_argument("--shifts", type=float, nargs="+", default=list(SHIFTS))
     parser.add_argument("--epochs", type=int, default=100, help="student epochs on the public inputs")
     parser.add_argument("--teacher-model", default="lenet5_bn")
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--validation-size", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -144,14 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(not 0.0 <= shift < 0.5 for shift in args.shifts):
         parser.error(f"--shifts must lie in [0, 0.5), got {args.shifts}.")
     torch.set_num_threads(args.threads)
-    config = RunConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        num_clients=args.num_clients,
-        partition=PartitionConfig(scheme="dirichlet", alpha=args.alpha),
-        public_size=args.public_size,
-        seed=args.seed,
-    )
+    config = setting_config(args)
     result = {"args": vars(args), "temperature": config.temperature, "distill_ema": config.distill_ema}
     result |= shift_study(
         config,

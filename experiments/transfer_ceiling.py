@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from fedkd.config import PartitionConfig, RunConfig
+from experiments.setting import add_setting_arguments, setting_config
+from fedkd.config import RunConfig
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.distillation import (
     OptimizerSettings,
@@ -49,11 +50,24 @@ def fresh_student(config: RunConfig) -> torch.nn.Module:
     )
 
 
-def central_teacher(config: RunConfig, *, architecture: str, epochs: int) -> torch.nn.Module:
-    """A teacher trained on the union of the run's private partitions (no public inputs)."""
+def private_union(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of all the run's private partitions together."""
     spec = config.split_spec()
-    info = info_for(spec)
     parts = [private_partition(spec, k) for k in range(config.num_clients)]
+    return torch.cat([part.images for part in parts]), torch.cat([part.labels for part in parts])
+
+
+def central_teacher(
+    config: RunConfig,
+    *,
+    architecture: str,
+    epochs: int,
+    examples: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.nn.Module:
+    """A teacher trained centrally on ``examples`` (images, labels), by default the union of the
+    run's private partitions (no public inputs)."""
+    images, labels = private_union(config) if examples is None else examples
+    info = info_for(config.split_spec())
     teacher = build_model(
         architecture,
         input_shape=info.input_shape,
@@ -62,8 +76,8 @@ def central_teacher(config: RunConfig, *, architecture: str, epochs: int) -> tor
     )
     train_supervised(
         teacher,
-        torch.cat([part.images for part in parts]),
-        torch.cat([part.labels for part in parts]),
+        images,
+        labels,
         epochs=epochs,
         settings=OptimizerSettings(lr=config.lr, batch_size=64),
         generator=torch_generator(config.seed, SeedPurpose.TEACHER_TRAIN),
@@ -115,29 +129,17 @@ def ceilings(config: RunConfig, *, epochs: int, teacher_model: str, teacher_epoc
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--data-root", default="")
-    parser.add_argument("--num-clients", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--public-size", type=int, default=2000)
+    add_setting_arguments(parser)
     parser.add_argument("--epochs", type=int, default=100, help="student epochs on the public inputs")
     parser.add_argument("--teacher-model", default="lenet5_bn")
     parser.add_argument("--teacher-epochs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if min(args.epochs, args.teacher_epochs, args.public_size) < 1:
         parser.error("--epochs, --teacher-epochs and --public-size must be ≥ 1.")
     torch.set_num_threads(args.threads)
-    config = RunConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        num_clients=args.num_clients,
-        partition=PartitionConfig(scheme="dirichlet", alpha=args.alpha),
-        public_size=args.public_size,
-        seed=args.seed,
-    )
+    config = setting_config(args)
     result = {"args": vars(args), "augment_shift": config.augment_shift, "temperature": config.temperature}
     result |= ceilings(config, epochs=args.epochs, teacher_model=args.teacher_model, teacher_epochs=args.teacher_epochs)
     out = Path(args.out)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from experiments import student_shift
+from experiments import student_shift, transfer_ceiling
 from fedkd.config import RunConfig
 from fedkd.data.local import private_partition
 
@@ -15,7 +15,7 @@ def test_the_validation_hold_out_is_left_out_of_the_teachers_training(monkeypatc
     def record(model, images, labels, **_):
         trained_on["images"] = images
 
-    monkeypatch.setattr(student_shift, "train_supervised", record)
+    monkeypatch.setattr(transfer_ceiling, "train_supervised", record)
     _, validation, _ = student_shift.held_out_teacher(config, architecture="lenet5_bn", epochs=1, validation_size=50)
     union = torch.cat([private_partition(config.split_spec(), k).images for k in range(4)])
     assert len(validation) == 50 and len(trained_on["images"]) == len(union) - 50
