@@ -46,7 +46,6 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
         "temperature",
         "kd_alpha",
         "student_model",
-        "student_shift",
         "public_labels",
         "semi_supervised",
         # Views are labelled by the round's teacher, not learned from (see logits_of_the_round).
