@@ -46,6 +46,7 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
         "temperature",
         "kd_alpha",
         "student_model",
+        "student_shift",
         "public_labels",
         "semi_supervised",
         # Views are labelled by the round's teacher, not learned from (see logits_of_the_round).

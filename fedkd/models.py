@@ -285,10 +285,24 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, seed
         raise ValueError(f"Models expect square images, got {height}×{width}.")
     factory = MODEL_REGISTRY[check_model_name(name)]
     if seed is None:
-        return factory(in_channels=channels, num_classes=num_classes, image_size=height)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory(in_channels=channels, num_classes=num_classes, image_size=height)
+        model = factory(in_channels=channels, num_classes=num_classes, image_size=height)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory(in_channels=channels, num_classes=num_classes, image_size=height)
+    # Channels-last convolution weights are oneDNN's preferred layout on CPU: a teacher's local
+    # training runs about 1.3× faster (benchmarks/channels_last.py). The same function; only the
+    # float rounding differs. Weights travel and are stored in the usual (logical) order.
+    return with_layout(model, torch.channels_last)
+
+
+def with_layout(model: nn.Module, layout: torch.memory_format) -> nn.Module:
+    """``model``, its convolution weights (every 4-D parameter) moved to ``layout`` in place:
+    ``nn.Module.to(memory_format=…)``, which its type annotations leave out."""
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            parameter.data = parameter.data.contiguous(memory_format=layout)
+    return model
 
 
 def model_for_client(architectures: Sequence[str], client_id: int) -> str:

@@ -16,6 +16,7 @@ from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid
 from federation.run import run_federation
 from fedkd.attacks import ATTACK_KINDS, attacked_logits, collusion, flip_labels, malicious_clients
+from fedkd.checkpoint import load_checkpoint
 from fedkd.config import (
     AttackConfig,
     PartitionConfig,
@@ -24,6 +25,7 @@ from fedkd.config import (
     StrategyConfig,
     run_config_from_mapping,
 )
+from fedkd.data.local import public_inputs
 from strategies.registry import check_run
 
 
@@ -202,14 +204,28 @@ def test_the_median_resists_a_minority_that_the_mean_follows():
 
 
 @pytest.mark.slow
-def test_the_robust_aggregator_resists_a_confident_minority_that_the_mean_follows():
+def test_the_robust_aggregator_resists_a_confident_minority_that_the_mean_follows(tmp_path):
     """Two of five clients send inverted logits ×20 (one-hot on their teacher's least likely
-    class) to weak, unsure honest teachers: the mean follows them, the robust vote does not."""
+    class). The three honest teachers are mostly right but unsure at T = 2.5 (under 2/3 on their
+    class), so the weighted mean's consensus follows the attackers; the robust one keeps to the
+    honest teachers. Scored on the consensus (the aggregate that travels down and that the student
+    fits), which the aggregator alone decides: the five-client student's accuracy near chance
+    varies more between seeds than the aggregators differ."""
     attack = AttackConfig(kind="scale", fraction=0.4, scale=-20.0)
 
-    def accuracy(aggregator):
-        config = dataclasses.replace(TINY, attack=attack, strategy=StrategyConfig(aggregator=aggregator))
-        return run_federation(InProcessGrid(client_app, num_nodes=5), config, run_dir=None)[-1]["student_accuracy"]
+    def consensus_right(aggregator):
+        config = dataclasses.replace(
+            TINY, attack=attack, strategy=StrategyConfig(aggregator=aggregator), local_epochs=5, temperature=2.5
+        )
+        run_dir = tmp_path / aggregator
+        run_federation(InProcessGrid(client_app, num_nodes=5), config, run_dir=run_dir)
+        checkpoint = load_checkpoint(run_dir)
+        assert checkpoint is not None
+        consensus = checkpoint.strategy["consensus"]["probs"].numpy()
+        assert len(consensus) == config.public_size  # public transfer labels every public input
+        labels = public_inputs(config.split_spec()).labels.numpy()
+        return float((consensus.argmax(axis=1) == labels).mean())
 
-    # robust − weighted was 0.25 for seed 0 (the weighted mean followed the attackers down to 0.005)
-    assert accuracy("robust") > accuracy("weighted") + 0.1
+    # Seeds 0–9 on one machine: robust 0.43–0.68 of the public inputs right, weighted 0.09–0.29;
+    # robust − weighted 0.27–0.47 (mean 0.33).
+    assert consensus_right("robust") > consensus_right("weighted") + 0.15

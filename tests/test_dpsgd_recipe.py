@@ -223,3 +223,19 @@ def test_teachers_train_with_the_privacy_groups_recipe(monkeypatch):
     sigma = noise_plan(run, num_examples=len(client.partition), feature_releases=0).training
     assert ledger.history == [(sigma, 1 / batches, 2 * batches)]
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["cnn_small", "lenet5_bn", "tanh_cnn"])
+def test_per_sample_gradients_of_a_private_teacher_add_up_to_its_batch_gradient(name):
+    """Opacus's per-sample convolution gradients are wrong on build_model's channels-last
+    weights (off by ~0.04 on cnn_small); make_private_compatible returns the standard layout."""
+    from opacus import GradSampleModule
+
+    model = GradSampleModule(
+        make_private_compatible(build_model(name, input_shape=(1, 28, 28), num_classes=10, seed=0))
+    )
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+    torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+    for parameter in model.parameters():
+        assert torch.allclose(parameter.grad_sample.sum(0) / len(inputs), parameter.grad, atol=1e-5)

@@ -73,3 +73,20 @@ def test_lenet5_half_plain_is_dafls_student_without_normalization():
     assert not any(isinstance(m, norms) for m in model.modules())
     assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [3, 8]
     assert all(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize("name", ["cnn_fc", "cnn_small", "lenet5_bn", "resnet8"])
+def test_convolution_weights_are_channels_last_and_travel_in_their_logical_order(name):
+    from flwr.app import ArrayRecord
+
+    model = build_model(name, input_shape=(1, 28, 28), num_classes=10, seed=0)
+    convolutions = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    # What a message or a checkpoint carries is the weights' values, whatever their layout.
+    received = build_model(name, input_shape=(1, 28, 28), num_classes=10, seed=1)
+    received.load_state_dict(ArrayRecord(model.state_dict()).to_torch_state_dict())
+    for sent, got in zip(model.state_dict().values(), received.state_dict().values(), strict=True):
+        assert torch.equal(sent, got)
+    inputs = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model.eval(), received.eval()
+    assert torch.equal(model(inputs), received(inputs))

@@ -31,6 +31,8 @@ def test_settings_after_the_teacher_share_it_and_every_other_setting_does_not():
         dataclasses.replace(RUN, mixup_views=100),
         dataclasses.replace(RUN, rounds=3, temperature=3.0, distill_epochs=1, student_model="cnn_small"),
         dataclasses.replace(RUN, distill_schedule="cosine", distill_ema=0.99),
+        # The student's own shifts act on its inputs only; the teachers' are augment_shift.
+        dataclasses.replace(RUN, student_shift=0.025),
         # The cache serves public transfer only, where no synthesis setting reaches a teacher.
         dataclasses.replace(RUN, synthesis=SynthesisConfig(steps=7, warm_steps=0, replay_inputs=5)),
         dataclasses.replace(RUN, engine="processes", teacher_cache="/elsewhere", data_root="/other/copy"),

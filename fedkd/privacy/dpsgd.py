@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedkd.distillation import OptimizerSettings, random_translate
+from fedkd.models import with_layout
 from fedkd.privacy.accountant import PrivacyLedger, calibrate_beside, calibrate_noise_multiplier
 
 # Opacus logs every BatchNorm it replaces, per client and round: noise at hundreds of clients.
@@ -42,7 +43,9 @@ def make_private_compatible(model: nn.Module) -> nn.Module:
         # Opacus's backward hooks cannot see through in-place activations.
         if hasattr(module, "inplace"):
             module.inplace = False
-    return fixed
+    # Per-sample gradients are computed in the standard layout (build_model's channels-last
+    # weights are a speed choice Opacus's hooks were not written for).
+    return with_layout(fixed, torch.contiguous_format)
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:
