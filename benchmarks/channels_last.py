@@ -24,14 +24,14 @@ import torch
 from fedkd.config import PartitionConfig, RunConfig
 from fedkd.data.local import private_partition, public_inputs
 from fedkd.distillation import OptimizerSettings, predict_logits, train_with_consensus
-from fedkd.models import build_model
+from fedkd.models import build_model, with_layout
 
 LAYOUTS = {"standard": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def train_once(architecture: str, layout: torch.memory_format, data, public, consensus) -> tuple[float, torch.Tensor]:
     """Seconds for one client's local training in ``layout``, and the trained model's logits."""
-    model = build_model(architecture, input_shape=(1, 28, 28), num_classes=10, seed=0).to(memory_format=layout)
+    model = with_layout(build_model(architecture, input_shape=(1, 28, 28), num_classes=10, seed=0), layout)
     started = time.perf_counter()
     train_with_consensus(
         model,
@@ -79,8 +79,7 @@ def main() -> None:
         median = {name: statistics.median(values) for name, values in seconds.items()}
         same_weights = build_model(architecture, input_shape=(1, 28, 28), num_classes=10, seed=0)
         untrained = {
-            name: predict_logits(same_weights.to(memory_format=layout), public[:500])
-            for name, layout in LAYOUTS.items()
+            name: predict_logits(with_layout(same_weights, layout), public[:500]) for name, layout in LAYOUTS.items()
         }
         row = {
             "model": architecture,

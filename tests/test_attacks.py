@@ -226,6 +226,6 @@ def test_the_robust_aggregator_resists_a_confident_minority_that_the_mean_follow
         labels = public_inputs(config.split_spec()).labels.numpy()
         return float((consensus.argmax(axis=1) == labels).mean())
 
-    # Seeds 0–9 on one machine: robust 0.43–0.68 of the public inputs right, weighted 0.09–0.29;
-    # robust − weighted 0.27–0.47 (mean 0.33).
+    # Seeds 0–9 on one machine: robust 0.43–0.65 of the public inputs right, weighted 0.09–0.27;
+    # robust − weighted 0.27–0.47 (mean 0.35).
     assert consensus_right("robust") > consensus_right("weighted") + 0.15
