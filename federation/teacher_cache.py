@@ -55,7 +55,7 @@ AFTER_THE_TEACHER: dict[str, tuple[str, ...]] = {
     ),
     # flip is a training-time attack; it enters the key per client (entry_key's ``flipped``).
     "attack": ("kind", "fraction", "scale", "lie_fraction"),
-    "strategy": ("aggregator", "aggregate_temperature", "round_average", "min_replies"),
+    "strategy": ("aggregator", "aggregate_temperature", "round_average", "min_replies", "class_weight_power"),
     "failure": ("crash_fraction",),
     # The cache serves public transfer only (RunConfig refuses it otherwise): no synthesis setting
     # reaches a cached teacher.

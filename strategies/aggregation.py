@@ -173,9 +173,11 @@ def entropy_weighted(soft_labels: NDArray[np.floating], weights: NDArray[np.floa
     return _per_input_weighted_mean(stack, input_weights).astype(np.float32)
 
 
-def class_weighted(soft_labels: NDArray[np.floating], class_counts: NDArray[np.floating]) -> NDArray[np.float32]:
-    """Per-class weighted mean: entry ``(n, c)`` is ``sum_k counts[k, c] p[k, n, c] / sum_k counts[k, c]``,
-    and each row is then renormalized.
+def class_weighted(
+    soft_labels: NDArray[np.floating], class_counts: NDArray[np.floating], *, power: float = 1.0
+) -> NDArray[np.float32]:
+    """Per-class weighted mean: entry ``(n, c)`` is ``sum_k w[k, c] p[k, n, c] / sum_k w[k, c]`` with
+    ``w = counts ** power``, and each row is then renormalized.
 
     On non-IID partitions a teacher that saw few or no examples of class c still assigns it
     some probability, and in a plain average those uninformed entries drown the few clients
@@ -190,6 +192,10 @@ def class_weighted(soft_labels: NDArray[np.floating], class_counts: NDArray[np.f
         Per-client probability rows.
     class_counts : ndarray, shape (K, C)
         Each client's number of training examples per class (non-negative).
+    power : float
+        Exponent on the counts (``strategy.class_weight_power``). 1 is FedFTG's weighting; above 1
+        a class column leans on the clients that hold many examples of that class, whose teachers
+        know it best, over the many that hold a few.
 
     Returns
     -------
@@ -212,6 +218,9 @@ def class_weighted(soft_labels: NDArray[np.floating], class_counts: NDArray[np.f
     counts = class_counts.astype(np.float64)
     if np.any(counts < 0) or not np.isfinite(counts).all() or counts.sum() <= 0:
         raise ValueError(f"class counts must be finite, non-negative and not all zero, got {class_counts}.")
+    if not (math.isfinite(power) and power > 0):
+        raise ValueError(f"power must be a finite number > 0, got {power}.")
+    counts = counts**power
     totals = counts.sum(axis=0)
     known = totals > 0
     per_class = np.einsum("kc,knc->nc", counts, soft_labels.astype(np.float64))

@@ -33,7 +33,7 @@ from fedkd.data import DatasetInfo
 from fedkd.data.local import public_inputs
 from fedkd.distillation import OptimizerSettings, SemiSupervision
 from fedkd.student import Student
-from strategies.aggregation import AGGREGATORS, PER_CLASS_WEIGHTS, Aggregator, get_aggregator
+from strategies.aggregation import AGGREGATORS, PER_CLASS_WEIGHTS, Aggregator, class_weighted, get_aggregator
 from strategies.sampling import ClientSampling, sample_size
 from strategies.transfer import (
     ClientAggregator,
@@ -94,8 +94,12 @@ class BuildContext:
         ``strategy.aggregate_temperature`` set (and unlike ``temperature``) it combines the clients'
         rows at that temperature and softens the aggregate back to ``temperature``."""
         name = self.config.aggregator
+        aggregate = get_aggregator(name)
+        power = self.config.strategy.class_weight_power
+        if name == "class_weighted" and power != 1.0:
+            aggregate = functools.partial(class_weighted, power=power)
         combined: ClientAggregator = (
-            RobustAggregation(self.info.num_classes) if name == "robust" else StatelessAggregation(get_aggregator(name))
+            RobustAggregation(self.info.num_classes) if name == "robust" else StatelessAggregation(aggregate)
         )
         combine_at = self.config.strategy.aggregate_temperature
         if combine_at and combine_at != self.config.temperature:

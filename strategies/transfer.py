@@ -90,7 +90,8 @@ class StatelessAggregation:
 
     @property
     def name(self) -> str:
-        return str(getattr(self.function, "__name__", self.function))
+        function = getattr(self.function, "func", self.function)  # a functools.partial: what it binds
+        return str(getattr(function, "__name__", function))
 
     def aggregate(
         self,

@@ -497,6 +497,34 @@ def test_class_weighted_contract():
     assert "class_weighted" in PER_CLASS_WEIGHTS and AGGREGATORS["class_weighted"] is class_weighted
 
 
+def test_class_weighted_power_by_hand():
+    # The by-hand example with squared counts: class 0 is still client 0's alone (0.6); class 1 is
+    # (1·0.4 + 16·0.8) / 17, nearer the client that holds four examples of it than with counts.
+    stack = np.array([[[0.6, 0.4]], [[0.2, 0.8]]], dtype=np.float32)
+    counts = np.array([[9.0, 1.0], [0.0, 4.0]])
+    class_1 = (0.4 + 16 * 0.8) / 17
+    expected = [[0.6 / (0.6 + class_1), class_1 / (0.6 + class_1)]]
+    np.testing.assert_allclose(class_weighted(stack, counts, power=2.0), expected, rtol=1e-6)
+    np.testing.assert_allclose(class_weighted(stack, counts, power=1.0), class_weighted(stack, counts))
+
+
+def test_a_higher_power_lets_the_client_with_most_examples_of_a_class_outvote_many_with_a_few():
+    # Class 2 of one input: four clients with 10 examples each call it unlikely; one with 30 is sure.
+    few = np.array([[0.6, 0.3, 0.1]], dtype=np.float32)
+    many = np.array([[0.05, 0.05, 0.9]], dtype=np.float32)
+    stack = np.stack([few, few, few, few, many])
+    counts = np.array([[40.0, 40.0, 10.0]] * 4 + [[5.0, 5.0, 30.0]])
+    assert class_weighted(stack, counts).argmax() != 2
+    assert class_weighted(stack, counts, power=2.0).argmax() == 2
+
+
+@pytest.mark.parametrize("power", [0.0, -1.0, float("inf"), float("nan")])
+def test_class_weighted_refuses_a_power_that_is_not_positive_and_finite(power):
+    stack, _ = _random_stack(9)
+    with pytest.raises(ValueError, match="power must be a finite number > 0"):
+        class_weighted(stack, np.ones((5, 4)), power=power)
+
+
 @pytest.mark.parametrize(
     "counts, match",
     [

@@ -142,3 +142,22 @@ def test_the_strategy_aggregates_with_the_class_counts_as_weights():
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     np.testing.assert_array_equal(seen[0], np.array([counts[1], counts[2]], dtype=float))
+
+
+def test_the_runs_class_weight_power_reaches_its_aggregator():
+    from fedkd.data.local import info_for
+    from strategies.registry import BuildContext
+
+    soft = np.random.default_rng(0).dirichlet(np.ones(3), size=(4, 6)).astype(np.float32)
+    counts = np.array([[30.0, 1.0, 0.0], [2.0, 20.0, 5.0], [1.0, 1.0, 40.0], [10.0, 10.0, 10.0]])
+    info = info_for(CLASS_WEIGHTED.split_spec())
+    model = build_model("cnn_small", input_shape=info.input_shape, num_classes=info.num_classes)
+    for power in (1.0, 2.0):
+        strategy = dataclasses.replace(CLASS_WEIGHTED.strategy, class_weight_power=power)
+        run = dataclasses.replace(CLASS_WEIGHTED, strategy=strategy)
+        combined = BuildContext(config=run, info=info, student_model=model).aggregator
+        aggregate = combined.aggregate(soft, counts, client_ids=range(4))
+        np.testing.assert_allclose(aggregate, class_weighted(soft, counts, power=power), atol=1e-6)
+        assert combined.name == "class_weighted"
+    with pytest.raises(ValueError, match="class_weight_power must be a finite number > 0"):
+        StrategyConfig(class_weight_power=0.0)
