@@ -219,6 +219,14 @@ class StrategySpec:
                 f"which privacy={mechanism} does not noise or account for; use strategy.aggregator=weighted "
                 "(or another aggregator) with privacy, or privacy=none."
             )
+        power = config.strategy.class_weight_power
+        if power != 1.0 and config.aggregator != "class_weighted":
+            raise ValueError(
+                f"strategy.class_weight_power={power} raises the class counts that only "
+                f"strategy.aggregator=class_weighted weighs by, not {config.aggregator}; set "
+                "strategy.aggregator=class_weighted (auto is class_weighted without privacy) or "
+                "strategy.class_weight_power=1."
+            )
         self._check_consensus_weight(config)
         if self.extra_check is not None:
             self.extra_check(config)

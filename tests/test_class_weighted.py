@@ -161,3 +161,14 @@ def test_the_runs_class_weight_power_reaches_its_aggregator():
         assert combined.name == "class_weighted"
     with pytest.raises(ValueError, match="class_weight_power must be a finite number > 0"):
         StrategyConfig(class_weight_power=0.0)
+
+
+def test_a_class_weight_power_without_class_counts_is_refused_with_what_to_do():
+    weighted = dataclasses.replace(
+        CLASS_WEIGHTED, strategy=StrategyConfig(aggregator="weighted", class_weight_power=2.0)
+    )
+    with pytest.raises(ValueError, match="only strategy.aggregator=class_weighted weighs by, not weighted"):
+        check_run(weighted)
+    check_run(
+        dataclasses.replace(weighted, strategy=StrategyConfig(aggregator="class_weighted", class_weight_power=2.0))
+    )
