@@ -23,14 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from federation.client_app import TEACHER_STATE
 from fedkd.checkpoint import load_checkpoint
 from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
 from fedkd.distillation import predict_logits, soften
 from fedkd.models import build_model, model_for_client
 from fedkd.results import RunFolder
 from strategies.aggregation import class_counts, class_weighted
-
-TEACHER_STATE = "teacher"  # federation.client_app.TEACHER_STATE: the key a node keeps its teacher under
 
 
 def accuracy(probs: np.ndarray, labels: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid
 from fedkd.config import ClientTask, PartitionConfig, RunConfig, StrategyConfig
-from fedkd.data.local import private_partition
+from fedkd.data.local import info_for, private_partition
 from fedkd.distillation import OptimizerSettings
 from fedkd.messages import (
     CLASS_COUNTS,
@@ -33,7 +33,7 @@ from fedkd.privacy.config import PrivacyConfig
 from fedkd.student import Student
 from strategies.aggregation import class_weighted
 from strategies.ensemble_distillation import EnsembleDistillation, parse_soft_label_replies
-from strategies.registry import check_run
+from strategies.registry import BuildContext, check_run
 from strategies.transfer import PublicTransfer
 
 CLASS_WEIGHTED = RunConfig(
@@ -145,9 +145,6 @@ def test_the_strategy_aggregates_with_the_class_counts_as_weights():
 
 
 def test_the_runs_class_weight_power_reaches_its_aggregator():
-    from fedkd.data.local import info_for
-    from strategies.registry import BuildContext
-
     soft = np.random.default_rng(0).dirichlet(np.ones(3), size=(4, 6)).astype(np.float32)
     counts = np.array([[30.0, 1.0, 0.0], [2.0, 20.0, 5.0], [1.0, 1.0, 40.0], [10.0, 10.0, 10.0]])
     info = info_for(CLASS_WEIGHTED.split_spec())
