@@ -4,8 +4,10 @@ ensemble on the test split and on the public inputs, read from the run folder's 
 The student can learn no more than its targets hold, and a run reports only the student. This
 scores the source: each simulated client's teacher as the last checkpointed round left it, softened
 at the run's temperature and combined per class by the clients' class counts raised to each
-``--powers`` value (``strategy.class_weight_power``), and the mean single teacher. The test split is
-read to report only; nothing here chooses a setting.
+``--powers`` value (``strategy.class_weight_power``), and the mean single teacher. A run made with a
+``validation_size`` hold-out is scored there too: no teacher trained on it and no teacher's output
+on it was ever learned from, so it can choose between powers; the public inputs cannot (the teachers
+learn the consensus there and echo it). The test split is read to report only.
 
     python -m experiments.teacher_ensemble results/my-run --out results/my-run/teacher-ensemble.json
 
@@ -25,7 +27,7 @@ import torch
 
 from federation.client_app import TEACHER_STATE
 from fedkd.checkpoint import load_checkpoint
-from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs
+from fedkd.data.local import evaluation_split, info_for, private_partition, public_inputs, validation_split
 from fedkd.distillation import predict_logits, soften
 from fedkd.models import build_model, model_for_client
 from fedkd.results import RunFolder
@@ -49,8 +51,8 @@ def teacher_ensemble(run_dir: str | Path, *, powers: tuple[float, ...] = (1.0, 2
         )
     spec = config.split_spec()
     info = info_for(spec)
-    public, test = public_inputs(spec), evaluation_split(spec)
-    on_test, on_public, counts, single = [], [], [], []
+    public, test, held_out = public_inputs(spec), evaluation_split(spec), validation_split(spec)
+    on_test, on_public, on_held_out, counts, single = [], [], [], [], []
     for node_id, state in sorted(checkpoint.nodes.items(), key=lambda item: int(item[0])):
         client_id = int(node_id) - 1
         teacher = build_model(
@@ -62,23 +64,30 @@ def teacher_ensemble(run_dir: str | Path, *, powers: tuple[float, ...] = (1.0, 2
         test_logits = predict_logits(teacher, test.images)
         on_test.append(soften(test_logits, config.temperature).numpy())
         on_public.append(soften(predict_logits(teacher, public.images), config.temperature).numpy())
+        if len(held_out):
+            on_held_out.append(soften(predict_logits(teacher, held_out.images), config.temperature).numpy())
         single.append(accuracy(test_logits.numpy(), test.labels))
         counts.append(class_counts(private_partition(spec, client_id).labels.numpy(), info.num_classes))
     stacked_test, stacked_public = np.stack(on_test), np.stack(on_public)
     weights = np.stack(counts).astype(np.float64)
+
+    def scores(power: float) -> dict[str, float]:
+        row = {
+            "class_weight_power": power,
+            "test": accuracy(class_weighted(stacked_test, weights, power=power), test.labels),
+            "public": accuracy(class_weighted(stacked_public, weights, power=power), public.labels),
+        }
+        if on_held_out:
+            row["validation"] = accuracy(class_weighted(np.stack(on_held_out), weights, power=power), held_out.labels)
+        return row
+
     result: dict[str, Any] = {
         "run": str(run_dir),
         "round": checkpoint.server_round,
         "teachers": len(single),
         "mean_teacher_test": float(np.mean(single)),
-        "ensembles": [
-            {
-                "class_weight_power": power,
-                "test": accuracy(class_weighted(stacked_test, weights, power=power), test.labels),
-                "public": accuracy(class_weighted(stacked_public, weights, power=power), public.labels),
-            }
-            for power in powers
-        ],
+        "validation_size": len(held_out),
+        "ensembles": [scores(power) for power in powers],
     }
     return result
 

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from federation.metered_grid import MeteredGrid, Traffic
 from fedkd.checkpoint import Checkpoint, ResumeError, load_checkpoint, save_checkpoint
 from fedkd.config import ClientTask, RunConfig
-from fedkd.data.local import evaluation_split, info_for, split_for
+from fedkd.data.local import evaluation_split, info_for, split_for, validation_split
 from fedkd.distillation import Evaluation, evaluate
 from fedkd.models import build_model
 from fedkd.results import RunFolder, progress_line
@@ -121,6 +121,15 @@ class RoundRecorder:
         self.folder = folder
         self.on_round = on_round
         self.test = evaluation_split(config.split_spec())
+        # Scored beside the test split so that settings can be chosen on it; None without a hold-out.
+        self.validation = validation_split(config.split_spec()) if config.validation_size > 0 else None
+        if self.validation is not None and strategy.evaluates_on_clients:
+            logger.warning(
+                "validation_size=%d: strategy=%s keeps its students on the clients, which score them on "
+                "their side; the hold-out stays out of the partitions but no validation_accuracy is recorded.",
+                config.validation_size,
+                config.strategy.name,
+            )
         self.rows: list[dict[str, Any]] = list(previous_rows or [])
         self._round_started = time.perf_counter()
 
@@ -141,11 +150,15 @@ class RoundRecorder:
             result = evaluate(self.student, self.test.images, self.test.labels)
         traffic = self.grid.take_traffic()
         if server_round > 0:
-            self._record(server_round, arrays, result.accuracy, result.loss, traffic)
+            row = self._row(server_round, result.accuracy, result.loss, traffic)
+            if self.validation is not None and not self.strategy.evaluates_on_clients:
+                held_out = evaluate(self.student, self.validation.images, self.validation.labels)
+                row["validation_accuracy"], row["validation_loss"] = held_out.accuracy, held_out.loss
+            self._record(server_round, arrays, row)
         self._round_started = time.perf_counter()
         return MetricRecord({"student-accuracy": result.accuracy, "student-loss": result.loss})
 
-    def _record(self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, traffic: Traffic) -> None:
+    def _row(self, server_round: int, accuracy: float, loss: float, traffic: Traffic) -> dict[str, Any]:
         train = self.strategy.latest_train_metrics
         rejected = int(train.get("rejected", 0))
         failed_nodes = sorted(set(traffic.failed_nodes))  # a node can fail a query and a train message
@@ -168,6 +181,9 @@ class RoundRecorder:
         }
         row.update(extra)
         row["failed_nodes"] = failed_nodes
+        return row
+
+    def _record(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.folder is not None:
             # Checkpoint first: a kill between the two writes leaves a row that resume drops.

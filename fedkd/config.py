@@ -253,6 +253,7 @@ class SplitSpec:
     alpha: float
     classes_per_partition: int
     seed: int
+    validation_size: int = 0
 
 
 # Settings that say where and how a run executes, not what it computes (the engines give the
@@ -310,6 +311,10 @@ class RunConfig:
     # COSTLY_ROUNDS; the run records the number it resolved to.
     rounds: int = ROUNDS_BY_COST
     public_size: int = 1000
+    # Labelled examples of the training pool held out of the public set and of every partition; the
+    # server scores the student on them each round (validation_accuracy), so that settings can be
+    # chosen without the test split. 0: none, and the split is the one without the setting.
+    validation_size: int = 0
     # Mixed pairs of public inputs (fedkd.mixup) the clients label each round beside the public
     # set; the student keeps every round's views with the targets they got in their round.
     mixup_views: int = 0
@@ -376,6 +381,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {value}.")
         if self.public_size < 0:
             raise ValueError(f"public_size must be ≥ 0, got {self.public_size}.")
+        if self.validation_size < 0:
+            raise ValueError(f"validation_size must be ≥ 0 (0: no hold-out), got {self.validation_size}.")
         self._check_mixup_views()
         _choice("transfer", self.transfer, TRANSFER_SOURCES)
         _choice("distill_schedule", self.distill_schedule, LR_SCHEDULES)
@@ -582,6 +589,7 @@ class RunConfig:
             alpha=self.partition.alpha,
             classes_per_partition=self.partition.classes_per_partition,
             seed=self.seed,
+            validation_size=self.validation_size,
         )
 
 

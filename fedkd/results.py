@@ -149,12 +149,14 @@ def format_bytes(count: float) -> str:
 
 def progress_line(row: Mapping[str, Any], *, total_rounds: int) -> str:
     """One readable line per round, whatever the number of clients."""
+    held_out = f"  val {row['validation_accuracy']:.4f}" if "validation_accuracy" in row else ""
     failures = ""
     if row.get("failed") or row.get("rejected"):
         failures = f"  failed {row.get('failed', 0)}  rejected {row.get('rejected', 0)}"
     return (
         f"round {row['round']:>{len(str(total_rounds))}}/{total_rounds}"
         f"  acc {row['student_accuracy']:.4f}  loss {row['student_loss']:.4f}"
+        f"{held_out}"
         f"  clients {row['clients']}{failures}"
         f"  up {format_bytes(row['bytes_up'])}  down {format_bytes(row['bytes_down'])}"
         f"  {row['wall_seconds']:.1f} s"

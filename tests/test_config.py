@@ -37,6 +37,7 @@ def test_defaults_are_valid_and_quick():
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
         ({"public_size": -1}, "public_size"),
+        ({"validation_size": -5}, "validation_size must be ≥ 0"),
         ({"kd_alpha": 1.5}, "kd_alpha"),
         ({"kd_alpha": 0.5}, "public_labels"),
         ({"student_model": "vgg99"}, "Unknown model"),

@@ -372,7 +372,28 @@ def test_federated_split_is_cached_and_read_only(labels: np.ndarray) -> None:
         first.client_indices[0][0] = 0
 
 
+def test_a_validation_hold_out_is_in_no_partition_and_leaves_the_public_set_as_it_was(labels: np.ndarray) -> None:
+    without = data.federated_split(labels, num_clients=10, public_size=300, scheme="dirichlet", seed=3)
+    held = data.federated_split(
+        labels, num_clients=10, public_size=300, scheme="dirichlet", seed=3, validation_size=400
+    )
+    assert len(without.validation_indices) == 0
+    assert len(held.validation_indices) == 400 and held.validation_indices.dtype == np.int64
+    np.testing.assert_array_equal(held.public_indices, without.public_indices)
+    partitions = np.concatenate(held.client_indices)
+    assert not np.intersect1d(held.validation_indices, partitions).size
+    assert not np.intersect1d(held.validation_indices, held.public_indices).size
+    assert len(partitions) == len(labels) - 300 - 400
+    assert len(np.unique(labels[held.validation_indices])) == 10  # a uniform draw, like the public set
+    with pytest.raises(ValueError):
+        held.validation_indices[0] = 0
+
+
 def test_federated_split_validation(labels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="validation_size"):
+        data.federated_split(labels, num_clients=2, public_size=10, scheme="iid", validation_size=-1)
+    with pytest.raises(ValueError, match="lower num_clients, public_size or validation_size"):
+        data.federated_split(labels, num_clients=100, public_size=2000, scheme="iid", validation_size=950)
     with pytest.raises(ValueError, match="lower num_clients"):
         data.federated_split(labels, num_clients=101, public_size=2900, scheme="iid")
     with pytest.raises(ValueError, match="public_size"):

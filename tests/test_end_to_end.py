@@ -17,8 +17,8 @@ from federation.inprocess import InProcessGrid
 from federation.run import run_federation
 from federation.sim import simulate
 from fedkd.config import ClientTask, PartitionConfig, RunConfig, StrategyConfig
-from fedkd.data.local import info_for, public_inputs
-from fedkd.distillation import predict_logits, soften
+from fedkd.data.local import info_for, public_inputs, validation_split
+from fedkd.distillation import evaluate, predict_logits, soften
 from fedkd.messages import SOFT_LABELS_ARRAY, SOFT_LABELS_KEY, TASK_KEY, TRANSFER_KEY, transfer_record
 from fedkd.models import build_model, model_for_client
 from fedkd.results import read_metrics
@@ -185,3 +185,18 @@ def test_every_strategy_trains_through_flower_and_reports_its_traffic(name):
             p.numel() for p in build_model("cnn_small", input_shape=(1, 28, 28), num_classes=10).state_dict().values()
         )
         assert rows[0]["bytes_up"] > 3 * weights * 4
+
+
+@pytest.mark.slow
+def test_the_student_is_scored_on_the_validation_hold_out_each_round(tmp_path):
+    config = dataclasses.replace(ONE_EPOCH, rounds=1, validation_size=200, engine="inprocess")
+    rows = simulate(config, run_dir=tmp_path)
+    held_out = validation_split(config.split_spec())
+    assert len(held_out) == 200
+    student = build_model("cnn_small", input_shape=info_for(config.split_spec()).input_shape, num_classes=10)
+    student.load_state_dict(torch.load(tmp_path / "student.pt", weights_only=True)["state_dict"])
+    scored = evaluate(student, held_out.images, held_out.labels)
+    assert rows[0]["validation_accuracy"] == pytest.approx(scored.accuracy)
+    assert rows[0]["validation_loss"] == pytest.approx(scored.loss, rel=1e-5)
+    assert read_metrics(tmp_path)[0]["validation_accuracy"] == rows[0]["validation_accuracy"]
+    assert "validation_accuracy" not in simulate(dataclasses.replace(config, validation_size=0), run_dir=None)[0]

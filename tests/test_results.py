@@ -139,4 +139,6 @@ def test_progress_line_is_one_short_line():
     }
     line = progress_line(row, total_rounds=10)
     assert "\n" not in line and "clients 1000" in line and "failed 2" in line
+    assert " val " not in line
+    assert "val 0.8812" in progress_line({**row, "validation_accuracy": 0.88118}, total_rounds=10)
     assert format_bytes(80_152_000) == "80.2 MB"

@@ -16,6 +16,7 @@ RUN = RunConfig(
     num_clients=3,
     rounds=1,
     public_size=300,
+    validation_size=200,
     local_epochs=3,
     distill_epochs=1,
     partition=PartitionConfig(scheme="dirichlet", alpha=0.5),
@@ -31,8 +32,9 @@ def test_the_checkpointed_teachers_are_scored_alone_and_together(tmp_path):
     assert [row["class_weight_power"] for row in result["ensembles"]] == [1.0, 2.0]
     # Trained teachers, not fresh ones (a fresh ten-class network is near 0.1): the three
     # teachers of three epochs on the digits together label most of the test and public inputs.
+    assert result["validation_size"] == 200
     for row in result["ensembles"]:
-        assert row["test"] > 0.5 and row["public"] > 0.5
+        assert row["test"] > 0.5 and row["public"] > 0.5 and row["validation"] > 0.5
     assert 0.1 < result["mean_teacher_test"] < 1.0
 
 

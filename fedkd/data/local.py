@@ -47,6 +47,7 @@ def _computed_split(spec: SplitSpec) -> FederatedSplit:
         alpha=spec.alpha,
         classes_per_partition=spec.classes_per_partition,
         seed=spec.seed,
+        validation_size=spec.validation_size,
     )
 
 
@@ -152,6 +153,12 @@ def public_inputs(spec: SplitSpec, positions: np.ndarray | None = None) -> Label
             )
         public = public[positions]
     return _tensors(spec, public, split="train")
+
+
+def validation_split(spec: SplitSpec) -> LabeledTensors:
+    """The labelled hold-out of the training pool (``validation_size``; empty without one): in no
+    partition and not in the public set, scored only to choose settings."""
+    return _tensors(spec, split_for(spec).validation_indices, split="train")
 
 
 def evaluation_split(spec: SplitSpec) -> LabeledTensors:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -168,10 +168,14 @@ class FederatedSplit:
     client_indices : tuple of np.ndarray
         One sorted ``int64`` array per client, disjoint from the public set and
         from each other. Dirichlet partitions may be empty at small alpha.
+    validation_indices : np.ndarray
+        Sorted ``int64`` positions held out of the public set and of every
+        partition, for choosing settings without the test split (empty by default).
     """
 
     public_indices: np.ndarray
     client_indices: tuple[np.ndarray, ...]
+    validation_indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def num_clients(self) -> int:
@@ -209,12 +213,14 @@ def federated_split(
     alpha: float = 0.5,
     classes_per_partition: int = 2,
     seed: int = 0,
+    validation_size: int = 0,
 ) -> FederatedSplit:
-    """Draw a public set, then partition the rest among clients.
+    """Draw a public set and a validation hold-out, then partition the rest among clients.
 
     The public set is a uniform random sample (``np.random.default_rng(seed)``)
-    of the train split; the remaining examples are divided with
-    :func:`partition_indices`. Results are cached per process, so each of many
+    of the train split and the hold-out the next ``validation_size`` of the same
+    permutation, so a hold-out leaves the public set as it was; the remaining
+    examples are divided with :func:`partition_indices`. Results are cached per process, so each of many
     clients asking for its own partition reuses one computation.
 
     Parameters
@@ -226,6 +232,8 @@ def federated_split(
     public_size : int
         Size of the public set, ``0 <= public_size < len(labels)``; 0 gives
         the data-free setting.
+    validation_size : int
+        Examples held out of the public set and of every partition (0: none).
     scheme, alpha, classes_per_partition, seed
         As in :func:`partition_indices`.
 
@@ -243,13 +251,14 @@ def federated_split(
         )
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive integer; got {num_clients!r}.")
-    remaining = num_examples - int(public_size)
+    if not isinstance(validation_size, (int, np.integer)) or validation_size < 0:
+        raise ValueError(f"validation_size must be an integer ≥ 0; got {validation_size!r}.")
+    remaining = num_examples - int(public_size) - int(validation_size)
     if remaining < num_clients:
         raise ValueError(
-            f"Only {remaining} training examples remain after reserving "
-            f"public_size={public_size} of {num_examples}, too few for "
-            f"num_clients={num_clients}; lower num_clients to at most {remaining} or "
-            f"lower public_size."
+            f"Only {max(remaining, 0)} training examples remain after reserving "
+            f"public_size={public_size} and validation_size={validation_size} of {num_examples}, "
+            f"too few for num_clients={num_clients}; lower num_clients, public_size or validation_size."
         )
     return _federated_split_cached(
         _LabelsKey(labels),
@@ -259,6 +268,7 @@ def federated_split(
         float(alpha),
         int(classes_per_partition),
         int(seed),
+        int(validation_size),
     )
 
 
@@ -271,11 +281,14 @@ def _federated_split_cached(
     alpha: float,
     classes_per_partition: int,
     seed: int,
+    validation_size: int,
 ) -> FederatedSplit:
     labels = key.labels
     order = np.random.default_rng(seed).permutation(len(labels))
     public = np.sort(order[:public_size]).astype(np.int64)
-    rest = np.sort(order[public_size:]).astype(np.int64)
+    held_out = public_size + validation_size
+    validation = np.sort(order[public_size:held_out]).astype(np.int64)
+    rest = np.sort(order[held_out:]).astype(np.int64)
     local_parts = partition_indices(
         labels[rest],
         num_partitions=num_clients,
@@ -286,6 +299,6 @@ def _federated_split_cached(
     )
     # `rest` is sorted and each local part is sorted, so the mapped arrays stay sorted.
     clients = tuple(rest[part] for part in local_parts)
-    for array in (public, *clients):
+    for array in (public, validation, *clients):
         array.setflags(write=False)
-    return FederatedSplit(public_indices=public, client_indices=clients)
+    return FederatedSplit(public_indices=public, client_indices=clients, validation_indices=validation)
