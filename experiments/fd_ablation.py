@@ -31,6 +31,7 @@ from fedkd.results import iter_run_folders
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "strategy.aggregator=weighted": ["strategy.aggregator=weighted"],
+    "strategy.class_weight_power=1": ["strategy.class_weight_power=1"],
     "temperature=1": ["temperature=1"],
     "distill_epochs=5": ["distill_epochs=5"],
     "augment_shift=0.1": ["augment_shift=0.1"],

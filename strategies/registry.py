@@ -28,7 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedkd.config import AUTO_AGGREGATOR, RunConfig
+from fedkd.config import AUTO_AGGREGATOR, POWER_BY_AGGREGATOR, RunConfig
 from fedkd.data import DatasetInfo
 from fedkd.data.local import public_inputs
 from fedkd.distillation import OptimizerSettings, SemiSupervision
@@ -95,7 +95,7 @@ class BuildContext:
         rows at that temperature and softens the aggregate back to ``temperature``."""
         name = self.config.aggregator
         aggregate = get_aggregator(name)
-        power = self.config.strategy.class_weight_power
+        power = self.config.class_weight_power
         if name == "class_weighted" and power != 1.0:
             aggregate = functools.partial(class_weighted, power=power)
         combined: ClientAggregator = (
@@ -220,7 +220,7 @@ class StrategySpec:
                 "(or another aggregator) with privacy, or privacy=none."
             )
         power = config.strategy.class_weight_power
-        if power != 1.0 and config.aggregator != "class_weighted":
+        if power not in (1.0, POWER_BY_AGGREGATOR) and config.aggregator != "class_weighted":
             raise ValueError(
                 f"strategy.class_weight_power={power} raises the class counts that only "
                 f"strategy.aggregator=class_weighted weighs by, not {config.aggregator}; set "

@@ -160,6 +160,24 @@ def test_the_runs_class_weight_power_reaches_its_aggregator():
         StrategyConfig(class_weight_power=0.0)
 
 
+def test_class_weighted_squares_the_counts_unless_the_run_says_otherwise():
+    soft = np.random.default_rng(1).dirichlet(np.ones(3), size=(4, 6)).astype(np.float32)
+    counts = np.array([[30.0, 1.0, 0.0], [2.0, 20.0, 5.0], [1.0, 1.0, 40.0], [10.0, 10.0, 10.0]])
+    info = info_for(CLASS_WEIGHTED.split_spec())
+    model = build_model("cnn_small", input_shape=info.input_shape, num_classes=info.num_classes)
+    default = dataclasses.replace(CLASS_WEIGHTED, strategy=StrategyConfig(aggregator="class_weighted"))
+    assert default.class_weight_power == 2.0
+    combined = BuildContext(config=default, info=info, student_model=model).aggregator
+    np.testing.assert_allclose(
+        combined.aggregate(soft, counts, client_ids=range(4)), class_weighted(soft, counts, power=2.0), atol=1e-6
+    )
+    # No other aggregator reads the counts' power, so its default asks nothing of them.
+    weighted = dataclasses.replace(CLASS_WEIGHTED, strategy=StrategyConfig(aggregator="weighted"))
+    assert weighted.class_weight_power == 1.0
+    check_run(weighted)
+    assert RunConfig(privacy=PrivacyConfig(mechanism="gaussian")).class_weight_power == 1.0
+
+
 def test_a_class_weight_power_without_class_counts_is_refused_with_what_to_do():
     weighted = dataclasses.replace(
         CLASS_WEIGHTED, strategy=StrategyConfig(aggregator="weighted", class_weight_power=2.0)

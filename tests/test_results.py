@@ -88,6 +88,25 @@ def test_a_folder_from_before_co_distillation_is_no_co_distilling_run(tmp_path):
     assert folder.finished_rows(today) is None  # a relaunch of today's defaults runs it again
 
 
+def test_a_folder_from_before_squared_counts_weighed_by_the_counts(tmp_path):
+    import yaml
+
+    from fedkd.config import StrategyConfig
+
+    today = RunConfig(rounds=2)  # class_weighted without privacy: squared counts by default
+    assert today.class_weight_power == 2.0
+    before = dataclasses.replace(today, strategy=StrategyConfig(class_weight_power=1.0))
+    folder = _finished_folder(tmp_path, before)
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del stored["strategy"]["class_weight_power"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert folder.stored_config() == dataclasses.replace(
+        before, client_models=before.teacher_models, student_shift=before.distill_shift
+    )
+    assert folder.finished_rows(before) is not None
+    assert folder.finished_rows(today) is None  # a relaunch of today's defaults runs it again
+
+
 def test_a_public_transfer_run_is_the_same_run_whatever_its_unread_synthesis_settings(tmp_path):
     from fedkd.config import SynthesisConfig
 
