@@ -160,13 +160,21 @@ def test_the_runs_class_weight_power_reaches_its_aggregator():
         StrategyConfig(class_weight_power=0.0)
 
 
-def test_class_weighted_squares_the_counts_unless_the_run_says_otherwise():
+def test_class_weighted_squares_the_counts_where_the_partition_spreads_the_classes():
     soft = np.random.default_rng(1).dirichlet(np.ones(3), size=(4, 6)).astype(np.float32)
     counts = np.array([[30.0, 1.0, 0.0], [2.0, 20.0, 5.0], [1.0, 1.0, 40.0], [10.0, 10.0, 10.0]])
     info = info_for(CLASS_WEIGHTED.split_spec())
     model = build_model("cnn_small", input_shape=info.input_shape, num_classes=info.num_classes)
-    default = dataclasses.replace(CLASS_WEIGHTED, strategy=StrategyConfig(aggregator="class_weighted"))
+    default = dataclasses.replace(
+        CLASS_WEIGHTED,
+        strategy=StrategyConfig(aggregator="class_weighted"),
+        partition=PartitionConfig(scheme="dirichlet", alpha=0.5),
+    )
     assert default.class_weight_power == 2.0
+    assert dataclasses.replace(default, partition=PartitionConfig(scheme="iid")).class_weight_power == 2.0
+    # Where most clients hold a class or two, a squared count hands a column to one client.
+    for skewed in (PartitionConfig(scheme="dirichlet", alpha=0.1), PartitionConfig(scheme="pathological")):
+        assert dataclasses.replace(default, partition=skewed).class_weight_power == 1.0
     combined = BuildContext(config=default, info=info, student_model=model).aggregator
     np.testing.assert_allclose(
         combined.aggregate(soft, counts, client_ids=range(4)), class_weighted(soft, counts, power=2.0), atol=1e-6
