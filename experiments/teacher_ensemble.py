@@ -69,6 +69,7 @@ def teacher_ensemble(run_dir: str | Path, *, powers: tuple[float, ...] = (1.0, 2
         single.append(accuracy(test_logits.numpy(), test.labels))
         counts.append(class_counts(private_partition(spec, client_id).labels.numpy(), info.num_classes))
     stacked_test, stacked_public = np.stack(on_test), np.stack(on_public)
+    stacked_held_out = np.stack(on_held_out) if on_held_out else None
     weights = np.stack(counts).astype(np.float64)
 
     def scores(power: float) -> dict[str, float]:
@@ -77,8 +78,8 @@ def teacher_ensemble(run_dir: str | Path, *, powers: tuple[float, ...] = (1.0, 2
             "test": accuracy(class_weighted(stacked_test, weights, power=power), test.labels),
             "public": accuracy(class_weighted(stacked_public, weights, power=power), public.labels),
         }
-        if on_held_out:
-            row["validation"] = accuracy(class_weighted(np.stack(on_held_out), weights, power=power), held_out.labels)
+        if stacked_held_out is not None:
+            row["validation"] = accuracy(class_weighted(stacked_held_out, weights, power=power), held_out.labels)
         return row
 
     result: dict[str, Any] = {

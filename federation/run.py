@@ -124,6 +124,7 @@ class RoundRecorder:
         # Scored beside the test split so that settings can be chosen on it; None without a hold-out.
         self.validation = validation_split(config.split_spec()) if config.validation_size > 0 else None
         if self.validation is not None and strategy.evaluates_on_clients:
+            self.validation = None
             logger.warning(
                 "validation_size=%d: strategy=%s keeps its students on the clients, which score them on "
                 "their side; the hold-out stays out of the partitions but no validation_accuracy is recorded.",
@@ -151,7 +152,7 @@ class RoundRecorder:
         traffic = self.grid.take_traffic()
         if server_round > 0:
             row = self._row(server_round, result.accuracy, result.loss, traffic)
-            if self.validation is not None and not self.strategy.evaluates_on_clients:
+            if self.validation is not None:
                 held_out = evaluate(self.student, self.validation.images, self.validation.labels)
                 row["validation_accuracy"], row["validation_loss"] = held_out.accuracy, held_out.loss
             self._record(server_round, arrays, row)

@@ -64,18 +64,18 @@ class PartitionConfig:
 # Under a privacy mechanism a client's steps on the public inputs would need their own accounting,
 # and synthetic inputs stay on the client that made them, so those runs keep it off.
 CONSENSUS_WHERE_FREE = -1.0
-# strategy.class_weight_power's default: the exponent that suits the run's aggregator.
-POWER_BY_AGGREGATOR = -1.0
+# strategy.class_weight_power's default: the exponent that suits the run's aggregator and partition.
+POWER_BY_SETTING = -1.0
 # class_weighted's exponent on the clients' class counts when the run sets none, chosen on a
 # validation hold-out (validation_size=5000; Fashion-MNIST) at two heterogeneities. With Dirichlet
 # α = 0.5 (100 clients, 10 rounds) squared counts lead the counts by 0.7–1.2 points from round 3
 # (0.8820 against 0.8700 after round 10); with α = 0.1 (50 clients, 12 rounds), where most clients
 # hold one or two classes and a squared count hands a class column to its single largest holder,
 # they lead until round 7 and then fall behind as the student's loss rises (0.8606 against 0.8832
-# after round 12). So the counts are
-# squared where clients spread over the classes (iid, Dirichlet α ≥ SQUARED_COUNTS_MIN_ALPHA) and
-# kept as they are on more skewed partitions; between α = 0.1 and 0.5 nothing was measured (README,
-# Federated-distillation recipe, Squared counts, chosen on a validation hold-out).
+# after round 12). So the counts are squared where clients spread over the classes (iid, Dirichlet
+# α ≥ SQUARED_COUNTS_MIN_ALPHA) and kept as they are on more skewed partitions; between α = 0.1 and
+# 0.5 nothing was measured (README, Federated-distillation recipe, Squared counts, chosen on a
+# validation hold-out).
 CLASS_WEIGHTED_POWER = 2.0
 SQUARED_COUNTS_MIN_ALPHA = 0.5
 CO_DISTILLATION_WEIGHT = 1.0
@@ -135,16 +135,16 @@ class StrategyConfig:
     consensus_lacked_share: float = 0.1
     # aggregator=class_weighted: client k's weight in class column c is its count n_kc raised to
     # this power (1: FedFTG's counts; 2 trusts the clients that hold many examples of a class
-    # more than those that hold a few; strategies.aggregation.class_weighted). POWER_BY_AGGREGATOR
+    # more than those that hold a few; strategies.aggregation.class_weighted). POWER_BY_SETTING
     # (the default) resolves in RunConfig.class_weight_power. README, Federated-distillation
     # recipe, Fashion-MNIST 100 at the cap.
-    class_weight_power: float = POWER_BY_AGGREGATOR
+    class_weight_power: float = POWER_BY_SETTING
 
     def __post_init__(self) -> None:
         power = self.class_weight_power
-        if power != POWER_BY_AGGREGATOR and not (math.isfinite(power) and power > 0):
+        if power != POWER_BY_SETTING and not (math.isfinite(power) and power > 0):
             raise ValueError(
-                f"strategy.class_weight_power must be a finite number > 0, or {POWER_BY_AGGREGATOR} for the "
+                f"strategy.class_weight_power must be a finite number > 0, or {POWER_BY_SETTING} for the "
                 f"setting's own (RunConfig.class_weight_power); got {power}."
             )
         if self.digest_epochs < 0:
@@ -542,12 +542,12 @@ class RunConfig:
 
     @property
     def class_weight_power(self) -> float:
-        """``strategy.class_weight_power``, with POWER_BY_AGGREGATOR resolved: CLASS_WEIGHTED_POWER
+        """``strategy.class_weight_power``, with POWER_BY_SETTING resolved: CLASS_WEIGHTED_POWER
         where the run's aggregator is ``class_weighted`` and its partition spreads the clients over
         the classes (iid, or Dirichlet with α ≥ SQUARED_COUNTS_MIN_ALPHA), else 1 (no other
         aggregator reads it). Resolved on use, like ``aggregator``."""
         power = self.strategy.class_weight_power
-        if power != POWER_BY_AGGREGATOR:
+        if power != POWER_BY_SETTING:
             return power
         partition = self.partition
         spread = partition.scheme == "iid" or (

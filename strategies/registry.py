@@ -28,7 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedkd.config import AUTO_AGGREGATOR, POWER_BY_AGGREGATOR, RunConfig
+from fedkd.config import AUTO_AGGREGATOR, POWER_BY_SETTING, RunConfig
 from fedkd.data import DatasetInfo
 from fedkd.data.local import public_inputs
 from fedkd.distillation import OptimizerSettings, SemiSupervision
@@ -220,7 +220,7 @@ class StrategySpec:
                 "(or another aggregator) with privacy, or privacy=none."
             )
         power = config.strategy.class_weight_power
-        if power not in (1.0, POWER_BY_AGGREGATOR) and config.aggregator != "class_weighted":
+        if power not in (1.0, POWER_BY_SETTING) and config.aggregator != "class_weighted":
             raise ValueError(
                 f"strategy.class_weight_power={power} raises the class counts that only "
                 f"strategy.aggregator=class_weighted weighs by, not {config.aggregator}; set "
